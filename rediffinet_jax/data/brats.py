@@ -1,0 +1,271 @@
+"""BraTS 2023 cases on disk: discovery, NIfTI reading, normalization, crop box, label maps, cache.
+
+Array layout: images ``[D, H, W, 4]`` float32 in :data:`rediffinet_jax.labels.MODALITIES` order,
+regions ``[D, H, W, 3]`` uint8 in [WT, TC, ET]. D, H, W are the NIfTI voxel axes i, j, k as stored
+(240 × 240 × 155 for BraTS), never reoriented, so that outputs keep the source geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from rediffinet_jax.errors import CaseError
+from rediffinet_jax.labels import MODALITIES, SEG_SUFFIX, check_labels, labels_to_regions
+
+NORMALIZATIONS = ("zscore", "zscore_rescale")
+_EXTENSIONS = (".nii.gz", ".nii")
+_CACHE_VERSION = 1
+
+Box = tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseFiles:
+    """Where one case lives: ``images`` maps each modality to its file; ``seg`` is None if unlabelled."""
+
+    case_id: str
+    images: dict[str, Path]
+    seg: Path | None
+
+
+@dataclasses.dataclass
+class Case:
+    """One loaded case, cropped to the non-zero bounding box of its modalities.
+
+    image: ``[d, h, w, 4]`` float32, normalized, background exactly 0.
+    regions: ``[d, h, w, 3]`` uint8 [WT, TC, ET], or None for an unlabelled case.
+    box: per axis (start, stop) of the crop inside ``full_shape``.
+    """
+
+    case_id: str
+    image: np.ndarray
+    regions: np.ndarray | None
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+    box: Box
+    full_shape: tuple[int, int, int]
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for ext in _EXTENSIONS:
+        if (folder / f"{stem}{ext}").is_file():
+            return folder / f"{stem}{ext}"
+    return None
+
+
+def _strip_ext(name: str) -> str | None:
+    for ext in _EXTENSIONS:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def discover_cases(root: str | os.PathLike, require_labels: bool = False) -> list[CaseFiles]:
+    """Finds the cases under ``root``, sorted by id.
+
+    Accepts a folder per case (``<case>/<case>-t1n.nii.gz`` …) or flat files ``<case>-t1n.nii.gz`` in
+    ``root`` itself; ``.nii`` works like ``.nii.gz``. The segmentation ``<case>-seg`` is optional.
+
+    Raises:
+      CaseError: root missing or holding no case, a case missing a modality, or (``require_labels``)
+        no labelled case.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CaseError("data folder does not exist", path=str(root))
+    groups: dict[str, Path] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if any(_strip_ext(f.name) for f in sub.iterdir() if f.name.startswith(sub.name + "-")):
+            groups[sub.name] = sub
+    for f in sorted(root.iterdir()):
+        stem = _strip_ext(f.name) if f.is_file() else None
+        if stem and "-" in stem and stem.rsplit("-", 1)[1] in (*MODALITIES, SEG_SUFFIX):
+            groups.setdefault(stem.rsplit("-", 1)[0], root)
+    if not groups:
+        raise CaseError("no BraTS case found (expected <case>/<case>-t1n.nii.gz ...)", path=str(root))
+    cases = []
+    for case_id, folder in sorted(groups.items()):
+        images = {}
+        for m in MODALITIES:
+            path = _find_file(folder, f"{case_id}-{m}")
+            if path is None:
+                raise CaseError(f"missing modality {m}", case=case_id, path=str(folder / f"{case_id}-{m}.nii.gz"))
+            images[m] = path
+        cases.append(CaseFiles(case_id, images, _find_file(folder, f"{case_id}-{SEG_SUFFIX}")))
+    if require_labels and not any(c.seg for c in cases):
+        raise CaseError("no labelled case (no <case>-seg.nii.gz) where labels are needed", path=str(root))
+    return cases
+
+
+def read_nifti(path: Path, case_id: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Reads one NIfTI volume as float32 ``[D, H, W]``; any read failure becomes a CaseError."""
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as e:
+        raise CaseError(f"cannot read NIfTI ({type(e).__name__}: {e})", case=case_id, path=str(path)) from e
+    if data.ndim != 3:
+        raise CaseError(f"expected a 3-D volume, got shape {data.shape}", case=case_id, path=str(path))
+    if not np.all(np.isfinite(data)):
+        raise CaseError(f"{int(np.sum(~np.isfinite(data)))} NaN or inf voxels", case=case_id, path=str(path))
+    return data, img
+
+
+def normalize(image: np.ndarray, method: str = "zscore_rescale") -> np.ndarray:
+    """Per-modality normalization over the brain (the non-zero voxels of that modality).
+
+    image: ``[..., C]`` float32. ``zscore``: (x − mean) / std (population std). ``zscore_rescale`` (the
+    paper's): z-score, then clip to the brain's 1st and 99th percentiles and map linearly to [0, 1].
+    Background stays exactly 0 in both; z-scored data has its 1st percentile far below 0, so the
+    background is kept at 0 explicitly rather than by the clip. A modality with no brain voxel stays 0;
+    a constant one becomes 0 on the brain too.
+    """
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; choose one of {NORMALIZATIONS}")
+    out = np.zeros_like(image, dtype=np.float32)
+    for c in range(image.shape[-1]):
+        x = image[..., c]
+        brain = x != 0
+        if not brain.any():
+            continue
+        v = x[brain].astype(np.float64)
+        z = (v - v.mean()) / max(v.std(), 1e-8)
+        if method == "zscore_rescale":
+            lo, hi = np.percentile(z, [1, 99])
+            z = np.clip((z - lo) / max(hi - lo, 1e-8), 0.0, 1.0)
+        out[..., c][brain] = z.astype(np.float32)
+    return out
+
+
+def bounding_box(mask: np.ndarray) -> Box:
+    """(start, stop) per axis of the non-zero voxels of ``mask`` ``[D, H, W]``; the whole grid if empty."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append((int(hits[0]), int(hits[-1]) + 1) if hits.size else (0, mask.shape[axis]))
+    return tuple(box)
+
+
+def crop(array: np.ndarray, box: Box) -> np.ndarray:
+    """``array[box]`` over the leading spatial axes (trailing channel axes kept)."""
+    return array[tuple(slice(a, b) for a, b in box)]
+
+
+def paste(array: np.ndarray, box: Box, full_shape: tuple[int, ...], fill=0) -> np.ndarray:
+    """Inverse of :func:`crop`: places ``array`` at ``box`` in a new array of ``full_shape`` (+ channels)."""
+    out = np.full(tuple(full_shape) + array.shape[len(box):], fill, dtype=array.dtype)
+    out[tuple(slice(a, b) for a, b in box)] = array
+    return out
+
+
+def load_case(files: CaseFiles, normalization: str = "zscore_rescale", old_brats: bool = False,
+              require_labels: bool = False) -> Case:
+    """Reads, checks, normalizes and crops one case (see :class:`Case`).
+
+    Raises:
+      CaseError: unreadable or truncated file, NaN/inf voxels, modalities of different shapes or
+        affines, a seg of another shape, label values outside {0,1,2,3} (4 only with ``old_brats``),
+        or no seg when ``require_labels``.
+    """
+    vols, ref = [], None
+    for m in MODALITIES:
+        data, img = read_nifti(files.images[m], files.case_id)
+        if ref is None:
+            ref = img
+        elif data.shape != ref.shape:
+            raise CaseError(f"shape {data.shape} differs from {MODALITIES[0]}'s {ref.shape}",
+                            case=files.case_id, path=str(files.images[m]))
+        elif not np.allclose(img.affine, ref.affine, atol=1e-4):
+            raise CaseError(f"affine differs from {MODALITIES[0]}'s", case=files.case_id, path=str(files.images[m]))
+        vols.append(data)
+    image = np.stack(vols, axis=-1)
+    regions = None
+    if files.seg is not None:
+        seg, seg_img = read_nifti(files.seg, files.case_id)
+        if seg.shape != ref.shape:
+            raise CaseError(f"seg shape {seg.shape} differs from the images' {ref.shape}",
+                            case=files.case_id, path=str(files.seg))
+        try:
+            regions = labels_to_regions(check_labels(np.rint(seg), old_brats))
+        except ValueError as e:
+            raise CaseError(str(e), case=files.case_id, path=str(files.seg)) from e
+    elif require_labels:
+        raise CaseError("no segmentation (-seg) where labels are needed", case=files.case_id,
+                        path=str(files.images[MODALITIES[0]].parent))
+    box = bounding_box(np.any(image != 0, axis=-1))
+    image = normalize(crop(image, box), normalization)
+    return Case(files.case_id, image, None if regions is None else crop(regions, box),
+                tuple(float(s) for s in ref.header.get_zooms()[:3]), np.asarray(ref.affine), box, ref.shape)
+
+
+def write_label_map(labels: np.ndarray, path: str | os.PathLike, reference: str | os.PathLike) -> None:
+    """Writes a uint8 label map ``[D, H, W]`` with the affine and header of the ``reference`` NIfTI.
+
+    Written to a temporary name and renamed, so an interrupted write leaves nothing half-done.
+    """
+    ref = nib.load(str(reference))
+    if labels.shape != ref.shape[:3]:
+        raise ValueError(f"label map shape {labels.shape} does not match the reference {ref.shape} ({reference})")
+    header = ref.header.copy()
+    header.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(labels.astype(np.uint8), ref.affine, header)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}" + "".join(path.suffixes))
+    nib.save(img, str(tmp))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _source_key(files: CaseFiles, normalization: str, old_brats: bool) -> dict:
+    paths = [files.images[m] for m in MODALITIES] + ([files.seg] if files.seg else [])
+    stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    return {"version": _CACHE_VERSION, "normalization": normalization, "old_brats": old_brats, "sources": stats}
+
+
+def cached_box(folder: str | os.PathLike) -> Box:
+    """The crop box stored with a cache entry."""
+    return tuple(tuple(b) for b in json.loads((Path(folder) / "meta.json").read_text())["box"])
+
+
+def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: str = "zscore_rescale",
+                old_brats: bool = False, require_labels: bool = False) -> Case:
+    """Like :func:`load_case`, through a cache of ``.npy`` files opened memory-mapped.
+
+    The entry ``cache_dir/<case>/`` is rebuilt when a source file (size or mtime) or an option changes.
+    It is built in a temporary folder and renamed into place, so an interrupted build leaves nothing.
+    """
+    folder = Path(cache_dir) / files.case_id
+    key = _source_key(files, normalization, old_brats)
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta is None or meta["key"] != key:
+        case = load_case(files, normalization, old_brats, require_labels)
+        tmp = folder.with_name(f".{files.case_id}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "image.npy", case.image)
+        if case.regions is not None:
+            np.save(tmp / "regions.npy", case.regions)
+        meta = {"key": key, "spacing": case.spacing, "affine": case.affine.tolist(), "box": case.box,
+                "full_shape": case.full_shape, "labelled": case.regions is not None}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    if require_labels and not meta["labelled"]:
+        raise CaseError("no segmentation (-seg) where labels are needed", case=files.case_id)
+    regions = np.load(folder / "regions.npy", mmap_mode="r") if meta["labelled"] else None
+    return Case(files.case_id, np.load(folder / "image.npy", mmap_mode="r"), regions, tuple(meta["spacing"]),
+                np.asarray(meta["affine"]), tuple(tuple(b) for b in meta["box"]), tuple(meta["full_shape"]))

@@ -1,0 +1,150 @@
+"""Synthetic brain-tumour cases in exactly the BraTS 2023 layout: the embedded default data.
+
+Each phantom is a head-shaped brain on an exactly-zero background, with CSF, grey and white matter,
+ventricles, and one or two tumours made of nested irregular regions (an enhancing rim (ET) around a
+necrotic core (NCR) inside edema (ED)); some tumours lack ET or NCR. The four contrasts follow the
+usual appearance (edema bright on t2w and t2f, the enhancing rim bright on t1c, the necrotic core dark
+on t1c and bright on t2w). Tissue boundaries are blurred (partial volume) and a bias field and noise
+are applied, so region boundaries are ambiguous in the images the way real ones are.
+
+Everything is seeded: ``generate_case(shape, np.random.default_rng([seed, i]))`` is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from rediffinet_jax.labels import MODALITIES, SEG_SUFFIX
+
+# Mean intensity per tissue, columns in MODALITIES order [t1n, t1c, t2w, t2f].
+_TISSUES = ("csf", "gm", "wm", "ed", "et", "ncr")
+_INTENSITY = np.array([
+    [0.25, 0.25, 1.00, 0.15],  # csf
+    [0.55, 0.55, 0.65, 0.60],  # gm
+    [0.75, 0.75, 0.45, 0.50],  # wm
+    [0.50, 0.50, 0.90, 0.95],  # ed: bright on t2w and t2f
+    [0.55, 1.25, 0.75, 0.80],  # et: bright rim on t1c
+    [0.30, 0.22, 1.05, 0.55],  # ncr: dark on t1c, bright on t2w
+], np.float32)
+_LABEL_OF = {"ed": 2, "et": 3, "ncr": 1}
+
+
+def case_id(index: int) -> str:
+    """BraTS 2023 style id of phantom ``index``: BraTS-GLI-00000-000, ..."""
+    return f"BraTS-GLI-{index:05d}-000"
+
+
+def _smooth_field(shape, rng, scale: int = 4, sigma: float = 1.0) -> np.ndarray:
+    """Low-frequency random field with std about 1, made at 1/scale resolution and upsampled."""
+    small = [max(2, s // scale) for s in shape]
+    f = ndimage.gaussian_filter(rng.standard_normal(small), sigma)
+    f = ndimage.zoom(f, [s / m for s, m in zip(shape, small)], order=1)[tuple(slice(0, s) for s in shape)]
+    return (f - f.mean()) / (f.std() + 1e-8)
+
+
+def _tumour(coords, centre, radius, rng, shape):
+    """Returns (ed, core, ncr) boolean masks of one irregular, nested lesion."""
+    d = np.sqrt(sum(((c - x) / r) ** 2 for c, x, r in zip(coords, centre, radius)))
+    d = d * (1 + 0.25 * _smooth_field(shape, rng, scale=6))  # irregular outline
+    kind = rng.choice(["full", "no_ncr", "no_et"], p=[0.7, 0.15, 0.15])
+    core_frac = rng.uniform(0.35, 0.65)
+    ed = d < 1.0
+    core = d < core_frac if kind != "no_et" else d < core_frac * 0.8
+    ncr = d < core_frac * rng.uniform(0.45, 0.7) if kind != "no_ncr" else np.zeros_like(ed)
+    if kind == "no_et":  # the whole core is necrotic
+        ncr = core
+    return ed, core, ncr
+
+
+def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None):
+    """One phantom.
+
+    Returns:
+      images: ``[D, H, W, 4]`` float32 in MODALITIES order, > 0 on the brain, exactly 0 outside.
+      labels: ``[D, H, W]`` uint8 BraTS labels (0 bg, 1 NCR, 2 ED, 3 ET).
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    shape = tuple(int(s) for s in shape)
+    coords = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
+    radii = rng.uniform([0.78, 0.82, 0.75], [0.88, 0.92, 0.85])
+    r = np.sqrt(sum((c / a) ** 2 for c, a in zip(coords, radii)))
+    r = r * (1 + 0.04 * _smooth_field(shape, rng, scale=8))
+    brain = r < 1.0
+
+    tissue = np.zeros(shape, np.int8)  # index into _TISSUES
+    texture = _smooth_field(shape, rng, scale=3, sigma=0.7)
+    tissue[:] = np.where(texture > rng.uniform(-0.3, 0.3), 2, 1)  # wm / gm
+    tissue[r > 0.9] = 0  # csf around the brain
+    for side in (-1, 1):  # ventricles
+        v = ((coords[0] - side * 0.12) / 0.08) ** 2 + (coords[1] / 0.25) ** 2 + (coords[2] / 0.12) ** 2
+        tissue[v < 1] = 0
+
+    labels = np.zeros(shape, np.uint8)
+    n_lesions = 0 if rng.uniform() < 0.05 else (2 if rng.uniform() < 0.25 else 1)
+    for _ in range(n_lesions):
+        centre = rng.uniform(-0.4, 0.4, 3)
+        radius = rng.uniform(0.14, 0.32, 3) / (1.6 if n_lesions == 2 else 1.0)
+        ed, core, ncr = _tumour(coords, centre, radius, rng, shape)
+        labels[ed & brain & (labels == 0)] = _LABEL_OF["ed"]
+        labels[core & brain] = _LABEL_OF["et"]
+        labels[ncr & brain] = _LABEL_OF["ncr"]
+    for name, value in _LABEL_OF.items():
+        tissue[labels == value] = _TISSUES.index(name)
+
+    # Partial volume: blur each tissue's indicator, then mix the tissue intensities.
+    frac = np.stack([ndimage.gaussian_filter((tissue == t).astype(np.float32), 1.0) for t in range(len(_TISSUES))], -1)
+    jitter = 1 + rng.normal(0, 0.05, _INTENSITY.shape).astype(np.float32)
+    image = frac @ (_INTENSITY * jitter)
+    image *= 1 + 0.08 * _smooth_field(shape, rng, scale=5)[..., None]  # tissue texture
+    bias = np.exp(0.15 * np.stack([_smooth_field(shape, rng, scale=16) for _ in MODALITIES], -1))
+    image = image * bias + rng.normal(0, 0.03, shape + (len(MODALITIES),))
+    image = np.clip(image, 0.01, None) * brain[..., None]
+    return image.astype(np.float32), labels
+
+
+def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | None) -> None:
+    """Writes one case as BraTS 2023 NIfTI files (int16 images scaled ×1000, 1 mm, BraTS-like affine)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[1, 3] = images.shape[1] - 1
+    vols = {m: np.rint(images[..., i] * 1000).astype(np.int16) for i, m in enumerate(MODALITIES)}
+    for m, v in vols.items():
+        v[(v == 0) & (images[..., MODALITIES.index(m)] > 0)] = 1  # brain never rounds to background
+    if labels is not None:
+        vols[SEG_SUFFIX] = labels.astype(np.uint8)
+    for suffix, v in vols.items():
+        img = nib.Nifti1Image(v, affine)
+        img.header.set_zooms((1.0, 1.0, 1.0))
+        img.header.set_xyzt_units("mm", "sec")
+        tmp = folder / f".{cid}-{suffix}.tmp.nii.gz"
+        nib.save(img, str(tmp))
+        os.replace(tmp, folder / f"{cid}-{suffix}.nii.gz")
+
+
+def write_dataset(root: str | os.PathLike, n_cases: int, shape=(240, 240, 155), seed: int = 0,
+                  n_unlabelled: int = 0, progress: bool = False) -> list[str]:
+    """Writes ``n_cases`` labelled (then ``n_unlabelled`` unlabelled) phantoms under ``root``.
+
+    Cases already complete on disk are kept (so an interrupted generation resumes). Returns the ids.
+    """
+    root = Path(root)
+    ids = []
+    indices = range(n_cases + n_unlabelled)
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc="phantoms", unit="case")
+    for i in indices:
+        cid = case_id(i)
+        ids.append(cid)
+        labelled = i < n_cases
+        suffixes = list(MODALITIES) + ([SEG_SUFFIX] if labelled else [])
+        if all((root / cid / f"{cid}-{s}.nii.gz").is_file() for s in suffixes):
+            continue
+        images, labels = generate_case(shape, np.random.default_rng([seed, i]))
+        write_case(root / cid, cid, images, labels if labelled else None)
+    return ids

@@ -1,0 +1,164 @@
+"""grain input pipeline: random patches of cached cases, augmentation, batching, sharding by process.
+
+Elements are dicts of numpy arrays, channels-last:
+  ``image``   ``[P0, P1, P2, 4]`` float32 (normalized modalities, background 0, padding 0)
+  ``regions`` ``[P0, P1, P2, 3]`` uint8 ground truth [WT, TC, ET]
+  ``unet``    ``[P0, P1, P2, 3]`` uint8 out-of-fold U-Net masks U(I) (stage 2 only)
+and batches add a leading batch axis. Everything random comes from grain's per-element seed, so the
+stream is the same for any worker count, and the iterator state (a small dict) restores it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import grain
+import numpy as np
+from scipy import ndimage
+
+from rediffinet_jax.data import brats
+from rediffinet_jax.errors import CaseError
+from rediffinet_jax.labels import labels_to_regions
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Augmentation settings. ``nvidia``: noise, blur, brightness, contrast, each with probability p."""
+
+    flip_p: float = 0.5
+    scale_shift: float = 0.1
+    nvidia: bool = True
+    nvidia_p: float = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseRef:
+    """A case as the pipeline sees it: its cache folder (``image.npy``, ``regions.npy``, ``unet.npy``)."""
+
+    case_id: str
+    folder: str
+
+
+def prepare_cache(cases: list[brats.CaseFiles], cache_dir: str | os.PathLike, normalization: str,
+                  old_brats: bool = False, progress: bool = True) -> list[CaseRef]:
+    """Builds (or reuses) the cache of every case, labels required; returns the pipeline's references."""
+    it = cases
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(cases, desc="cache", unit="case", leave=False)
+    refs = []
+    for files in it:
+        brats.cached_case(files, cache_dir, normalization, old_brats, require_labels=True)
+        refs.append(CaseRef(files.case_id, str(Path(cache_dir) / files.case_id)))
+    return refs
+
+
+def attach_unet_masks(refs: list[CaseRef], oof_dir: str | os.PathLike) -> None:
+    """Caches each case's out-of-fold U-Net label map ``oof_dir/<case>.nii.gz`` as cropped region masks.
+
+    Raises:
+      CaseError: a case without a prediction (stage 1 has not predicted it).
+    """
+    for ref in refs:
+        src = Path(oof_dir) / f"{ref.case_id}.nii.gz"
+        if not src.is_file():
+            raise CaseError("no out-of-fold U-Net prediction; run stage 1 first", case=ref.case_id, path=str(src))
+        dst = Path(ref.folder) / "unet.npy"
+        stamp = Path(ref.folder) / "unet.src"
+        key = f"{src} {src.stat().st_size} {src.stat().st_mtime_ns}"
+        if dst.is_file() and stamp.is_file() and stamp.read_text() == key:
+            continue
+        labels, _ = brats.read_nifti(src, ref.case_id)
+        box = brats.cached_box(ref.folder)
+        tmp = dst.with_name(f".unet.tmp{os.getpid()}.npy")
+        np.save(tmp, brats.crop(labels_to_regions(np.rint(labels).astype(np.uint8)), box))
+        os.replace(tmp, dst)
+        stamp.write_text(key)
+
+
+def _window(array: np.ndarray, start, size) -> np.ndarray:
+    """``array[start:start+size]`` over the 3 spatial axes, zero-padded where it leaves the volume."""
+    out = np.zeros(tuple(size) + array.shape[3:], array.dtype)
+    src, dst = [], []
+    for s, n, dim in zip(start, size, array.shape[:3]):
+        a, b = max(s, 0), min(s + n, dim)
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePatch(grain.transforms.RandomMap):
+    """CaseRef -> one augmented patch dict (see module docstring)."""
+
+    patch_size: tuple[int, int, int]
+    foreground_fraction: float = 0.4
+    with_unet: bool = False
+    augment: Augment = Augment()
+
+    def random_map(self, ref: CaseRef, rng: np.random.Generator) -> dict:
+        folder = Path(ref.folder)
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        regions = np.load(folder / "regions.npy", mmap_mode="r")
+        p = np.asarray(self.patch_size)
+        dims = np.asarray(image.shape[:3])
+        fg = np.flatnonzero(regions[..., 0]) if rng.uniform() < self.foreground_fraction else np.empty(0)
+        if fg.size:
+            centre = np.asarray(np.unravel_index(fg[rng.integers(fg.size)], regions.shape[:3]))
+        else:
+            centre = np.asarray([rng.integers(d) for d in dims])
+        lo, hi = np.minimum(0, dims - p), np.maximum(0, dims - p)
+        start = np.clip(centre - p // 2, lo, hi)
+        out = {"image": _window(image, start, p).astype(np.float32), "regions": _window(regions, start, p)}
+        if self.with_unet:
+            out["unet"] = _window(np.load(folder / "unet.npy", mmap_mode="r"), start, p)
+        return self._augment(out, rng)
+
+    def _augment(self, out: dict, rng: np.random.Generator) -> dict:
+        a = self.augment
+        for axis in range(3):
+            if rng.uniform() < a.flip_p:
+                out = {k: np.flip(v, axis) for k, v in out.items()}
+        out = {k: np.ascontiguousarray(v) for k, v in out.items()}
+        img = out["image"]
+        brain = img != 0
+        n_ch = img.shape[-1]
+        if a.scale_shift:
+            img = img * (1 + rng.uniform(-a.scale_shift, a.scale_shift, n_ch)) + rng.uniform(
+                -a.scale_shift, a.scale_shift, n_ch)
+        if a.nvidia:
+            if rng.uniform() < a.nvidia_p:  # gaussian noise
+                img = img + rng.normal(0, rng.uniform(0, 0.33), img.shape).astype(np.float32)
+            if rng.uniform() < a.nvidia_p:  # gaussian blur, spatial axes only
+                s = rng.uniform(0.5, 1.5)
+                img = ndimage.gaussian_filter(img, (s, s, s, 0))
+            if rng.uniform() < a.nvidia_p:  # brightness
+                img = img * rng.uniform(0.7, 1.3)
+            if rng.uniform() < a.nvidia_p:  # contrast, kept inside the original range
+                lo, hi = img.min(), img.max()
+                img = np.clip(img * rng.uniform(0.65, 1.5), lo, hi)
+        out["image"] = np.where(brain, img, 0).astype(np.float32)  # background and padding stay 0
+        return out
+
+
+def train_dataset(refs: list[CaseRef], patch_size, batch_size: int, seed: int, *, foreground_fraction=0.4,
+                  with_unet=False, augment: Augment = Augment(), num_workers: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """An endless, shuffled stream of batches of ``batch_size`` patches for this process.
+
+    Element ``i`` of the global stream is the same whatever the worker or process count; process
+    ``k`` of ``n`` takes elements ``k, k + n, …`` (so ``batch_size`` is the per-process batch).
+    """
+    if not refs:
+        raise CaseError("no training case")
+    ds = (grain.MapDataset.source(refs).seed(seed).shuffle().repeat()
+          .random_map(SamplePatch(tuple(patch_size), foreground_fraction, with_unet, augment)))
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    if num_workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it

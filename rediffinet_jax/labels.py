@@ -1,0 +1,64 @@
+"""The one source of truth for BraTS labels, tumour regions and modality channels.
+
+Labels (BraTS 2023): 0 background, 1 NCR, 2 ED (SNFH), 3 ET. Older BraTS releases used 4 for ET;
+that is accepted only when asked for (``old_brats=True``).
+
+Regions overlap and are always in the channel order [WT, TC, ET]:
+WT = {1, 2, 3}, TC = {1, 3}, ET = {3}.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
+"""Image channel order, everywhere."""
+
+SEG_SUFFIX = "seg"
+REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
+"""Region channel order, everywhere (arrays, metrics, tables, files)."""
+
+REGION_LABELS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+VALID_LABELS = (0, 1, 2, 3)
+OLD_ET_LABEL = 4
+
+# Back to labels, in this order so that nesting is imposed: an ET voxel outside TC still becomes 3.
+_PAINT_ORDER = (("WT", 2), ("TC", 1), ("ET", 3))
+
+
+def check_labels(labels: np.ndarray, old_brats: bool = False) -> np.ndarray:
+    """Returns the labels as uint8 with 4 mapped to 3 when ``old_brats``; raises on other values.
+
+    Raises:
+      ValueError: naming the unexpected values.
+    """
+    values = np.unique(labels)
+    allowed = set(VALID_LABELS) | ({OLD_ET_LABEL} if old_brats else set())
+    bad = [v for v in values.tolist() if v not in allowed]
+    if bad:
+        hint = " (label 4 is old-BraTS ET: pass old_brats=True to accept it)" if OLD_ET_LABEL in bad else ""
+        raise ValueError(f"label values {bad} are outside {{0, 1, 2, 3}}{hint}")
+    out = np.asarray(labels).astype(np.uint8)
+    if old_brats:
+        out[out == OLD_ET_LABEL] = 3
+    return out
+
+
+def labels_to_regions(labels: np.ndarray) -> np.ndarray:
+    """Label map ``[...]`` (ints in 0..3) to region masks ``[..., 3]`` uint8 in [WT, TC, ET]."""
+    labels = np.asarray(labels)
+    return np.stack([np.isin(labels, REGION_LABELS[r]) for r in REGIONS], axis=-1).astype(np.uint8)
+
+
+def regions_to_labels(regions: np.ndarray) -> np.ndarray:
+    """Region masks ``[..., 3]`` (binary, [WT, TC, ET]) to a uint8 label map ``[...]``.
+
+    0 everywhere; 2 where WT; 1 where TC; 3 where ET, painted in that order.
+    """
+    regions = np.asarray(regions)
+    if regions.shape[-1] != len(REGIONS):
+        raise ValueError(f"regions must end in {len(REGIONS)} channels {REGIONS}, got shape {regions.shape}")
+    out = np.zeros(regions.shape[:-1], np.uint8)
+    for name, value in _PAINT_ORDER:
+        out[regions[..., REGIONS.index(name)] > 0] = value
+    return out
