@@ -1,0 +1,287 @@
+"""Diffusion for masks (SPEC §5): schedule, q_sample, variants, loss, the DDIM sampler, fusion, refinement.
+
+Masks m ∈ {0, 1} enter the diffusion as x0 = 2m − 1; the network predicts x0 as raw logits
+(sign > 0 ↔ m = 1). Arrays are channels-last, region channels [WT, TC, ET].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_TIMESTEPS = 1000
+CONDITIONS = ("image", "unet", "concat", "mask")
+TARGETS = ("mask", "discrepancy")
+FUSIONS = ("mean", "suf")
+MASK_BACKGROUND_WEIGHT = 0.2  # M′ outside the U-Net masks, for the `mask` condition
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+@functools.lru_cache(maxsize=None)
+def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """ᾱ_t = Π_{s≤t}(1 − β_s), betas linear from beta_start to beta_end, computed in float64, float32 out."""
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    out = np.cumprod(1.0 - betas).astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def space_timesteps(num_timesteps: int, k: int) -> np.ndarray:
+    """The K timesteps of guided-diffusion's ``space_timesteps(num_timesteps, [K])``, ascending.
+
+    K = 1 (which guided-diffusion cannot build) means the single step t = num_timesteps − 1.
+    """
+    if not 1 <= k <= num_timesteps:
+        raise ValueError(f"sampling steps K must be in [1, {num_timesteps}], got {k}")
+    if k == 1:
+        return np.array([num_timesteps - 1])
+    stride = (num_timesteps - 1) / (k - 1)
+    return np.array([round(i * stride) for i in range(k)])  # Python round, as guided-diffusion
+
+
+def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, acp: jax.Array | None = None) -> jax.Array:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε. x0, noise ``[B, ...]``; t ``[B]`` int."""
+    acp = jnp.asarray(alphas_cumprod() if acp is None else acp)
+    a = acp[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What the encoder sees (``condition``) and what the diffusion learns (``target``).
+
+    condition: image (I), unet (U(I)), concat ([I, U(I)]) or mask (I ∘ M′); target: mask (GT regions)
+    or discrepancy (Δ = |U(I) − GT|, then refined = U(I) XOR Δ̂).
+    """
+
+    condition: str = "concat"
+    target: str = "discrepancy"
+    n_modalities: int = 4
+
+    def __post_init__(self):
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {self.condition!r}; choose one of {CONDITIONS}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose one of {TARGETS}")
+
+    @property
+    def uses_unet(self) -> bool:
+        return self.condition != "image" or self.target == "discrepancy"
+
+    @property
+    def cond_channels(self) -> int:
+        return {"image": self.n_modalities, "unet": 3, "concat": self.n_modalities + 3, "mask": self.n_modalities}[
+            self.condition]
+
+    def condition_image(self, image: jax.Array, unet: jax.Array | None) -> jax.Array:
+        """Encoder input ``[B, D, H, W, cond_channels]`` float32 from image ``[..., 4]`` and U(I) ``[..., 3]``."""
+        if image.shape[-1] != self.n_modalities:
+            raise ValueError(f"image has {image.shape[-1]} channels, expected {self.n_modalities}")
+        if self.condition == "image":
+            return image.astype(jnp.float32)
+        if unet is None:
+            raise ValueError(f"condition {self.condition!r} needs the U-Net masks U(I)")
+        u = unet.astype(jnp.float32)
+        if self.condition == "unet":
+            return u
+        if self.condition == "concat":
+            return jnp.concatenate([image.astype(jnp.float32), u], axis=-1)
+        weight = jnp.where(jnp.any(u > 0, axis=-1, keepdims=True), 1.0, MASK_BACKGROUND_WEIGHT)
+        return image.astype(jnp.float32) * weight
+
+    def target_mask(self, regions: jax.Array, unet: jax.Array | None) -> jax.Array:
+        """The mask m ``[..., 3]`` float32 in {0, 1} the diffusion learns."""
+        if self.target == "mask":
+            return regions.astype(jnp.float32)
+        return jnp.abs(unet.astype(jnp.float32) - regions.astype(jnp.float32))
+
+    def finish(self, fused_mask: jax.Array, unet: jax.Array | None) -> jax.Array:
+        """The final region masks (uint8) from the fused mask: itself, or U(I) XOR Δ̂ for discrepancies."""
+        fused_mask = fused_mask.astype(jnp.uint8)
+        return refine(unet, fused_mask) if self.target == "discrepancy" else fused_mask
+
+
+def refine(unet: jax.Array, delta: jax.Array) -> jax.Array:
+    """Re-DiffiNet refinement: flip the U-Net's voxels where the predicted discrepancy is 1 (XOR)."""
+    return jnp.bitwise_xor(unet.astype(jnp.uint8), delta.astype(jnp.uint8))
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def diffusion_loss(logits: jax.Array, m: jax.Array, weights=(1.0, 1.0, 1.0), smooth: float = 1e-5):
+    """Dice(sigmoid z, m) + BCE-with-logits(z, m) + MSE(sigmoid z, m), weighted; returns (loss, terms).
+
+    logits, m: ``[B, ..., C]``. Dice is per sample and channel over space (smooth in numerator and
+    denominator), 1 − its mean is the Dice loss; BCE and MSE are means over every element.
+    """
+    z, m = logits.astype(jnp.float32), m.astype(jnp.float32)
+    p = jax.nn.sigmoid(z)
+    axes = tuple(range(1, z.ndim - 1))
+    dice = (2 * jnp.sum(p * m, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(m, axes) + smooth)
+    terms = {
+        "dice": 1.0 - jnp.mean(dice),
+        # log(1 + e^z) − z·m, stable form
+        "bce": jnp.mean(jnp.maximum(z, 0) - z * m + jnp.log1p(jnp.exp(-jnp.abs(z)))),
+        "mse": jnp.mean(jnp.square(p - m)),
+    }
+    loss = weights[0] * terms["dice"] + weights[1] * terms["bce"] + weights[2] * terms["mse"]
+    return loss, terms
+
+
+def training_inputs(variant: Variant, batch: dict, key: jax.Array):
+    """Draws t ~ U{0..999} and ε ~ N(0, I) per sample; returns (cond, x_t, t, m) for one training step.
+
+    batch: ``image`` ``[B, D, H, W, 4]``, ``regions`` ``[B, D, H, W, 3]``, ``unet`` (if the variant uses it).
+    """
+    unet = batch.get("unet")
+    m = variant.target_mask(batch["regions"], unet)
+    k_t, k_eps = jax.random.split(key)
+    t = jax.random.randint(k_t, (m.shape[0],), 0, NUM_TIMESTEPS)
+    x_t = q_sample(2.0 * m - 1.0, t, jax.random.normal(k_eps, m.shape, jnp.float32))
+    return variant.condition_image(batch["image"], unet), x_t, t, m
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def suf_weights(mean_logits: jax.Array, num_steps: int) -> jax.Array:
+    """Step-uncertainty weights ``[K, ...]`` from the per-step sample mean of the raw logits ``[K, ...]``
+    (k = 0 the noisiest): w_k = exp(sigmoid((k+1)/K)·(1 − u_k)), u_k = −p·ln p, p = max(sigmoid μ_k, 0.001)."""
+    p = jnp.maximum(jax.nn.sigmoid(mean_logits), 0.001)
+    u = -p * jnp.log(p)
+    k = jnp.arange(num_steps, dtype=jnp.float32).reshape((-1,) + (1,) * (mean_logits.ndim - 1))
+    return jnp.exp(jax.nn.sigmoid((k + 1) / num_steps) * (1.0 - u))
+
+
+def fuse(x0_sum: jax.Array, logit_sum: jax.Array | None, samples: int, fusion: str) -> tuple[jax.Array, jax.Array]:
+    """Fuses S samples; returns (Y, Y normalised to [−1, 1]); mask = Y > 0.
+
+    ``mean``: x0_sum ``[1, ...]`` = Σ_s x̂0 of the last step; Y = x0_sum / S.
+    ``suf``: x0_sum, logit_sum ``[K, ...]`` = Σ_s over samples per step; Y = Σ_k w_k·Σ_s x̂0_{s,k}.
+    """
+    if fusion == "mean":
+        y = x0_sum[-1] / samples
+        return y, y
+    w = suf_weights(logit_sum / samples, x0_sum.shape[0])
+    y = jnp.sum(w * x0_sum, 0)
+    return y, y / (samples * jnp.sum(w, 0))
+
+
+def ddim(model_fn, x_T: jax.Array, timesteps, per_step: bool = False, return_steps: bool = False) -> dict:
+    """DDIM (η = 0) from pure noise, as one ``lax.scan`` over the K steps, noisiest first.
+
+    model_fn(x ``[S, ...]``, t scalar int32) -> raw x0 logits ``[S, ...]``; x_T ``[S, ...]``.
+    Returns sums over the S samples (so chunks of samples can be added before :func:`fuse`):
+    ``x0_sum`` — Σ_s clipped x̂0, of the last step ``[1, ...]``, or of every step ``[K, ...]`` with
+    ``per_step`` (then also ``logit_sum`` ``[K, ...]``); ``steps`` — every x̂0 ``[K, S, ...]`` if asked.
+    """
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or ts.size < 1:
+        raise ValueError("timesteps must be a non-empty 1-D list")
+    acp = alphas_cumprod()
+    desc = ts[::-1]
+    # ᾱ_k and ᾱ_{k−1} from the noisiest step down (ᾱ_{−1} = 1 at the last step).
+    a_now = jnp.asarray(acp[desc])
+    a_prev = jnp.asarray(np.concatenate([acp[desc[1:]], [1.0]]).astype(np.float32))
+
+    def step(x, inputs):
+        t, a, ap = inputs
+        logits = model_fn(x, t).astype(jnp.float32)
+        x0 = jnp.clip(logits, -1.0, 1.0)
+        eps = (x / jnp.sqrt(a) - x0) / jnp.sqrt(1.0 / a - 1.0)
+        x_next = jnp.sqrt(ap) * x0 + jnp.sqrt(1.0 - ap) * eps
+        out = {"x0_sum": jnp.sum(x0, 0)} if per_step else {}
+        if per_step:
+            out["logit_sum"] = jnp.sum(logits, 0)
+        if return_steps:
+            out["steps"] = x0
+        return x_next, out
+
+    x_last, outs = jax.lax.scan(step, x_T.astype(jnp.float32),
+                                     (jnp.asarray(desc.astype(np.int32)), a_now, a_prev))
+    if not per_step:  # the last step returns x̂0 itself (ᾱ_{−1} = 1)
+        outs["x0_sum"] = jnp.sum(x_last, 0)[None]
+    return outs
+
+
+def fused_probability(y_norm: jax.Array) -> jax.Array:
+    """Maps a fused value normalised to [−1, 1] to a probability: (y + 1)/2."""
+    return jnp.clip((y_norm + 1.0) / 2.0, 0.0, 1.0)
+
+
+def binary_entropy(p: jax.Array) -> jax.Array:
+    """Per-voxel uncertainty in bits: −p·log2 p − (1−p)·log2(1−p), 0 at p ∈ {0, 1}, 1 at p = 0.5."""
+    p = jnp.clip(p, 1e-7, 1 - 1e-7)
+    return -(p * jnp.log2(p) + (1 - p) * jnp.log2(1 - p))
+
+
+def check_sampler_args(steps: int, samples: int, fusion: str, chunk: int | None) -> int:
+    """Validates K, S, fusion and chunk; returns the chunk size actually used (a divisor of S)."""
+    space_timesteps(NUM_TIMESTEPS, steps)
+    if samples < 1:
+        raise ValueError(f"number of samples S must be >= 1, got {samples}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+    chunk = samples if not chunk else min(chunk, samples)
+    if samples % chunk:
+        raise ValueError(f"sample chunk {chunk} must divide the number of samples {samples}")
+    return chunk
+
+
+def sample(model, cond: jax.Array, key: jax.Array, steps: int = 10, samples: int = 10, fusion: str = "mean",
+           chunk: int | None = None, return_steps: bool = False, uncertainty: bool = False) -> dict:
+    """Samples S masks per condition image with DDIM and fuses them (call it inside ``jax.jit``).
+
+    model: a :class:`~rediffinet_jax.models.denoiser.DiffusionNet`; cond ``[B, D, H, W, Cc]``.
+    The encoder runs once; the S samples run as a batch, ``chunk`` samples at a time (sequentially) to
+    cap memory. Returns ``y`` — the fused value Y ``[B, D, H, W, 3]`` (mask = Y > 0; in [−1, 1] for
+    ``mean``, the weighted sum for ``suf``) — plus ``uncertainty`` (binary entropy in bits of the fused
+    probability) and ``steps`` (every step's x̂0, ``[K, S, B, ...]``) when asked. Sliding windows blend Y.
+    """
+    chunk = check_sampler_args(steps, samples, fusion, chunk)
+    ts = space_timesteps(NUM_TIMESTEPS, steps)
+    feats = model.encode(cond)
+    b = cond.shape[0]
+    out_shape = cond.shape[:-1] + (3,)
+
+    def tile(a):  # [B, ...] -> [chunk·B, ...], sample-major
+        return jnp.broadcast_to(a[None], (chunk,) + a.shape).reshape((chunk * b,) + a.shape[1:])
+
+    cond_c, feats_c = tile(cond), [tile(f) for f in feats]
+
+    def model_fn(x, t):  # x [chunk, B, ...]
+        flat = x.reshape((chunk * b,) + x.shape[2:])
+        z = model.denoise(cond_c, flat, jnp.full((chunk * b,), t, jnp.int32), feats_c)
+        return z.reshape(x.shape)
+
+    per_step = fusion == "suf"
+
+    def run_chunk(k):
+        x_T = jax.random.normal(k, (chunk,) + out_shape, jnp.float32)
+        return ddim(model_fn, x_T, ts, per_step, return_steps)
+
+    keys = jax.random.split(key, samples // chunk)
+    if len(keys) == 1:
+        outs = jax.tree.map(lambda a: a[None], run_chunk(keys[0]))
+    else:
+        outs = jax.lax.map(run_chunk, keys)
+    y, y_norm = fuse(jnp.sum(outs["x0_sum"], 0), jnp.sum(outs["logit_sum"], 0) if per_step else None,
+                     samples, fusion)
+    result = {"y": y}
+    if uncertainty:
+        result["uncertainty"] = binary_entropy(fused_probability(y_norm))
+    if return_steps:  # [n_chunks, K, chunk, B, ...] -> [K, S, B, ...]
+        st = jnp.moveaxis(outs["steps"], 0, 1)
+        result["steps"] = st.reshape((st.shape[0], samples) + st.shape[3:])
+    return result

@@ -1,0 +1,106 @@
+"""Layers shared by both networks, channels-last (NDHWC), with PyTorch-default initialization.
+
+Parameters are always float32; ``dtype`` is the compute dtype (float32, or bfloat16 for speed), to
+which inputs and parameters are cast at call time. Instance-norm statistics are taken in float32.
+Initialization follows PyTorch's defaults so that training behaves like the reference: kernels
+kaiming-uniform with a = √5 and biases uniform, both ±1/√fan_in (for a transposed convolution
+PyTorch's fan_in is out_channels · kernel volume, and so it is here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DIMS = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _uniform(rngs: nnx.Rngs, shape, fan_in: int) -> nnx.Param:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
+
+
+class Conv3d(nnx.Module):
+    """3-D convolution, kernel ``[k, k, k, cin, cout]``; input ``[B, D, H, W, cin]``.
+
+    ``padding`` is symmetric per axis; with k = 3, padding 1 and stride 2 an even size n becomes n/2.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
+                 use_bias: bool = True, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        fan_in = cin * kernel**3
+        self.kernel = _uniform(rngs, (kernel,) * 3 + (cin, cout), fan_in)
+        self.bias = _uniform(rngs, (cout,), fan_in) if use_bias else None
+        self.stride = stride
+        self.padding = (kernel - 1) // 2 if padding is None else padding
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 3,
+            [(self.padding, self.padding)] * 3, dimension_numbers=_DIMS)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class ConvTranspose3d(nnx.Module):
+    """Transposed convolution with kernel = stride (k2 s2 doubles every spatial size), with bias."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 2, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        fan_in = cout * stride**3  # PyTorch computes fan_in of a transposed conv from dim 1 (= out)
+        self.kernel = _uniform(rngs, (stride,) * 3 + (cin, cout), fan_in)
+        self.bias = _uniform(rngs, (cout,), fan_in)
+        self.stride = stride
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_transpose(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 3,
+                                   "VALID", dimension_numbers=_DIMS)
+        return y + self.bias[...].astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """``x @ kernel + bias`` over the last axis."""
+
+    def __init__(self, cin: int, cout: int, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.kernel = _uniform(rngs, (cin, cout), cin)
+        self.bias = _uniform(rngs, (cout,), cin)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+
+
+class InstanceNorm(nnx.Module):
+    """Per-sample, per-channel normalization over the spatial axes (biased variance, eps 1e-5), affine.
+
+    Statistics in float32 whatever the input dtype; the output has the input's dtype.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=(1, 2, 3), keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 3), keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def check_spatial(shape, multiple: int, name: str) -> None:
+    """Raises ValueError unless every spatial size of ``shape`` ``[B, D, H, W, C]`` is a multiple."""
+    spatial = tuple(shape[1:4])
+    if len(shape) != 5 or any(s % multiple for s in spatial):
+        raise ValueError(f"{name} needs input [B, D, H, W, C] with D, H, W multiples of {multiple}; "
+                         f"got shape {tuple(shape)}")
+
+
+def count_params(module_or_state) -> int:
+    """Number of scalar parameters (``nnx.Param``) of a module or of its abstract state."""
+    state = nnx.state(module_or_state, nnx.Param) if isinstance(module_or_state, nnx.Module) else module_or_state
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
