@@ -50,7 +50,7 @@ def _smooth_field(shape, rng, scale: int = 4, sigma: float = 1.0) -> np.ndarray:
 def _tumour(coords, centre, radius, rng, shape):
     """Returns (ed, core, ncr) boolean masks of one irregular, nested lesion."""
     d = np.sqrt(sum(((c - x) / r) ** 2 for c, x, r in zip(coords, centre, radius)))
-    d = d * (1 + 0.25 * _smooth_field(shape, rng, scale=6))  # irregular outline
+    d = d * (1 + 0.2 * np.clip(_smooth_field(shape, rng, scale=6), -2, 2))  # irregular outline
     kind = rng.choice(["full", "no_ncr", "no_et"], p=[0.7, 0.15, 0.15])
     core_frac = rng.uniform(0.35, 0.65)
     ed = d < 1.0

@@ -1,0 +1,105 @@
+import nibabel as nib
+import numpy as np
+import pytest
+
+from rediffinet_jax.data import brats, pipeline
+from rediffinet_jax.errors import CaseError
+
+PATCH = (16, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def refs(phantom_root, tmp_path_factory):
+    cases = [c for c in brats.discover_cases(phantom_root) if c.seg is not None]
+    return pipeline.prepare_cache(cases, tmp_path_factory.mktemp("cache"), "zscore_rescale", progress=False)
+
+
+def _take(ds, n, state=None):
+    it = iter(ds)
+    if state is not None:
+        it.set_state(state)
+    out = [next(it) for _ in range(n)]
+    state = it.get_state()
+    if hasattr(it, "close"):
+        it.close()
+    return out, state
+
+
+def test_batches_shapes_and_dtypes(refs):
+    (batch,), _ = _take(pipeline.train_dataset(refs, PATCH, 3, seed=0), 1)
+    assert batch["image"].shape == (3, *PATCH, 4) and batch["image"].dtype == np.float32
+    assert batch["regions"].shape == (3, *PATCH, 3) and batch["regions"].dtype == np.uint8
+
+
+def test_same_stream_for_any_worker_count(refs):
+    a, _ = _take(pipeline.train_dataset(refs, PATCH, 2, seed=3), 4)
+    b, _ = _take(pipeline.train_dataset(refs, PATCH, 2, seed=3, num_workers=2), 4)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["regions"], y["regions"])
+    c, _ = _take(pipeline.train_dataset(refs, PATCH, 2, seed=4), 1)
+    assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_state_restores_the_same_batches(refs):
+    ds = pipeline.train_dataset(refs, PATCH, 2, seed=1)
+    full, _ = _take(ds, 5)
+    _, state = _take(ds, 2)
+    rest, _ = _take(pipeline.train_dataset(refs, PATCH, 2, seed=1), 3, state)
+    for x, y in zip(full[2:], rest):
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_foreground_fraction(refs):
+    """With an odd patch the centre voxel survives flips: it is tumour in ≈ f + (1 − f)·(tumour share)."""
+    patch, n = (9, 9, 9), 240
+    no_aug = pipeline.Augment(scale_shift=0.0, nvidia=False)
+    share = np.mean([np.load(f"{r.folder}/regions.npy")[..., 0].mean() for r in refs])
+
+    def centre_rate(f):
+        batches, _ = _take(pipeline.train_dataset(refs, patch, n, seed=0, foreground_fraction=f, augment=no_aug), 1)
+        return batches[0]["regions"][:, 4, 4, 4, 0].mean()
+
+    assert centre_rate(1.0) == 1.0
+    r = centre_rate(0.4)
+    expected = 0.4 + 0.6 * share
+    assert abs(r - expected) < 3 * np.sqrt(expected * (1 - expected) / n) + 0.02
+
+
+def test_padding_when_case_is_smaller_than_patch(refs):
+    big = (48, 48, 48)  # cropped phantoms are < 44 voxels on every axis
+    no_aug = pipeline.Augment(flip_p=0.0, scale_shift=0.0, nvidia=False)
+    (batch,), _ = _take(pipeline.train_dataset(refs, big, 1, seed=0, augment=no_aug), 1)
+    img = batch["image"][0]
+    assert img.shape == (*big, 4)
+    case_voxels = np.load(f"{refs[0].folder}/image.npy").shape[:3]
+    assert all(c < b for c, b in zip(case_voxels, big))
+    # every case fits entirely: the non-zero content equals one cached case exactly
+    nz = np.count_nonzero(np.any(img != 0, -1))
+    counts = [np.count_nonzero(np.any(np.load(f"{r.folder}/image.npy") != 0, -1)) for r in refs]
+    assert nz in counts
+
+
+def test_sharded_by_process(refs):
+    whole, _ = _take(pipeline.train_dataset(refs, PATCH, 1, seed=2), 4)
+    p0, _ = _take(pipeline.train_dataset(refs, PATCH, 1, seed=2, process_index=0, process_count=2), 2)
+    p1, _ = _take(pipeline.train_dataset(refs, PATCH, 1, seed=2, process_index=1, process_count=2), 2)
+    np.testing.assert_array_equal(p0[0]["image"], whole[0]["image"])
+    np.testing.assert_array_equal(p1[0]["image"], whole[1]["image"])
+    np.testing.assert_array_equal(p0[1]["image"], whole[2]["image"])
+
+
+def test_unet_masks(refs, phantom_root, tmp_path):
+    oof = tmp_path / "oof"
+    with pytest.raises(CaseError, match="run stage 1") as err:
+        pipeline.attach_unet_masks(refs[:1], oof)
+    assert err.value.case == refs[0].case_id
+    oof.mkdir()
+    for r in refs:  # use the ground truth as a stand-in U-Net prediction
+        seg = phantom_root / r.case_id / f"{r.case_id}-seg.nii.gz"
+        nib.save(nib.load(str(seg)), str(oof / f"{r.case_id}.nii.gz"))
+    pipeline.attach_unet_masks(refs, oof)
+    no_aug = pipeline.Augment(scale_shift=0.0, nvidia=False)
+    batches, _ = _take(pipeline.train_dataset(refs, PATCH, 4, seed=0, with_unet=True, augment=no_aug), 2)
+    for b in batches:
+        np.testing.assert_array_equal(b["unet"], b["regions"])
