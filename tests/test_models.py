@@ -1,0 +1,156 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rediffinet_jax.diffusion import Variant
+from rediffinet_jax.models.denoiser import DiffusionNet, timestep_embedding
+from rediffinet_jax.models.layers import count_params
+from rediffinet_jax.models.unet import UNet
+
+SMALL_FEATURES = (8, 8, 16, 16, 32, 8)
+SHAPE = (32, 48, 32)
+
+
+# ---------------------------------------------------------------- parameter counts at the paper's size (SPEC)
+
+@pytest.mark.parametrize("cin,expected", [(5, 50_838_665), (4, 50_836_937)])
+def test_unet_parameter_count(cin, expected):
+    abstract = nnx.eval_shape(lambda: UNet(cin, rngs=nnx.Rngs(0)))
+    assert count_params(abstract) == expected
+
+
+@pytest.mark.parametrize("condition,target,den,enc", [
+    ("concat", "discrepancy", 24_118_339, 14_284_608),  # Re-DiffiNet
+    ("image", "mask", 24_113_155, 14_279_424),  # Diff-U-Net
+    ("unet", "mask", 24_111_427, 14_277_696),  # UA-Diffusion, U(I)
+    ("concat", "mask", 24_118_339, 14_284_608),  # UA-Diffusion, concat
+    ("mask", "mask", 24_113_155, 14_279_424),  # UA-Diffusion, mask
+])
+def test_diffusion_parameter_counts(condition, target, den, enc):
+    v = Variant(condition, target)
+    abstract = nnx.eval_shape(lambda: DiffusionNet(v.cond_channels, rngs=nnx.Rngs(0)))
+    assert count_params(abstract.denoiser) == den
+    assert count_params(abstract.encoder) == enc
+    if condition == "concat" and target == "discrepancy":
+        assert count_params(abstract) == 38_402_947
+
+
+# ---------------------------------------------------------------- small networks
+
+@pytest.fixture(scope="module")
+def small_unet():
+    return UNet(4, filters=(8, 16, 32), deep_supervision=1, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def small_diff():
+    return DiffusionNet(7, features=SMALL_FEATURES, rngs=nnx.Rngs(1))
+
+
+def test_unet_shapes(small_unet):
+    x = jnp.ones((2, *SHAPE, 4))
+    y = small_unet(x)
+    assert y.shape == (2, *SHAPE, 3) and y.dtype == jnp.float32
+    outs = small_unet(x, train=True)
+    assert len(outs) == 2 and all(o.shape == (2, *SHAPE, 3) for o in outs)
+
+
+def test_bad_spatial_size_is_named_before_compiling(small_unet, small_diff):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        small_unet(jnp.ones((1, 32, 30, 32, 4)))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        small_diff(jnp.ones((1, 16, 24, 16, 7)), jnp.ones((1, 16, 24, 16, 3)), jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="7"):
+        small_diff.encode(jnp.ones((1, 16, 16, 16, 4)))
+    full = nnx.eval_shape(lambda: UNet(4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="multiples of 64"):
+        full(jnp.ones((1, 96, 96, 96, 4)))
+
+
+def test_time_embedding_by_hand():
+    emb = np.asarray(timestep_embedding(jnp.array([0, 999])))
+    assert emb.shape == (2, 128)
+    np.testing.assert_array_equal(emb[0, :64], 0.0)  # sin(0)
+    np.testing.assert_array_equal(emb[0, 64:], 1.0)  # cos(0)
+    freq = [math.exp(-j * math.log(10000) / 63) for j in range(64)]
+    expected = [math.sin(999 * f) for f in freq] + [math.cos(999 * f) for f in freq]
+    np.testing.assert_allclose(emb[1], expected, atol=2e-4)  # float32 argument of up to 999 rad
+    assert emb[1, 63] == pytest.approx(math.sin(999 * 1e-4), abs=1e-6)  # j = 63: freq 1e-4
+
+
+def test_diffusion_shapes_and_zero_features(small_diff):
+    rng = np.random.default_rng(0)
+    cond = jnp.asarray(rng.normal(size=(2, *SHAPE, 7)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, *SHAPE, 3)), jnp.float32)
+    t = jnp.array([0, 999])
+    y = small_diff(cond, x, t)
+    assert y.shape == (2, *SHAPE, 3) and y.dtype == jnp.float32
+    feats = small_diff.encode(cond)
+    assert [f.shape[1:4] for f in feats] == [SHAPE] + [tuple(s // 2**i for s in SHAPE) for i in range(1, 5)]
+    zeros = [jnp.zeros_like(f) for f in feats]
+    np.testing.assert_array_equal(small_diff.denoise(cond, x, t, zeros),
+                                  small_diff.denoiser(jnp.concatenate([cond, x], -1), t, None))
+    assert not np.allclose(y, small_diff.denoise(cond, x, t, zeros))  # the features do matter
+
+
+def test_finite_gradients_for_every_parameter(small_diff, small_unet):
+    x = jnp.ones((1, 16, 16, 16, 3)) * 0.5
+    cond = jnp.linspace(0, 1, 16**3 * 7).reshape(1, 16, 16, 16, 7)
+
+    def loss_d(m):
+        return jnp.mean(m(cond, x, jnp.array([10])) ** 2)
+
+    def loss_u(m):
+        return sum(jnp.mean(o**2) for o in m(cond[..., :4], train=True))
+
+    for model, loss in ((small_diff, loss_d), (small_unet, loss_u)):
+        grads = nnx.grad(loss)(model)
+        leaves = jax.tree.leaves(grads)
+        assert len(leaves) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+
+
+def test_no_retrace_on_same_shapes(small_diff):
+    traces = []
+    graphdef, state = nnx.split(small_diff)
+
+    @jax.jit
+    def f(state, cond, x, t):
+        traces.append(1)
+        return nnx.merge(graphdef, state)(cond, x, t)
+
+    cond, x = jnp.ones((1, 16, 16, 16, 7)), jnp.zeros((1, 16, 16, 16, 3))
+    f(state, cond, x, jnp.array([3]))
+    f(state, cond * 2, x + 1, jnp.array([500]))
+    assert len(traces) == 1
+
+
+def test_bfloat16_close_to_float32():
+    rng = np.random.default_rng(0)
+    cond = jnp.asarray(rng.normal(size=(1, 16, 32, 16, 7)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(1, 16, 32, 16, 3)), jnp.float32)
+    t = jnp.array([250])
+    f32 = DiffusionNet(7, features=SMALL_FEATURES, rngs=nnx.Rngs(5))
+    b16 = DiffusionNet(7, features=SMALL_FEATURES, dtype=jnp.bfloat16, rngs=nnx.Rngs(5))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(b16, nnx.Param)))
+    a, b = f32(cond, x, t), b16(cond, x, t)
+    assert b.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 2e-2
+    u32 = UNet(4, filters=(8, 16, 32), deep_supervision=1, rngs=nnx.Rngs(2))
+    u16 = UNet(4, filters=(8, 16, 32), deep_supervision=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
+    a, b = u32(cond[..., :4]), u16(cond[..., :4])
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 2e-2
+
+
+def test_pytorch_default_init_bounds(small_diff):
+    conv = small_diff.denoiser.stages[0].unit1.conv  # 10 -> 8 channels, k3: fan_in 270
+    bound = 1 / math.sqrt(10 * 27)
+    k = np.asarray(conv.kernel[...])
+    assert np.abs(k).max() <= bound and np.abs(k).max() > 0.9 * bound
+    up = small_diff.denoiser.ups[0].up  # transposed: PyTorch fan_in = out_channels · 8
+    bound_t = 1 / math.sqrt(up.kernel.shape[-1] * 8)
+    assert np.abs(np.asarray(up.kernel[...])).max() <= bound_t
