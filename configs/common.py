@@ -1,0 +1,75 @@
+"""Shared defaults: the paper's values (SPEC §1–6). Each experiment file adjusts the ``diffusion`` block.
+
+Steps are not given in the paper; the defaults here (stage 1: 25k steps of batch 2, stage 2: 50k steps
+of batch 4) are ours, in the range Diff-UNet and the NVIDIA recipe train for.
+"""
+
+from ml_collections import ConfigDict
+
+
+def base() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.data = ConfigDict(dict(
+        root="",  # empty: generate phantoms into <workdir>/data
+        normalization="zscore_rescale", old_brats=False, n_folds=5, split_seed=0, num_workers=2,
+        phantoms=ConfigDict(dict(n_cases=50, shape=(240, 240, 155), seed=0)),
+    ))
+    augment = dict(flip_p=0.5, scale_shift=0.1, nvidia=True, nvidia_p=0.15)
+    c.unet = ConfigDict(dict(
+        filters=(64, 96, 128, 192, 256, 384, 512), deep_supervision=2, foreground_channel=True,
+        dtype="float32", remat=False, patch=(128, 128, 128), batch=2, steps=25_000,
+        lr=3e-4, weight_decay=1e-4, warmup_frac=0.02, foreground_fraction=0.4, augment=ConfigDict(augment),
+        val_every=1000, val_cases=0, keep=2, overlap=0.5, batch_windows=1,
+    ))
+    c.diffusion = ConfigDict(dict(
+        model="rediffinet", condition="concat", target="discrepancy",
+        features=(64, 64, 128, 256, 512, 64), dtype="float32", remat=False,
+        patch=(128, 192, 128), batch=4, steps=50_000,
+        lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_frac=0.15, clip_norm=0.0,
+        loss_weights=(1.0, 1.0, 1.0), foreground_fraction=0.4, augment=ConfigDict(augment),
+        val_every=2000, val_cases=0, keep=2, overlap=0.5, batch_windows=1,
+        sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=0)),
+        val_sampler=ConfigDict(dict(steps=10, samples=1)),
+    ))
+    c.eval = ConfigDict(dict(convention="brats2023", lesion_wise=True, checkpoint="best"))
+    c.stages = "all"  # all | unet (stage 1 and out-of-fold predictions only)
+    return c
+
+
+def demo(c: ConfigDict) -> ConfigDict:
+    """The whole pipeline on generated phantoms, minutes on a 2-core CPU: 5 folds, tiny widths."""
+    c.data.phantoms.update(n_cases=15, shape=(48, 48, 40))
+    c.data.num_workers = 0
+    c.unet.update(filters=(8, 16, 32, 64), deep_supervision=1, patch=(32, 32, 32), batch=2, steps=60,
+                  warmup_frac=0.1, lr=3e-3, val_every=60, val_cases=2, batch_windows=2)
+    c.diffusion.update(features=(8, 8, 16, 32, 64, 8), patch=(32, 32, 32), batch=2, steps=60, lr=2e-3,
+                       val_every=60, val_cases=2, batch_windows=2)
+    c.diffusion.sampler.update(steps=3, samples=2)
+    c.diffusion.val_sampler.update(steps=2, samples=1)
+    c.eval.lesion_wise = True
+    return c
+
+
+def smoke(c: ConfigDict) -> ConfigDict:
+    """The tiny run of the tests: 6 phantoms, 2 folds, a few steps."""
+    c = demo(c)
+    c.data.n_folds = 2
+    c.data.phantoms.update(n_cases=6, shape=(40, 40, 36))
+    c.unet.update(filters=(4, 8, 16), deep_supervision=1, patch=(16, 16, 16), steps=4, val_every=2,
+                  val_cases=1, batch=2)
+    c.diffusion.update(features=(4, 4, 8, 8, 16, 4), patch=(16, 16, 16), steps=4, val_every=2, val_cases=1)
+    c.diffusion.sampler.update(steps=2, samples=2)
+    c.diffusion.val_sampler.update(steps=1, samples=1)
+    return c
+
+
+def with_variant(arg: str | None, c: ConfigDict) -> ConfigDict:
+    """Applies a ``demo`` or ``smoke`` argument (after the file's own choices)."""
+    if not arg:
+        return c
+    if arg == "demo":
+        return demo(c)
+    if arg == "smoke":
+        return smoke(c)
+    raise ValueError(f"unknown config argument {arg!r}; use demo or smoke")

@@ -1,0 +1,68 @@
+"""Orbax checkpoints, one manager per stage and fold: train state, RNG and the grain iterator state.
+
+The train state is saved as a flat ``{path: array}`` dict (paths from ``jax.tree_util.keystr``) so
+that it does not depend on how Flax or optax name their containers; it is put back into the
+structure of a freshly built state on restore. The latest ``keep`` checkpoints and the best one by
+validation score (higher is better) are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+VAL_METRIC = "val_dice"
+
+
+def _flatten(tree) -> dict:
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflatten(template, flat: dict):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree.unflatten(treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths])
+
+
+def manager(directory: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
+    """A manager keeping the latest ``keep`` steps and the best one by ``val_dice``."""
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(keep),
+        cm.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=False, n=1),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[VAL_METRIC],
+                                           best_mode="max", enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict | None, val: float) -> None:
+    """Saves the train state, the data iterator state (JSON) and the validation score at ``step``."""
+    items = {"state": ocp.args.StandardSave(_flatten(state))}
+    if data_state is not None:
+        items["data"] = ocp.args.JsonSave(data_state)
+    mgr.save(step, args=ocp.args.Composite(**items), metrics={VAL_METRIC: float(val)})
+    mgr.wait_until_finished()
+
+
+def restore(mgr: ocp.CheckpointManager, template, step: int | str = "latest", sharding=None):
+    """Restores ``(state, data_state, step)``; ``template`` is a freshly built state (for structure).
+
+    step: an int, "latest" or "best". Returns None when there is no checkpoint.
+    """
+    if step == "latest":
+        step = mgr.latest_step()
+    elif step == "best":
+        step = mgr.best_step()
+    if step is None:
+        return None
+    flat = _flatten(template)
+    abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding) for k, v in flat.items()}
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    if (Path(mgr.directory) / str(step) / "data").exists():
+        items["data"] = ocp.args.JsonRestore()
+    out = mgr.restore(step, args=ocp.args.Composite(**items))
+    return _unflatten(template, out["state"]), out.get("data"), int(step)

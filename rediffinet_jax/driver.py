@@ -1,0 +1,181 @@
+"""The two-stage cross-validation driver: runs what is missing of splits → stage-1 U-Net per fold →
+out-of-fold U-Net predictions → stage-2 model per fold, in a work directory (see README).
+
+(Named ``driver`` rather than DESIGN.md's ``pipeline`` so it is not confused with ``data/pipeline``.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rediffinet_jax.data import brats, phantoms, pipeline, splits
+from rediffinet_jax.errors import ConfigError
+from rediffinet_jax.labels import regions_to_labels
+from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
+
+# Settings that change how a run is carried out, not what it produces: never a conflict.
+_RUNTIME_KEYS = {"num_workers", "val_every", "keep", "batch_windows", "val_cases", "sampler", "val_sampler"}
+
+
+@dataclasses.dataclass
+class ValCase:
+    """A held-out case for validation: cropped image, regions and (stage 2) U-Net masks, channels-last."""
+
+    case_id: str
+    image: np.ndarray
+    regions: np.ndarray
+    unet: np.ndarray | None = None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if k in _RUNTIME_KEYS:
+            continue
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print) -> None:
+    """Writes ``folder/config.json`` the first time; afterwards refuses different settings (naming the
+    keys) unless ``overwrite``, which deletes the stage's folder and starts it again."""
+    path = folder / "config.json"
+    flat = _flat(json.loads(json.dumps(settings)))
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        diff = sorted(k for k in set(saved) | set(flat) if saved.get(k) != flat.get(k))
+        if diff and not overwrite:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
+            raise ConfigError(f"{folder} was trained with other settings ({details}); use another --workdir, "
+                              f"or --overwrite to retrain this stage")
+        if not diff:
+            return
+        log(f"--overwrite: settings of {folder} changed ({', '.join(diff[:8])}); deleting it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(flat, indent=1, sort_keys=True))
+
+
+def resolve_data(config, workdir: Path, log=print) -> Path:
+    """The data folder: ``data.root``, or phantoms generated into ``workdir/data`` when it is empty."""
+    if config.data.root:
+        return Path(config.data.root)
+    p = config.data.phantoms
+    root = workdir / "data"
+    log(f"No data.root given: using {p.n_cases} generated phantom cases of shape {tuple(p.shape)} in {root}")
+    phantoms.write_dataset(root, p.n_cases, tuple(p.shape), p.seed, progress=jax.process_index() == 0)
+    return root
+
+
+def _val_cases(ids, refs_by_id, limit: int, with_unet: bool) -> list[ValCase]:
+    ids = ids[:limit] if limit else ids
+    out = []
+    for cid in ids:
+        folder = Path(refs_by_id[cid].folder)
+        unet = np.load(folder / "unet.npy", mmap_mode="r") if with_unet else None
+        out.append(ValCase(cid, np.load(folder / "image.npy", mmap_mode="r"),
+                           np.load(folder / "regions.npy", mmap_mode="r"), unet))
+    return out
+
+
+def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_by_id, refs_by_id, fold_ids,
+                which: str, log=print) -> Path:
+    """Writes ``unet/oof/<case>.nii.gz`` for every case of the given folds, with the fold's own U-Net."""
+    oof = workdir / "unet" / "oof"
+    oof.mkdir(parents=True, exist_ok=True)
+    for k in fold_ids:
+        todo = [c for c in folds[k] if not (oof / f"{c}.nii.gz").is_file()]
+        if not todo:
+            continue
+        model = trainer.load(workdir / "unet" / f"fold_{k}", which)
+        for cid in _progress(todo, f"oof fold {k}"):
+            folder = Path(refs_by_id[cid].folder)
+            meta = json.loads((folder / "meta.json").read_text())
+            probs = stage.probabilities(model, np.load(folder / "image.npy", mmap_mode="r"))
+            regions = brats.paste((probs > 0.5).astype(np.uint8), brats.cached_box(folder), tuple(meta["full_shape"]))
+            if jax.process_index() == 0:
+                brats.write_label_map(regions_to_labels(regions), oof / f"{cid}.nii.gz",
+                                      files_by_id[cid].images["t1n"])
+        log(f"unet fold {k}: wrote {len(todo)} out-of-fold predictions to {oof}")
+    return oof
+
+
+def _progress(items, desc):
+    if jax.process_index() != 0:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="case", leave=False)
+
+
+def run(config, workdir, *, fold: int | None = None, stage: str | None = None, overwrite: bool = False,
+        stop_after: int | None = None, progress: bool = True, log=print) -> dict:
+    """Runs what is missing of the two-stage pipeline; returns {stage: {fold: done.json}}."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json(indent=1))
+    root = resolve_data(config, workdir, log)
+    cases = [c for c in brats.discover_cases(root, require_labels=True) if c.seg is not None]
+    d = config.data
+    folds = splits.load_or_create(workdir, [c.case_id for c in cases], d.n_folds, d.split_seed)
+    fold_ids = list(range(d.n_folds)) if fold is None else [fold]
+    if any(not 0 <= k < d.n_folds for k in fold_ids):
+        raise ConfigError(f"fold {fold} is outside 0..{d.n_folds - 1}")
+    refs = pipeline.prepare_cache(cases, workdir / "cache", d.normalization, d.old_brats, progress=progress)
+    refs_by_id = {r.case_id: r for r in refs}
+    files_by_id = {c.case_id: c for c in cases}
+    data_settings = config.data.to_dict()
+    results: dict = {}
+
+    # ---- stage 1: the U-Net of every fold, then its out-of-fold predictions
+    unet_stage = UNetStage(config.unet)
+    unet_dir = workdir / "unet"
+    unet_settings = {"seed": config.seed, "data": data_settings, "unet": config.unet.to_dict()}
+    check_stage_config(unet_dir, unet_settings, overwrite and stage in (None, "unet"), log)
+    if stage in (None, "unet"):
+        trainer = Trainer(unet_stage, progress=progress)
+        for k in fold_ids:
+            folder = unet_dir / f"fold_{k}"
+            if (folder / "done.json").is_file():
+                results.setdefault("unet", {})[k] = json.loads((folder / "done.json").read_text())
+                continue
+            train = [refs_by_id[c] for c in splits.train_ids(folds, k)]
+            val = _val_cases(folds[k], refs_by_id, config.unet.val_cases, False)
+            done = trainer.fit(folder, train, val, config.seed + k, num_workers=d.num_workers,
+                               stop_after=stop_after, log=log)
+            if done is None:
+                return results
+            results.setdefault("unet", {})[k] = done
+        predict_oof(trainer, unet_stage, workdir, folds, files_by_id, refs_by_id, fold_ids, config.eval.checkpoint, log)
+    if config.stages == "unet" or stage == "unet":
+        return results
+
+    # ---- stage 2: the diffusion model of every fold
+    dstage = DiffusionStage(config.diffusion)
+    ddir = workdir / dstage.name
+    check_stage_config(ddir, {**unet_settings, "diffusion": config.diffusion.to_dict()}, overwrite, log)
+    if dstage.with_unet:
+        pipeline.attach_unet_masks(refs, unet_dir / "oof")
+    trainer = Trainer(dstage, progress=progress)
+    for k in fold_ids:
+        folder = ddir / f"fold_{k}"
+        if (folder / "done.json").is_file():
+            results.setdefault(dstage.name, {})[k] = json.loads((folder / "done.json").read_text())
+            continue
+        train = [refs_by_id[c] for c in splits.train_ids(folds, k)]
+        val = _val_cases(folds[k], refs_by_id, config.diffusion.val_cases, dstage.with_unet)
+        done = trainer.fit(folder, train, val, config.seed + 100 + k, num_workers=d.num_workers,
+                           stop_after=stop_after, log=log)
+        if done is None:
+            return results
+        results.setdefault(dstage.name, {})[k] = done
+    return results

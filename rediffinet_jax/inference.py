@@ -1,0 +1,112 @@
+"""Sliding-window prediction for both stages, with Gaussian blending.
+
+Windows of the training patch size overlap by ``overlap`` (0.5) and are blended with Gaussian
+importance weights (σ = window/8 per axis); a volume smaller than the window is zero-padded. Every
+window batch has the same shape (the last one is padded), so the per-window function compiles once.
+Volumes are ``[D, H, W, C]`` numpy arrays, channels-last.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rediffinet_jax import diffusion
+
+
+def window_starts(size: int, window: int, overlap: float = 0.5) -> list[int]:
+    """Start offsets covering ``[0, size)`` with windows of ``window`` stepping window·(1 − overlap)."""
+    if size <= window:
+        return [0]
+    step = max(1, int(round(window * (1 - overlap))))
+    starts = list(range(0, size - window + 1, step))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def gaussian_weights(window, sigma_scale: float = 1 / 8) -> np.ndarray:
+    """Importance map ``window`` float32: Gaussian with σ = window·sigma_scale per axis, max 1, > 0."""
+    axes = [np.exp(-0.5 * ((np.arange(w) - (w - 1) / 2) / (w * sigma_scale)) ** 2) for w in window]
+    g = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    g = g / g.max()
+    return np.maximum(g, g[g > 0].min()).astype(np.float32)
+
+
+def sliding_window(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, window, overlap: float = 0.5,
+                   batch_windows: int = 1, out_channels: int = 3, progress: bool = False) -> np.ndarray:
+    """Applies ``fn`` to overlapping windows of ``volume`` ``[D, H, W, C]`` and blends the outputs.
+
+    fn maps ``[batch_windows, w0, w1, w2, C]`` to ``[batch_windows, w0, w1, w2, out_channels]``.
+    Returns ``[D, H, W, out_channels]`` float32: Σ g·out / Σ g over the windows covering each voxel.
+    """
+    window = tuple(int(w) for w in window)
+    shape = volume.shape[:3]
+    padded = tuple(max(s, w) for s, w in zip(shape, window))
+    if padded != shape:
+        vol = np.zeros(padded + volume.shape[3:], volume.dtype)
+        vol[: shape[0], : shape[1], : shape[2]] = volume
+    else:
+        vol = volume
+    starts = list(itertools.product(*[window_starts(s, w, overlap) for s, w in zip(padded, window)]))
+    g = gaussian_weights(window)[..., None]
+    acc = np.zeros(padded + (out_channels,), np.float32)
+    norm = np.zeros(padded + (1,), np.float32)
+    batches = range(0, len(starts), batch_windows)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="windows", unit="batch", leave=False)
+    for b0 in batches:
+        chunk = starts[b0: b0 + batch_windows]
+        x = np.zeros((batch_windows,) + window + vol.shape[3:], vol.dtype)
+        for i, s in enumerate(chunk):
+            x[i] = vol[s[0]: s[0] + window[0], s[1]: s[1] + window[1], s[2]: s[2] + window[2]]
+        out = np.asarray(fn(x), np.float32)
+        for i, s in enumerate(chunk):
+            sl = tuple(slice(a, a + w) for a, w in zip(s, window))
+            acc[sl] += g * out[i]
+            norm[sl] += g
+    return (acc / norm)[: shape[0], : shape[1], : shape[2]]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unet_probabilities(graphdef, state, x):
+    return jax.nn.sigmoid(nnx.merge(graphdef, state)(x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def _fused(graphdef, state, x, key, steps, samples, fusion, chunk, uncertainty):
+    out = diffusion.sample(nnx.merge(graphdef, state), x, key, steps, samples, fusion, chunk, uncertainty=uncertainty)
+    return jnp.concatenate([out["y"], out["uncertainty"]], -1) if uncertainty else out["y"]
+
+
+# The jitted functions above are module-level with the graph definition as a static argument, so a
+# model of the same architecture (every fold, every case) reuses one compilation per window shape.
+
+
+def unet_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
+    """Window function: image windows ``[n, ..., C]`` -> sigmoid probabilities ``[n, ..., 3]``."""
+    graphdef, state = nnx.split(model)
+    return lambda x: _unet_probabilities(graphdef, state, jnp.asarray(x))
+
+
+def diffusion_predictor(model, key: jax.Array, steps: int, samples: int, fusion: str, chunk: int | None = None,
+                        uncertainty: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """Window function: condition windows ``[n, ..., Cc]`` -> fused Y ``[n, ..., 3]`` (plus the
+    uncertainty as 3 more channels when asked). Window batch i draws its noise from fold_in(key, i)."""
+    chunk = diffusion.check_sampler_args(steps, samples, fusion, chunk)
+    graphdef, state = nnx.split(model)
+    counter = iter(range(1 << 62))
+    return lambda x: _fused(graphdef, state, jnp.asarray(x), jax.random.fold_in(key, next(counter)), steps, samples,
+                            fusion, chunk, uncertainty)
+
+
+def foreground_channel(image: np.ndarray) -> np.ndarray:
+    """Appends the one-hot foreground channel (1 where any modality is non-zero) to ``[..., 4]``."""
+    return np.concatenate([image, np.any(image != 0, -1, keepdims=True).astype(image.dtype)], -1)

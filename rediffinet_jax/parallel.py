@@ -1,0 +1,61 @@
+"""Device mesh and shardings: one ``data`` axis over every device of every process.
+
+Parameters and optimizer state are replicated; batches are split on their first axis. The same code
+runs on one CPU, several GPUs, or several hosts (after :func:`maybe_initialize_distributed`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+_COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+    """Starts JAX's distributed runtime when coordinator settings are given (arguments or the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment); returns whether it did.
+    On CPU the gloo collectives are selected so that several processes can be tested on one machine.
+    """
+    env = {k: os.environ.get(k) for k in _COORDINATOR_VARS}
+    coordinator = coordinator or env["JAX_COORDINATOR_ADDRESS"]
+    if not coordinator:
+        return False
+    num_processes = num_processes if num_processes is not None else int(env["JAX_NUM_PROCESSES"] or 1)
+    process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"] or 0)
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh named ``data`` over all devices (all processes)."""
+    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assembles this process's batch (leading axis = per-process batch) into global sharded arrays."""
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def per_process_batch(global_size: int) -> int:
+    """The batch each process loads; the global batch must split evenly over devices and processes."""
+    n_dev = jax.device_count()
+    if global_size % n_dev:
+        raise ValueError(f"global batch {global_size} is not divisible by the {n_dev} devices")
+    return global_size // jax.process_count()
