@@ -25,5 +25,14 @@ def main(argv):
               evaluate=FLAGS.evaluate, stop_after=FLAGS.stop_after)
 
 
+def parse_flags(argv):
+    """absl's parser, but an unknown ``--config.key`` ends with the list of valid keys, not a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        from rediffinet_jax import cli
+        cli.unknown_config_key(FLAGS["config"].value, argv, e)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
