@@ -26,7 +26,16 @@ def train(config, workdir, *, fold=None, stage=None, overwrite=False, evaluate=T
     except RediffinetError as e:
         _log(f"error: {e}")
         sys.exit(2)
+    n_folds = config.data.n_folds if fold is None else 1
+    finished = all(len(v) == n_folds for v in results.values()) and results
     _log(f"done: {sum(len(v) for v in results.values())} stage-folds finished in {workdir}")
+    if evaluate and finished and stop_after is None:
+        from rediffinet_jax import evaluation
+        try:
+            evaluation.evaluate(workdir, log=_log)
+        except RediffinetError as e:
+            _log(f"error: {e}")
+            sys.exit(2)
 
 
 def config_keys(config, prefix: str = "") -> list[str]:
@@ -71,3 +80,28 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
     bad = [b for b in bad if b not in keys] or [str(error)]
     print(f"error: unknown config key(s) {', '.join(bad)}; valid keys:\n  " + "\n  ".join(keys), file=sys.stderr)
     sys.exit(2)
+
+
+def evaluate(workdir, models=None, folds=None, checkpoint="best") -> None:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from rediffinet_jax import evaluation
+    try:
+        evaluation.evaluate(workdir, models or None, [int(f) for f in folds] if folds else None, checkpoint, log=_log)
+    except RediffinetError as e:
+        _log(f"error: {e}")
+        sys.exit(2)
+
+
+def predict(input_dir, output_dir, workdir, model="rediffinet", folds=None, checkpoint="best",
+            save_probabilities=False, save_uncertainty=False) -> None:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from rediffinet_jax import prediction
+    try:
+        errors = prediction.predict_folder(input_dir, output_dir, workdir, model, folds, checkpoint,
+                                           save_probabilities, save_uncertainty, log=_log)
+    except RediffinetError as e:
+        _log(f"error: {e}")
+        sys.exit(2)
+    if errors:
+        _log(f"{len(errors)} case(s) failed:\n  " + "\n  ".join(str(e) for e in errors))
+        sys.exit(1)

@@ -20,6 +20,7 @@ from rediffinet_jax.labels import regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
 
 # Settings that change how a run is carried out, not what it produces: never a conflict.
+SETTINGS_FILE = "settings.json"
 _RUNTIME_KEYS = {"num_workers", "val_every", "keep", "batch_windows", "val_cases", "sampler", "val_sampler"}
 
 
@@ -63,6 +64,16 @@ def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print)
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(flat, indent=1, sort_keys=True))
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+
+
+def load_settings(folder: Path):
+    """The full settings a stage folder was made with, as a ConfigDict (for evaluate and predict)."""
+    from ml_collections import ConfigDict
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{folder} holds no trained stage ({SETTINGS_FILE} missing)")
+    return ConfigDict(json.loads(path.read_text()))
 
 
 def resolve_data(config, workdir: Path, log=print) -> Path:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from rediffinet_jax.labels import MODALITIES
+from rediffinet_jax.labels import MODALITIES, REGIONS
 
 _LABEL_COLOURS = {1: (1.0, 0.2, 0.2), 2: (0.2, 0.9, 0.2), 3: (1.0, 0.9, 0.1)}  # NCR red, ED green, ET yellow
 
@@ -48,4 +48,167 @@ def case_figure(image: np.ndarray, labels: np.ndarray | None, path: str | os.Pat
     fig.suptitle(title + "  (NCR red, ED green, ET yellow)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- tables
+
+_KEYS = ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95")
+
+
+def _fold_means(rows: list[dict]) -> dict:
+    """{region or 'avg': {key: mean over cases}} for one fold's rows."""
+    out = {}
+    for region in REGIONS:
+        sel = [r for r in rows if r["region"] == region]
+        out[region] = {k: float(np.nanmean([r[k] for r in sel])) for k in _KEYS} if sel else {}
+    out["avg"] = {k: float(np.mean([out[r][k] for r in REGIONS if out[r]])) for k in _KEYS} if rows else {}
+    return out
+
+
+def summary_tables(per_fold: dict, convention: str, baseline: str = "unet") -> dict:
+    """Per model: per-fold means, mean and std over folds; improvement of each model over the baseline
+    (Dice in points, HD95 in % of the baseline's, positive = better), from the per-fold means."""
+    out = {"convention": convention, "models": {}, "improvement": {}}
+    for name, folds in per_fold.items():
+        fm = {k: _fold_means(rows) for k, rows in folds.items() if rows}
+        cols = [*REGIONS, "avg"]
+        mean = {c: {k: float(np.mean([f[c][k] for f in fm.values()])) for k in _KEYS} for c in cols} if fm else {}
+        std = {c: {k: float(np.std([f[c][k] for f in fm.values()])) for k in _KEYS} for c in cols} if fm else {}
+        out["models"][name] = {"folds": fm, "mean": mean, "std": std, "n_folds": len(fm),
+                               "n_cases": sum(len(r) // len(REGIONS) for r in folds.values())}
+    base = out["models"].get(baseline, {}).get("mean")
+    for name, m in out["models"].items():
+        if name == baseline or not base or not m["mean"]:
+            continue
+        out["improvement"][name] = {
+            c: {"dice_points": 100 * (m["mean"][c]["dice"] - base[c]["dice"]),
+                "hd95_percent": 100 * (base[c]["hd95"] - m["mean"][c]["hd95"]) / base[c]["hd95"]
+                if base[c]["hd95"] > 0 else float("nan")}
+            for c in [*REGIONS, "avg"]}
+    return out
+
+
+def summary_markdown(s: dict) -> str:
+    cols = [*REGIONS, "avg"]
+    head = "| fold | model | " + " | ".join(f"Dice {c}" for c in cols) + " | " + " | ".join(f"HD95 {c}" for c in cols) + " |"
+    lines = [f"HD95 convention: {s['convention']} (mm). Dice in %.", "", head, "|" + "---|" * (2 + 2 * len(cols))]
+
+    def row(label, name, vals, std=None):
+        def cell(c, k, scale):
+            v = f"{scale * vals[c][k]:.2f}"
+            return v + (f" ± {scale * std[c][k]:.2f}" if std else "")
+        return (f"| {label} | {name} | " + " | ".join(cell(c, "dice", 100) for c in cols) + " | "
+                + " | ".join(cell(c, "hd95", 1) for c in cols) + " |")
+
+    folds = sorted({k for m in s["models"].values() for k in m["folds"]}, key=int)
+    for k in folds:
+        for name, m in s["models"].items():
+            if k in m["folds"]:
+                lines.append(row(k, name, m["folds"][k]))
+    for name, m in s["models"].items():
+        if m["mean"]:
+            lines.append(row(f"mean ± std ({m['n_folds']} folds)", name, m["mean"], m["std"]))
+    if s["improvement"]:
+        lines += ["", "Improvement over the U-Net (Dice in points, HD95 in %, positive = better):", "",
+                  "| model | " + " | ".join(f"Dice {c}" for c in cols) + " | " + " | ".join(f"HD95 {c}" for c in cols) + " |",
+                  "|" + "---|" * (1 + 2 * len(cols))]
+        for name, imp in s["improvement"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{imp[c]['dice_points']:+.2f}" for c in cols) + " | "
+                         + " | ".join(f"{imp[c]['hd95_percent']:+.1f} %" for c in cols) + " |")
+    lines += ["", "BraTS 2023 lesion-wise scores (mean ± std over folds):", "",
+              "| model | " + " | ".join(f"LW Dice {c}" for c in cols) + " | " + " | ".join(f"LW HD95 {c}" for c in cols) + " |",
+              "|" + "---|" * (1 + 2 * len(cols))]
+    for name, m in s["models"].items():
+        if m["mean"]:
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * m['mean'][c]['lesionwise_dice']:.2f} ± {100 * m['std'][c]['lesionwise_dice']:.2f}" for c in cols)
+                + " | " + " | ".join(
+                f"{m['mean'][c]['lesionwise_hd95']:.2f} ± {m['std'][c]['lesionwise_hd95']:.2f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(eval_dir, per_fold: dict, convention: str) -> dict:
+    """Writes summary.json, summary.csv (long: model, fold, region, metric, value) and summary.md."""
+    import csv
+    import json
+    from pathlib import Path
+
+    eval_dir = Path(eval_dir)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    s = summary_tables(per_fold, convention)
+    (eval_dir / "summary.json").write_text(json.dumps(s, indent=1))
+    with open(eval_dir / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "fold", "region", "metric", "value", "convention"])
+        for name, m in s["models"].items():
+            entries = [(str(k), v) for k, v in m["folds"].items()] + [("mean", m["mean"]), ("std", m["std"])]
+            for fold, vals in entries:
+                for region, d in vals.items():
+                    for metric, value in d.items():
+                        w.writerow([name, fold, region, metric, f"{value:.6g}", convention])
+    (eval_dir / "summary.md").write_text(summary_markdown(s))
+    return s
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def hd95_by_model_figure(per_fold: dict, path) -> None:
+    """Per-case HD95 (average of the three regions) by model: one dot per case, the mean as a bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    names = list(per_fold)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    for i, name in enumerate(names):
+        rows = [r for rows in per_fold[name].values() for r in rows]
+        cases = sorted({r["case"] for r in rows})
+        vals = [np.mean([r["hd95"] for r in rows if r["case"] == c]) for c in cases]
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(vals))
+        ax.scatter(np.full(len(vals), i) + jitter, vals, s=12, alpha=0.7)
+        if vals:
+            ax.hlines(np.mean(vals), i - 0.3, i + 0.3, colors="k")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylabel("HD95 per case, mean of WT/TC/ET (mm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
+    """In the manner of the paper's Figure 2: a t1c slice with the GT, U-Net and refined WT contours,
+    and the discrepancy |U(I) − refined| (the voxels the refiner flipped) beside it.
+
+    image ``[D, H, W, 4]``; gt, unet, refined ``[D, H, W, 3]`` binary region masks.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    z = int(np.argmax(gt[..., 0].sum((0, 1)))) if gt[..., 0].any() else image.shape[2] // 2
+    sl = image[:, :, z, 1].T
+    flipped = np.any(unet[:, :, z] != refined[:, :, z], -1).T
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    axes[0].imshow(sl, cmap="gray", origin="lower")
+    for mask, colour, label in ((gt, "lime", "ground truth"), (unet, "red", "U-Net"), (refined, "cyan", "refined")):
+        axes[0].contour(mask[:, :, z, 0].T.astype(float), levels=[0.5], colors=colour, linewidths=1)
+        axes[0].plot([], [], color=colour, label=label)
+    axes[0].legend(loc="lower right", fontsize=7)
+    axes[0].set_title("WT contours on t1c")
+    axes[1].imshow(sl, cmap="gray", origin="lower")
+    axes[1].imshow(np.ma.masked_where(~flipped, flipped), cmap="autumn", origin="lower", alpha=0.9)
+    axes[1].set_title("voxels flipped by the refiner")
+    for a in axes:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -96,3 +96,76 @@ def test_killed_in_stage_two_resumes(finished, tmp_path):
         lines = (workdir / "rediffinet" / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()
         assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == list(range(1, 9))
         assert (workdir / "rediffinet" / f"fold_{k}" / "done.json").is_file()
+
+
+def _run(script, *args):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_evaluate_writes_tables(finished):
+    workdir = finished[0]
+    proc = _run("evaluate.py", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import csv
+    import json
+    for model in ("unet", "rediffinet"):
+        for k in (0, 1):
+            with open(workdir / "eval" / model / f"fold_{k}" / "cases.csv") as f:
+                rows = list(csv.DictReader(f))
+            assert list(rows[0]) == ["case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95",
+                                     "tp", "fp", "fn", "convention"]
+            assert len(rows) == 3 * 3  # 3 held-out cases × [WT, TC, ET]
+    summary = json.loads((workdir / "eval" / "summary.json").read_text())
+    assert summary["models"]["unet"]["n_folds"] == 2 and summary["models"]["rediffinet"]["n_folds"] == 2
+    assert "rediffinet" in summary["improvement"]
+    md = (workdir / "eval" / "summary.md").read_text()
+    assert "mean ± std (2 folds)" in md
+    assert (workdir / "eval" / "summary.csv").is_file()
+    assert (workdir / "eval" / "figures" / "hd95_by_model.png").is_file()
+    pred = sorted((workdir / "eval" / "rediffinet" / "fold_0" / "pred").glob("*.nii.gz"))
+    assert len(pred) == 3
+    stamp = (workdir / "eval" / "unet" / "fold_0" / "cases.csv").stat().st_mtime_ns
+    again = _run("evaluate.py", f"--workdir={workdir}")  # already scored: nothing appended
+    assert again.returncode == 0
+    assert (workdir / "eval" / "unet" / "fold_0" / "cases.csv").stat().st_mtime_ns == stamp
+
+
+def test_predict_new_cases(finished, tmp_path):
+    workdir = finished[0]
+    cases = tmp_path / "in"
+    cases.mkdir()
+    good = sorted(p.name for p in (workdir / "data").iterdir())[:2]
+    for c in good:
+        shutil.copytree(workdir / "data" / c, cases / c)
+        (cases / c / f"{c}-seg.nii.gz").unlink()  # new cases come without labels
+    shutil.copytree(workdir / "data" / good[0], cases / "BraTS-GLI-99998-000")
+    for f in (cases / "BraTS-GLI-99998-000").iterdir():
+        f.rename(f.with_name(f.name.replace(good[0], "BraTS-GLI-99998-000")))
+    (cases / "BraTS-GLI-99998-000" / "BraTS-GLI-99998-000-t2w.nii.gz").unlink()  # missing modality
+    bad = cases / "BraTS-GLI-99999-000"
+    shutil.copytree(cases / good[1], bad)
+    for f in bad.iterdir():
+        f.rename(f.with_name(f.name.replace(good[1], "BraTS-GLI-99999-000")))
+    t1c = bad / "BraTS-GLI-99999-000-t1c.nii.gz"
+    img = nib.load(str(t1c))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-3], img.affine, img.header), str(t1c))  # wrong shape
+    out = tmp_path / "out"
+    proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}", "--save_uncertainty",
+                "--save_probabilities")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "BraTS-GLI-99998-000" in proc.stdout and "missing modality t2w" in proc.stdout
+    assert "BraTS-GLI-99999-000" in proc.stdout and "shape" in proc.stdout
+    for c in good:
+        src = nib.load(str(cases / c / f"{c}-t1n.nii.gz"))
+        pred = nib.load(str(out / f"{c}.nii.gz"))
+        np.testing.assert_array_equal(pred.affine, src.affine)
+        assert pred.header.get_zooms() == src.header.get_zooms() and pred.shape == src.shape
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+        assert nib.load(str(out / f"{c}_uncertainty.nii.gz")).shape == src.shape + (3,)
+        assert nib.load(str(out / f"{c}_probabilities.nii.gz")).shape == src.shape + (3,)
+    stamp = (out / f"{good[0]}.nii.gz").stat().st_mtime_ns
+    again = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}")
+    assert "2 already written" in again.stdout
+    assert (out / f"{good[0]}.nii.gz").stat().st_mtime_ns == stamp

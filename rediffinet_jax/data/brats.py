@@ -69,7 +69,8 @@ def _strip_ext(name: str) -> str | None:
     return None
 
 
-def discover_cases(root: str | os.PathLike, require_labels: bool = False) -> list[CaseFiles]:
+def discover_cases(root: str | os.PathLike, require_labels: bool = False,
+                   errors: list | None = None) -> list[CaseFiles]:
     """Finds the cases under ``root``, sorted by id.
 
     Accepts a folder per case (``<case>/<case>-t1n.nii.gz`` …) or flat files ``<case>-t1n.nii.gz`` in
@@ -77,7 +78,8 @@ def discover_cases(root: str | os.PathLike, require_labels: bool = False) -> lis
 
     Raises:
       CaseError: root missing or holding no case, a case missing a modality, or (``require_labels``)
-        no labelled case.
+        no labelled case. With an ``errors`` list, a case missing a modality is appended there and
+        left out instead (so that the other cases can still be processed).
     """
     root = Path(root)
     if not root.is_dir():
@@ -98,9 +100,14 @@ def discover_cases(root: str | os.PathLike, require_labels: bool = False) -> lis
         for m in MODALITIES:
             path = _find_file(folder, f"{case_id}-{m}")
             if path is None:
-                raise CaseError(f"missing modality {m}", case=case_id, path=str(folder / f"{case_id}-{m}.nii.gz"))
+                err = CaseError(f"missing modality {m}", case=case_id, path=str(folder / f"{case_id}-{m}.nii.gz"))
+                if errors is None:
+                    raise err
+                errors.append(err)
+                break
             images[m] = path
-        cases.append(CaseFiles(case_id, images, _find_file(folder, f"{case_id}-{SEG_SUFFIX}")))
+        else:
+            cases.append(CaseFiles(case_id, images, _find_file(folder, f"{case_id}-{SEG_SUFFIX}")))
     if require_labels and not any(c.seg for c in cases):
         raise CaseError("no labelled case (no <case>-seg.nii.gz) where labels are needed", path=str(root))
     return cases

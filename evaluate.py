@@ -1,0 +1,23 @@
+"""Scores the held-out folds of a work directory and writes the paper's tables and figures.
+
+    python evaluate.py --workdir runs/demo
+    python evaluate.py --workdir runs/rd --models rediffinet --folds 0,1 --checkpoint latest
+"""
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", None, "Work directory of train.py.", required=True)
+flags.DEFINE_list("models", None, "Models to score besides the U-Net baseline (default: all trained).")
+flags.DEFINE_list("folds", None, "Folds to score (default: all).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of each fold.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from rediffinet_jax import cli
+    cli.evaluate(FLAGS.workdir, FLAGS.models, FLAGS.folds, FLAGS.checkpoint)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,28 @@
+"""Segments new cases (BraTS-style case folders, or flat <case>-t1n.nii.gz ... files) into label maps.
+
+    python predict.py -i cases/ -o out/ --workdir runs/demo
+    python predict.py -i cases/ -o out/ --workdir runs/rd --model rediffinet --folds 0,1,2,3,4 --save_uncertainty
+"""
+
+from absl import app, flags
+
+flags.DEFINE_string("input", None, "Folder of cases.", short_name="i", required=True)
+flags.DEFINE_string("output", None, "Folder for <case>.nii.gz label maps.", short_name="o", required=True)
+flags.DEFINE_string("workdir", None, "Work directory of train.py.", required=True)
+flags.DEFINE_string("model", "rediffinet", "Refiner to apply after the U-Net ('unet' for the U-Net alone).")
+flags.DEFINE_list("folds", None, "Fold models to ensemble (default: all).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of each fold.")
+flags.DEFINE_bool("save_probabilities", False, "Also write the U-Net probabilities.")
+flags.DEFINE_bool("save_uncertainty", False, "Also write the refiner's per-voxel uncertainty.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from rediffinet_jax import cli
+    cli.predict(FLAGS.input, FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.folds, FLAGS.checkpoint,
+                FLAGS.save_probabilities, FLAGS.save_uncertainty)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,171 @@
+"""Scores saved folds on their held-out cases, on the full original grid (SPEC §6).
+
+For every model and fold: the baseline U-Net is scored from its out-of-fold label maps (made by the
+fold's own U-Net); a diffusion model is restored from its checkpoint, run by sliding window on the
+held-out cases (conditioned on those same out-of-fold U-Net masks), and its label maps are written
+to ``eval/<model>/fold_k/pred/``. Rows go to ``eval/<model>/fold_k/cases.csv`` as each case is
+done, so an interrupted evaluation resumes; cases already scored are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rediffinet_jax import metrics, reports
+from rediffinet_jax.data import brats
+from rediffinet_jax.driver import load_settings
+from rediffinet_jax.errors import ConfigError
+from rediffinet_jax.labels import labels_to_regions, regions_to_labels
+from rediffinet_jax.training import DiffusionStage, Trainer
+
+BASELINE = "unet"
+CASE_COLUMNS = ("case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "tp", "fp", "fn",
+                "convention")
+
+
+def trained_models(workdir: Path) -> list[str]:
+    """The stage folders of a work directory: the baseline first, then diffusion models by name."""
+    names = [p.name for p in sorted(workdir.iterdir()) if (p / "settings.json").is_file()]
+    if BASELINE not in names:
+        raise ConfigError(f"{workdir} has no trained U-Net (unet/settings.json); run train.py first")
+    return [BASELINE] + [n for n in names if n != BASELINE]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95"):
+            r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+    return rows
+
+
+def _append_rows(path: Path, rows: list[dict]) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CASE_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def _case_arrays(cache: Path, cid: str):
+    folder = cache / cid
+    meta = json.loads((folder / "meta.json").read_text())
+    box, full = brats.cached_box(folder), tuple(meta["full_shape"])
+    gt = brats.paste(np.load(folder / "regions.npy"), box, full)
+    return folder, meta, box, full, gt
+
+
+def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", progress: bool = True, log=print) -> dict:
+    """Scores every (model, fold), writes cases.csv per fold and eval/summary.{md,csv,json} + figures.
+
+    Returns the summary dict (see :func:`reports.summary_tables`).
+    """
+    workdir = Path(workdir)
+    splits_path = workdir / "splits.json"
+    if not splits_path.is_file():
+        raise ConfigError(f"{workdir} has no splits.json; run train.py first")
+    all_folds = json.loads(splits_path.read_text())["folds"]
+    names = trained_models(workdir)
+    if models:
+        unknown = sorted(set(models) - set(names))
+        if unknown:
+            raise ConfigError(f"no trained model {unknown} in {workdir}; found {names}")
+        names = [BASELINE] + [n for n in names if n in models and n != BASELINE]
+    fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
+    settings = load_settings(workdir / BASELINE)
+    convention = settings.get("eval", {}).get("convention", "brats2023") if "eval" in settings else "brats2023"
+    cache, oof = workdir / "cache", workdir / BASELINE / "oof"
+    per_fold: dict = {}
+    for name in names:
+        stage_settings = load_settings(workdir / name)
+        dstage = None if name == BASELINE else DiffusionStage(stage_settings.diffusion)
+        trainer = None
+        for k in fold_ids:
+            if not (workdir / name / f"fold_{k}" / "done.json").is_file():
+                log(f"{name} fold {k}: not trained, skipped")
+                continue
+            out_dir = workdir / "eval" / name / f"fold_{k}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            csv_path = out_dir / "cases.csv"
+            done = {r["case"] for r in _read_rows(csv_path)}
+            todo = [c for c in all_folds[k] if c not in done]
+            model = None
+            for cid in _bar(todo, f"eval {name} fold {k}", progress):
+                folder, meta, box, full, gt = _case_arrays(cache, cid)
+                unet_full = labels_to_regions(np.asarray(brats.read_nifti(oof / f"{cid}.nii.gz", cid)[0], np.uint8))
+                if dstage is None:
+                    pred = unet_full
+                else:
+                    if model is None:
+                        trainer = trainer or Trainer(dstage, progress=False)
+                        model = trainer.load(workdir / name / f"fold_{k}", checkpoint)
+                    pred = _refine(dstage, model, folder, brats.crop(unet_full, box), box, full, k, cid)
+                    _write_pred(pred, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
+                rows = metrics.score_case(pred, gt, tuple(meta["spacing"]), cid, convention,
+                                          with_lesion_wise=True)
+                _append_rows(csv_path, rows)
+            per_fold.setdefault(name, {})[k] = _read_rows(csv_path)
+    summary = reports.write_summary(workdir / "eval", per_fold, convention)
+    if jax.process_index() == 0:
+        reports.hd95_by_model_figure(per_fold, workdir / "eval" / "figures" / "hd95_by_model.png")
+        _case_figures(workdir, per_fold, names, fold_ids, all_folds)
+    log((workdir / "eval" / "summary.md").read_text())
+    return summary
+
+
+def _refine(dstage, model, folder, unet_crop, box, full, fold, cid):
+    s = dstage.cfg.sampler
+    key = jax.random.fold_in(jax.random.key(fold), zlib.crc32(cid.encode()) % (1 << 31))  # stable per case
+    unet = unet_crop if dstage.with_unet else None
+    y = dstage.fused(model, np.load(folder / "image.npy", mmap_mode="r"), unet, key, s.steps, s.samples, s.fusion,
+                     s.chunk or None)
+    fused = np.asarray(dstage.variant.finish((y > 0).astype(np.uint8), unet))
+    return brats.paste(fused.astype(np.uint8), box, full)
+
+
+def _write_pred(regions, path: Path, workdir: Path, cid: str) -> None:
+    src = next((workdir / "data" / cid).glob(f"{cid}-t1n.nii*"), None) if (workdir / "data" / cid).is_dir() else None
+    if src is None:  # real data: the reference geometry is the out-of-fold map, written from the source
+        src = workdir / BASELINE / "oof" / f"{cid}.nii.gz"
+    brats.write_label_map(regions_to_labels(regions), path, src)
+
+
+def _bar(items, desc, progress):
+    if not progress or jax.process_index() != 0:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="case", leave=False)
+
+
+def _case_figures(workdir: Path, per_fold, names, fold_ids, all_folds, n: int = 2) -> None:
+    """Figure-2-style PNGs for the cases where the first diffusion model changed HD95 the most."""
+    refined = next((n_ for n_ in names if n_ != BASELINE), None)
+    if refined is None:
+        return
+    gains = []
+    for k in fold_ids:
+        base = {(r["case"], r["region"]): r["hd95"] for r in per_fold.get(BASELINE, {}).get(k, [])}
+        for r in per_fold.get(refined, {}).get(k, []):
+            if (r["case"], r["region"]) in base and r["region"] == "WT":
+                gains.append((base[(r["case"], r["region"])] - r["hd95"], r["case"], k))
+    for _, cid, k in sorted(gains, reverse=True)[:n]:
+        folder, meta, box, full, gt = _case_arrays(workdir / "cache", cid)
+        image = brats.paste(np.load(folder / "image.npy"), box, full)
+        unet = labels_to_regions(np.asarray(brats.read_nifti(workdir / BASELINE / "oof" / f"{cid}.nii.gz", cid)[0],
+                                            np.uint8))
+        pred_path = workdir / "eval" / refined / f"fold_{k}" / "pred" / f"{cid}.nii.gz"
+        if not pred_path.is_file():
+            continue
+        ref = labels_to_regions(np.asarray(brats.read_nifti(pred_path, cid)[0], np.uint8))
+        reports.refinement_figure(image, gt, unet, ref, workdir / "eval" / "figures" / f"{cid}_{refined}.png",
+                                  f"{cid} (fold {k}): {refined}")

@@ -1,0 +1,105 @@
+"""Segments new cases with a trained work directory: U-Net fold ensemble, then the refiner.
+
+For each case: the U-Net of every chosen fold gives probabilities (averaged; U(I) = mean > 0.5); a
+diffusion model of every chosen fold gives its fused value Y on U(I) (averaged; mask = Y > 0,
+XOR-ed with U(I) for Re-DiffiNet). Outputs are BraTS label maps ``<case>.nii.gz`` with the source
+affine and header; optionally ``<case>_probabilities.nii.gz`` (U-Net, ``[D, H, W, 3]`` float32) and
+``<case>_uncertainty.nii.gz`` (refiner's binary entropy in bits, ``[D, H, W, 3]``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import nibabel as nib
+import numpy as np
+
+from rediffinet_jax.data import brats
+from rediffinet_jax.driver import load_settings
+from rediffinet_jax.errors import CaseError, ConfigError
+from rediffinet_jax.labels import MODALITIES, regions_to_labels
+from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
+
+
+def _fold_models(workdir: Path, name: str, stage, folds, checkpoint: str):
+    trainer = Trainer(stage, progress=False)
+    models = []
+    for k in folds:
+        folder = workdir / name / f"fold_{k}"
+        if not (folder / "done.json").is_file():
+            raise ConfigError(f"{name} fold {k} is not trained in {workdir}")
+        models.append(trainer.load(folder, checkpoint))
+    return models
+
+
+def _write_volume(volume: np.ndarray, path: Path, reference: Path) -> None:
+    ref = nib.load(str(reference))
+    header = ref.header.copy()
+    header.set_data_dtype(np.float32)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), ref.affine, header), str(tmp))
+    tmp.replace(path)
+
+
+def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", folds=None, checkpoint: str = "best",
+                   save_probabilities: bool = False, save_uncertainty: bool = False, progress: bool = True,
+                   log=print) -> list[CaseError]:
+    """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
+
+    Returns the errors of the cases that failed (each names its case and file); the others are done.
+    """
+    workdir, out = Path(workdir), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unet_settings = load_settings(workdir / "unet")
+    n_folds = unet_settings.data.n_folds
+    folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
+    ustage = UNetStage(unet_settings.unet)
+    unets = _fold_models(workdir, "unet", ustage, folds, checkpoint)
+    dstage, refiners = None, []
+    if model != "unet":
+        dstage = DiffusionStage(load_settings(workdir / model).diffusion)
+        refiners = _fold_models(workdir, model, dstage, folds, checkpoint)
+    errors: list[CaseError] = []
+    cases = brats.discover_cases(input_dir, errors=errors)
+    for err in errors:
+        log(f"skipped: {err}")
+    todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
+    log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
+    it = todo
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(todo, desc="predict", unit="case")
+    for files in it:
+        t0 = time.time()
+        try:
+            case = brats.load_case(files, unet_settings.data.normalization, unet_settings.data.old_brats)
+        except CaseError as e:
+            errors.append(e)
+            log(f"failed: {e}")
+            continue
+        probs = np.mean([ustage.probabilities(m, case.image) for m in unets], 0)
+        unet = (probs > 0.5).astype(np.uint8)
+        regions, uncertainty = unet, None
+        if dstage is not None:
+            s = dstage.cfg.sampler
+            outs = [dstage.fused(m, case.image, unet if dstage.with_unet else None, jax.random.key(k), s.steps,
+                                 s.samples, s.fusion, s.chunk or None, uncertainty=save_uncertainty)
+                    for k, m in zip(folds, refiners)]
+            mean = np.mean(outs, 0)
+            regions = np.asarray(dstage.variant.finish((mean[..., :3] > 0).astype(np.uint8),
+                                                       unet if dstage.with_unet else None))
+            uncertainty = mean[..., 3:] if save_uncertainty else None
+        reference = files.images[MODALITIES[0]]
+        full = brats.paste(regions.astype(np.uint8), case.box, case.full_shape)
+        if save_probabilities:
+            _write_volume(brats.paste(probs, case.box, case.full_shape), out / f"{files.case_id}_probabilities.nii.gz",
+                          reference)
+        if uncertainty is not None:
+            _write_volume(brats.paste(uncertainty, case.box, case.full_shape),
+                          out / f"{files.case_id}_uncertainty.nii.gz", reference)
+        brats.write_label_map(regions_to_labels(full), out / f"{files.case_id}.nii.gz", reference)
+        if progress:
+            it.set_postfix(case=files.case_id, seconds=f"{time.time() - t0:.1f}")
+    return errors
