@@ -22,7 +22,6 @@ import optax
 from flax import nnx
 
 from rediffinet_jax import checkpoints, diffusion, inference, parallel
-from rediffinet_jax.data import pipeline
 from rediffinet_jax.errors import RediffinetError
 from rediffinet_jax.models.denoiser import DiffusionNet
 from rediffinet_jax.models.unet import UNet
@@ -202,6 +201,8 @@ class Trainer:
         masks for stage 2). ``stop_after`` ends the run after that many steps of this call (after a
         checkpoint), as an interruption would. Returns done.json's content, or None if stopped early.
         """
+        from rediffinet_jax.data import pipeline  # grain: imported where used (benchmark machines lack it)
+
         c = self.stage.cfg
         folder.mkdir(parents=True, exist_ok=True)
         mgr = checkpoints.manager(folder / "checkpoints", c.keep)
