@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rediffinet_jax import diffusion
+from rediffinet_jax import diffusion, parallel
 
 
 def window_starts(size: int, window: int, overlap: float = 0.5) -> list[int]:
@@ -67,7 +67,7 @@ def sliding_window(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, w
         x = np.zeros((batch_windows,) + window + vol.shape[3:], vol.dtype)
         for i, s in enumerate(chunk):
             x[i] = vol[s[0]: s[0] + window[0], s[1]: s[1] + window[1], s[2]: s[2] + window[2]]
-        out = np.asarray(fn(x), np.float32)
+        out = parallel.to_host(fn(x)).astype(np.float32)
         for i, s in enumerate(chunk):
             sl = tuple(slice(a, a + w) for a, w in zip(s, window))
             acc[sl] += g * out[i]

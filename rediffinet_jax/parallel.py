@@ -19,12 +19,16 @@ _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCES
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None) -> bool:
     """Starts JAX's distributed runtime when coordinator settings are given (arguments or the
-    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment); returns whether it did.
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment), or inside a Slurm job
+    of several tasks (JAX's cluster auto-detection); returns whether it did.
     On CPU the gloo collectives are selected so that several processes can be tested on one machine.
     """
     env = {k: os.environ.get(k) for k in _COORDINATOR_VARS}
     coordinator = coordinator or env["JAX_COORDINATOR_ADDRESS"]
     if not coordinator:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # JAX reads the rest from Slurm's environment
+            jax.distributed.initialize()
+            return True
         return False
     num_processes = num_processes if num_processes is not None else int(env["JAX_NUM_PROCESSES"] or 1)
     process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"] or 0)
@@ -59,3 +63,10 @@ def per_process_batch(global_size: int) -> int:
     if global_size % n_dev:
         raise ValueError(f"global batch {global_size} is not divisible by the {n_dev} devices")
     return global_size // jax.process_count()
+
+
+def to_host(x) -> np.ndarray:
+    """A replicated (or local) array as numpy; on several processes, this process's copy."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(x.addressable_data(0))

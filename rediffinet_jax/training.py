@@ -235,12 +235,13 @@ class Trainer:
             for step in range(start, steps_total):
                 batch = parallel.global_batch(next(it), self.mesh)
                 state, m = self.step(state, batch, jax.random.fold_in(key, step))
-                loss = float(m["loss"])
+                loss = float(parallel.to_host(m["loss"]))
                 if not math.isfinite(loss):
                     raise TrainingError(f"{self.stage.name} {folder.name}: loss is {loss} at step {step + 1}; "
                                         f"the last good checkpoint (step {mgr.latest_step()}) is kept")
                 done_here += 1
-                record = {"step": step + 1, "loss": loss, **{k: float(v) for k, v in m.items() if k != "loss"},
+                record = {"step": step + 1, "loss": loss,
+                          **{k: float(parallel.to_host(v)) for k, v in m.items() if k != "loss"},
                           "time": round(time.time() - t0, 3)}
                 if bar is not None:
                     bar.update(1)

@@ -1,0 +1,87 @@
+"""Two processes on 127.0.0.1 (one CPU device each, gloo collectives) train like one with two devices."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rediffinet_jax.data import brats, pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "multihost_worker.py")
+TIMEOUT = 240
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def _wait_all(procs, deadline):
+    """Waits for every process; if one fails or time runs out, kills the rest (never hangs)."""
+    outs = [None] * len(procs)
+    while any(o is None for o in outs):
+        for i, p in enumerate(procs):
+            if outs[i] is None and p.poll() is not None:
+                outs[i] = p.stdout.read()
+                if p.returncode != 0:
+                    for q in procs:
+                        q.kill()
+        if time.time() > deadline:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"multi-process run did not finish in {TIMEOUT} s")
+        time.sleep(0.1)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def cache(phantom_root, tmp_path_factory):
+    cases = [c for c in brats.discover_cases(phantom_root) if c.seg is not None]
+    folder = tmp_path_factory.mktemp("cache")
+    pipeline.prepare_cache(cases, folder, "zscore_rescale", progress=False)
+    return folder
+
+
+def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
+    one = subprocess.run([sys.executable, WORKER, str(cache), str(tmp_path / "one")], env=_env(2), cwd=ROOT,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, WORKER, str(cache), str(tmp_path / "two"), coordinator, "2", str(i)],
+                              env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = _wait_all(procs, time.time() + TIMEOUT)
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert "process 1 of 2: 2 devices" in outs[1]
+    a, b = np.load(tmp_path / "one" / "params.npz"), np.load(tmp_path / "two" / "params.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    assert (tmp_path / "two" / "run" / "checkpoints" / "3").is_dir()  # saved by both processes together
+
+
+def test_a_dead_process_does_not_hang_the_other(cache, tmp_path):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    alive = subprocess.Popen([sys.executable, WORKER, str(cache), str(tmp_path), coordinator, "2", "0"],
+                             env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    _wait_all([alive, dead], time.time() + TIMEOUT)
+    assert dead.returncode == 3
+    assert alive.returncode != 0  # killed once its partner died, instead of waiting for it forever
+    assert time.time() - t0 < 60
