@@ -10,6 +10,7 @@ PyTorch's fan_in is out_channels · kernel volume, and so it is here).
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,59 @@ import numpy as np
 from flax import nnx
 
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
+_DIMS2 = ("NHWC", "HWIO", "NHWC")
+CONV_IMPLS = ("xla", "cpu")
+
+
+def conv_impl() -> str:
+    """Which convolution formulation to trace: ``xla`` (XLA's native convolution; GPU, TPU) or ``cpu``
+    (the formulations measured fastest on the CPU, see :func:`conv3d`). REDIFFINET_CONV overrides."""
+    forced = os.environ.get("REDIFFINET_CONV")
+    if forced:
+        if forced not in CONV_IMPLS:
+            raise ValueError(f"REDIFFINET_CONV must be one of {CONV_IMPLS}, got {forced!r}")
+        return forced
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
+
+
+def conv3d(x, kernel, stride: int, padding: int, impl: str | None = None):
+    """3-D convolution ``x`` ``[B, D, H, W, cin]`` * ``kernel`` ``[kd, kh, kw, cin, cout]``.
+
+    ``xla``: ``lax.conv_general_dilated``. ``cpu`` (stride 1, k > 1): the kd depth-shifted copies of the
+    input are stacked on channels and one 2-D convolution over (H, W) with kd·cin inputs does the rest
+    (2–3× faster forward+backward than XLA's CPU 3-D convolution at 16–64 channels); other cases use
+    ``xla``. Both give the same result to float rounding.
+    """
+    impl = impl or conv_impl()
+    kd = kernel.shape[0]
+    if impl == "xla" or stride != 1 or kd == 1:
+        return jax.lax.conv_general_dilated(x, kernel, (stride,) * 3, [(padding, padding)] * 3, dimension_numbers=_DIMS)
+    b, d, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (0, 0), (0, 0), (0, 0)))
+    d_out = d + 2 * padding - kd + 1
+    stacked = jnp.concatenate([xp[:, a:a + d_out] for a in range(kd)], axis=-1)  # [B, Do, H, W, kd·cin]
+    k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kernel.shape[1], kernel.shape[2], kd * c, kernel.shape[4])
+    y = jax.lax.conv_general_dilated(stacked.reshape(b * d_out, h, w, kd * c), k2, (1, 1), [(padding, padding)] * 2,
+                                     dimension_numbers=_DIMS2)
+    return y.reshape((b, d_out) + y.shape[1:])
+
+
+def conv_transpose3d(x, kernel, stride: int, impl: str | None = None):
+    """Transposed convolution with kernel size = stride (no overlap), ``lax.conv_transpose``'s orientation.
+
+    ``cpu``: every input voxel times the kernel is one matrix product ``[N, cin] @ [cin, s³·cout]``
+    followed by a reshape into the s×s×s blocks (exact; XLA's CPU transposed convolution is 25–80×
+    slower). ``xla``: ``lax.conv_transpose``.
+    """
+    impl = impl or conv_impl()
+    if impl == "xla":
+        return jax.lax.conv_transpose(x, kernel, (stride,) * 3, "VALID", dimension_numbers=_DIMS)
+    b, d, h, w, c = x.shape
+    s, co = stride, kernel.shape[-1]
+    flipped = kernel[::-1, ::-1, ::-1]  # conv_transpose (no kernel transpose) applies the kernel mirrored
+    y = x.reshape(-1, c) @ jnp.transpose(flipped, (3, 0, 1, 2, 4)).reshape(c, s**3 * co)
+    y = y.reshape(b, d, h, w, s, s, s, co).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return y.reshape(b, d * s, h * s, w * s, co)
 
 
 def _uniform(rngs: nnx.Rngs, shape, fan_in: int) -> nnx.Param:
@@ -51,9 +105,7 @@ class Conv3d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 3,
-            [(self.padding, self.padding)] * 3, dimension_numbers=_DIMS)
+        y = conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.padding)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -68,8 +120,7 @@ class ConvTranspose3d(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_transpose(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 3,
-                                   "VALID", dimension_numbers=_DIMS)
+        y = conv_transpose3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride)
         return y + self.bias[...].astype(self.dtype)
 
 

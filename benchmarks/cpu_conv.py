@@ -1,0 +1,225 @@
+"""CPU convolution formulations side by side, with PyTorch (2 threads) when it is installed.
+
+    python benchmarks/cpu_conv.py                 # convs at 64³, denoiser forward, U-Net train step
+    python benchmarks/cpu_conv.py --skip_models   # the single layers only
+
+For each formulation (``xla``: XLA's native 3-D convolution; ``cpu``: depth-stacked 2-D convolution and
+matmul transposed convolution, rediffinet_jax.models.layers) it times one 3³ convolution (16→16 and
+64→64 at 64³, forward and forward+backward), one k2 s2 transposed convolution, the whole denoiser
+forward and a stage-1 train step (U-Net, batch 1) at 64³, and prints JAX/PyTorch ratios. PyTorch is an
+optional extra for this script only, never a runtime dependency.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rediffinet_jax.models import layers  # noqa: E402
+
+
+def best_of(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def jax_layer_times(kind, c, size, impl, repeats):
+    x = jax.random.normal(jax.random.key(0), (1, size, size, size, c))
+    if kind == "conv":
+        w = jax.random.normal(jax.random.key(1), (3, 3, 3, c, c)) * 0.05
+        f = jax.jit(lambda x, w: layers.conv3d(x, w, 1, 1, impl))
+    else:
+        x = x[:, : size // 2, : size // 2, : size // 2]
+        w = jax.random.normal(jax.random.key(1), (2, 2, 2, c, c)) * 0.05
+        f = jax.jit(lambda x, w: layers.conv_transpose3d(x, w, 2, impl))
+    g = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+    return (best_of(lambda: jax.block_until_ready(f(x, w)), repeats),
+            best_of(lambda: jax.block_until_ready(g(x, w)), repeats))
+
+
+def torch_layer_times(kind, c, size, repeats, channels_last):
+    import torch
+    torch.set_num_threads(2)
+    if kind == "conv":
+        m = torch.nn.Conv3d(c, c, 3, padding=1, bias=False)
+        x = torch.randn(1, c, size, size, size)
+    else:
+        m = torch.nn.ConvTranspose3d(c, c, 2, stride=2, bias=False)
+        x = torch.randn(1, c, size // 2, size // 2, size // 2)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last_3d)
+        x = x.to(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            m(x)
+
+    def fwd_bwd():
+        m.zero_grad()
+        (m(x) ** 2).sum().backward()
+
+    return best_of(fwd, repeats), best_of(fwd_bwd, repeats)
+
+
+def model_times(size, repeats, impl, tiny):
+    from flax import nnx
+
+    from rediffinet_jax.models.denoiser import FEATURES, DiffusionNet
+    from rediffinet_jax.models.unet import UNet
+    from rediffinet_jax.training import soft_dice_bce
+    os.environ["REDIFFINET_CONV"] = impl
+    feats = (8, 8, 16, 32, 64, 8) if tiny else FEATURES
+    filters = (8, 16, 32, 64) if tiny else (32, 64, 128, 256, 320)
+    net = DiffusionNet(7, 3, feats, rngs=nnx.Rngs(0))
+    gd, st = nnx.split(net)
+    cond = jax.random.normal(jax.random.key(0), (1, size, size, size, 7))
+    x = jax.random.normal(jax.random.key(1), (1, size, size, size, 3))
+    den = jax.jit(lambda st, c, x: nnx.merge(gd, st)(c, x, jnp.array([500])))
+    t_den = best_of(lambda: jax.block_until_ready(den(st, cond, x)), repeats)
+    unet = UNet(5, filters, deep_supervision=1, rngs=nnx.Rngs(0))
+    ugd, ust = nnx.split(unet)
+    img = jax.random.normal(jax.random.key(2), (1, size, size, size, 5))
+    tgt = (jax.random.uniform(jax.random.key(3), (1, size, size, size, 3)) > 0.9).astype(jnp.float32)
+
+    @jax.jit
+    def step(st, img, tgt):
+        def loss(p):
+            return sum(soft_dice_bce(o, tgt) for o in nnx.merge(ugd, p)(img, train=True))
+        g = jax.grad(loss)(st)
+        return jax.tree.map(lambda a, b: a - 1e-4 * b, st, g)
+
+    t_step = best_of(lambda: jax.block_until_ready(step(ust, img, tgt)), repeats)
+    del os.environ["REDIFFINET_CONV"]
+    return t_den, t_step, filters, feats
+
+
+def torch_model_times(size, repeats, filters, feats):
+    """The same two workloads in PyTorch, channels-last 3-D, 2 threads."""
+    import torch
+    import torch.nn as nn
+    torch.set_num_threads(2)
+    cl = torch.channels_last_3d
+
+    def block(ci, co, stride, bias, slope):
+        return nn.Sequential(nn.Conv3d(ci, co, 3, stride, 1, bias=bias), nn.InstanceNorm3d(co, affine=True),
+                             nn.LeakyReLU(slope), nn.Conv3d(co, co, 3, 1, 1, bias=bias),
+                             nn.InstanceNorm3d(co, affine=True), nn.LeakyReLU(slope))
+
+    class Den(nn.Module):  # the denoiser's convolutions and norms (time MLP left out: negligible)
+        def __init__(self):
+            super().__init__()
+            f = feats
+            self.enc = nn.ModuleList([block(10, f[0], 1, True, 0.1)] + [block(f[i], f[i + 1], 1, True, 0.1) for i in range(4)])
+            ups = [(f[4], f[3], f[3], True), (f[3], f[2], f[2], True), (f[2], f[1], f[1], True), (f[1], f[0], f[5], False)]
+            self.ups = nn.ModuleList([nn.ConvTranspose3d(ci, ci // 2 if h else ci, 2, 2) for ci, _, _, h in ups])
+            self.dec = nn.ModuleList([block(cs + (ci // 2 if h else ci), co, 1, True, 0.1) for ci, cs, co, h in ups])
+            self.out = nn.Conv3d(f[5], 3, 1)
+
+        def forward(self, x):
+            skips = []
+            for i, b in enumerate(self.enc):
+                x = b(x if i == 0 else nn.functional.max_pool3d(x, 2))
+                skips.append(x)
+            x = skips.pop()
+            for up, dec in zip(self.ups, self.dec):
+                x = dec(torch.cat([skips.pop(), up(x)], 1))
+            return self.out(x)
+
+    class UN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            fl = filters
+            self.enc = nn.ModuleList([block(c, f, 1 if i == 0 else 2, False, 0.01)
+                                      for i, (c, f) in enumerate(zip((5,) + fl[:-1], fl))])
+            self.ups = nn.ModuleList([nn.ConvTranspose3d(fl[i + 1], fl[i], 2, 2) for i in range(len(fl) - 1)])
+            self.dec = nn.ModuleList([block(2 * fl[i], fl[i], 1, False, 0.01) for i in range(len(fl) - 1)])
+            self.head = nn.Conv3d(fl[0], 3, 1)
+
+        def forward(self, x):
+            skips = []
+            for b in self.enc:
+                x = b(x)
+                skips.append(x)
+            x = skips.pop()
+            for i in reversed(range(len(self.dec))):
+                x = self.dec[i](torch.cat([self.ups[i](x), skips[i]], 1))
+            return self.head(x)
+
+    den = Den().to(memory_format=cl)
+    x = torch.randn(1, 10, size, size, size).to(memory_format=cl)
+
+    def fwd():
+        with torch.no_grad():
+            den(x)
+
+    un = UN().to(memory_format=cl)
+    opt = torch.optim.SGD(un.parameters(), 1e-4)
+    img = torch.randn(1, 5, size, size, size).to(memory_format=cl)
+    tgt = (torch.rand(1, 3, size, size, size) > 0.9).float()
+
+    def step():
+        opt.zero_grad()
+        z = un(img)
+        p = torch.sigmoid(z)
+        loss = (1 - 2 * (p * tgt).sum() / (p.sum() + tgt.sum())) + nn.functional.binary_cross_entropy_with_logits(z, tgt)
+        loss.backward()
+        opt.step()
+
+    return best_of(fwd, repeats), best_of(step, repeats)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip_models", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny widths for the whole-model rows")
+    a = p.parse_args()
+    try:
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    print(f"jax {jax.__version__} on {jax.default_backend()}; PyTorch {'installed' if have_torch else 'not installed'}")
+    rows = []
+    for kind, c in (("conv", 16), ("conv", 64), ("convT", 32), ("convT", 128)):
+        ref = torch_layer_times(kind, c, a.size, a.repeats, True) if have_torch else None
+        for impl in layers.CONV_IMPLS:
+            f, fb = jax_layer_times(kind, c, a.size, impl, a.repeats)
+            rows.append((f"{kind} {c}->{c} @{a.size}^3", impl, f, fb, ref))
+        if have_torch:
+            rows.append((f"{kind} {c}->{c} @{a.size}^3", "torch NCDHW",
+                         *torch_layer_times(kind, c, a.size, a.repeats, False), ref))
+            rows.append((f"{kind} {c}->{c} @{a.size}^3", "torch channels-last", *ref, ref))
+    print(f"{'workload':28s} {'impl':20s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'fwd/torch':>10s} {'f+b/torch':>10s}")
+    for name, impl, f, fb, ref in rows:
+        r = f"{f / ref[0]:10.2f} {fb / ref[1]:10.2f}" if ref else ""
+        print(f"{name:28s} {impl:20s} {f:8.3f} {fb:10.3f} {r}")
+    if a.skip_models:
+        return
+    print(f"\n{'model workload @' + str(a.size) + '^3':40s} {'impl':8s} {'seconds':>8s} {'/torch':>7s}")
+    tor = None
+    for impl in layers.CONV_IMPLS:
+        t_den, t_step, filters, feats = model_times(a.size, a.repeats, impl, a.tiny)
+        if have_torch and tor is None:
+            tor = torch_model_times(a.size, a.repeats, filters, feats)
+        for name, t, k in ((f"denoiser forward {feats}", t_den, 0), (f"U-Net train step {filters}", t_step, 1)):
+            print(f"{name:40s} {impl:8s} {t:8.3f} {t / tor[k] if tor else float('nan'):7.2f}")
+    if tor:
+        print(f"{'denoiser forward':40s} {'torch':8s} {tor[0]:8.3f}\n{'U-Net train step':40s} {'torch':8s} {tor[1]:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The CPU formulations of the convolutions against XLA's native ones: values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rediffinet_jax.models.layers import conv3d, conv_transpose3d
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("shape,stride,k,cin,cout", [
+    ((1, 9, 10, 7), 1, 3, 3, 5), ((2, 8, 8, 8), 1, 3, 4, 6), ((1, 12, 10, 8), 2, 3, 5, 4),
+    ((1, 9, 7, 11), 2, 3, 2, 3), ((2, 6, 6, 6), 1, 1, 4, 3)])
+def test_conv3d_cpu_equals_native_with_gradients(shape, stride, k, cin, cout):
+    kx, kk = jax.random.split(jax.random.key(sum(shape) + stride))
+    x = jax.random.normal(kx, shape + (cin,))
+    kernel = jax.random.normal(kk, (k, k, k, cin, cout))
+    pad = (k - 1) // 2
+
+    def loss(impl):
+        return lambda x, w: jnp.sum(jnp.sin(conv3d(x, w, stride, pad, impl)))
+
+    a = conv3d(x, kernel, stride, pad, "cpu")
+    b = conv3d(x, kernel, stride, pad, "xla")
+    assert a.shape == b.shape
+    assert _rel(a, b) < 1e-5
+    ga = jax.grad(loss("cpu"), argnums=(0, 1))(x, kernel)
+    gb = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
+    for u, v in zip(ga, gb):
+        assert _rel(u, v) < 1e-5
+
+
+@pytest.mark.parametrize("shape,cin,cout", [((1, 3, 4, 5), 4, 2), ((2, 4, 4, 4), 6, 6)])
+def test_conv_transpose_cpu_equals_native_with_gradients(shape, cin, cout):
+    x = jax.random.normal(jax.random.key(0), shape + (cin,))
+    kernel = jax.random.normal(jax.random.key(1), (2, 2, 2, cin, cout))
+    a, b = conv_transpose3d(x, kernel, 2, "cpu"), conv_transpose3d(x, kernel, 2, "xla")
+    assert a.shape == b.shape == (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], cout)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    def loss(impl):
+        return lambda x, w: jnp.sum(jnp.cos(conv_transpose3d(x, w, 2, impl)))
+
+    for u, v in zip(jax.grad(loss("cpu"), argnums=(0, 1))(x, kernel), jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)):
+        assert _rel(u, v) < 1e-5
+
+
+def test_impl_override(monkeypatch):
+    from rediffinet_jax.models import layers
+    monkeypatch.setenv("REDIFFINET_CONV", "xla")
+    assert layers.conv_impl() == "xla"
+    monkeypatch.setenv("REDIFFINET_CONV", "fast")
+    with pytest.raises(ValueError, match="REDIFFINET_CONV"):
+        layers.conv_impl()
+    monkeypatch.delenv("REDIFFINET_CONV")
+    assert layers.conv_impl() == "cpu"  # the tests run on the CPU
