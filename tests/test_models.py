@@ -154,3 +154,19 @@ def test_pytorch_default_init_bounds(small_diff):
     up = small_diff.denoiser.ups[0].up  # transposed: PyTorch fan_in = out_channels · 8
     bound_t = 1 / math.sqrt(up.kernel.shape[-1] * 8)
     assert np.abs(np.asarray(up.kernel[...])).max() <= bound_t
+
+
+def test_remat_changes_nothing_but_memory():
+    cond = jnp.asarray(np.random.default_rng(3).normal(size=(1, 16, 16, 16, 7)), jnp.float32)
+    x = jnp.zeros((1, 16, 16, 16, 3))
+    plain = DiffusionNet(7, features=SMALL_FEATURES, rngs=nnx.Rngs(7))
+    remat = DiffusionNet(7, features=SMALL_FEATURES, remat=True, rngs=nnx.Rngs(7))
+
+    def loss(m):
+        return jnp.mean(m(cond, x, jnp.array([5])) ** 2)
+
+    np.testing.assert_allclose(nnx.jit(loss)(plain), nnx.jit(loss)(remat), rtol=1e-6)
+    g1 = jax.tree.leaves(nnx.jit(nnx.grad(loss))(plain))
+    g2 = jax.tree.leaves(nnx.jit(nnx.grad(loss))(remat))
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

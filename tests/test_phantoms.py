@@ -52,3 +52,10 @@ def test_resumes_existing(tmp_path):
     phantoms.write_dataset(tmp_path, 3, (24, 24, 16))
     assert f.stat().st_mtime_ns == stamp
     assert (tmp_path / phantoms.case_id(2)).is_dir()
+
+
+def test_command_line(tmp_path, capsys):
+    from rediffinet_jax.data.cli import main
+    main(["--out", str(tmp_path), "--cases", "2", "--unlabelled", "1", "--shape", "24,24,16"])
+    assert "3 cases of shape (24, 24, 16)" in capsys.readouterr().out
+    assert len(list(tmp_path.iterdir())) == 3
