@@ -10,13 +10,15 @@ flags.DEFINE_string("workdir", None, "Work directory of train.py.", required=Tru
 flags.DEFINE_list("models", None, "Models to score besides the U-Net baseline (default: all trained).")
 flags.DEFINE_list("folds", None, "Folds to score (default: all).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of each fold.")
+flags.DEFINE_enum("convention", None, ["brats2023", "monai", "medpy"],
+                  "HD95 convention (default: the run's eval.convention, else brats2023).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     from rediffinet_jax import cli
-    cli.evaluate(FLAGS.workdir, FLAGS.models, FLAGS.folds, FLAGS.checkpoint)
+    cli.evaluate(FLAGS.workdir, FLAGS.models, FLAGS.folds, FLAGS.checkpoint, FLAGS.convention)
 
 
 if __name__ == "__main__":

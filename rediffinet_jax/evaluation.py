@@ -65,9 +65,12 @@ def _case_arrays(cache: Path, cid: str):
     return folder, meta, box, full, gt
 
 
-def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", progress: bool = True, log=print) -> dict:
+def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", convention: str | None = None,
+             progress: bool = True, log=print) -> dict:
     """Scores every (model, fold), writes cases.csv per fold and eval/summary.{md,csv,json} + figures.
 
+    convention: the HD95 convention; by default the run's ``eval.convention`` (config.json), else
+    ``brats2023``. Rows already scored in another convention are refused (delete eval/ to rescore).
     Returns the summary dict (see :func:`reports.summary_tables`).
     """
     workdir = Path(workdir)
@@ -82,8 +85,12 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", progres
             raise ConfigError(f"no trained model {unknown} in {workdir}; found {names}")
         names = [BASELINE] + [n for n in names if n in models and n != BASELINE]
     fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
-    settings = load_settings(workdir / BASELINE)
-    convention = settings.get("eval", {}).get("convention", "brats2023") if "eval" in settings else "brats2023"
+    if convention is None:
+        run_config = workdir / "config.json"
+        saved = json.loads(run_config.read_text()) if run_config.is_file() else {}
+        convention = saved.get("eval", {}).get("convention", "brats2023")
+    if convention not in metrics.CONVENTIONS:
+        raise ConfigError(f"unknown HD95 convention {convention!r}; choose one of {metrics.CONVENTIONS}")
     cache, oof = workdir / "cache", workdir / BASELINE / "oof"
     per_fold: dict = {}
     for name in names:
@@ -97,7 +104,11 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", progres
             out_dir = workdir / "eval" / name / f"fold_{k}"
             out_dir.mkdir(parents=True, exist_ok=True)
             csv_path = out_dir / "cases.csv"
-            done = {r["case"] for r in _read_rows(csv_path)}
+            old = _read_rows(csv_path)
+            if any(r["convention"] != convention for r in old):
+                raise ConfigError(f"{csv_path} was scored with HD95 convention {old[0]['convention']}, not "
+                                  f"{convention}; delete {workdir / 'eval'} to rescore")
+            done = {r["case"] for r in old}
             todo = [c for c in all_folds[k] if c not in done]
             model = None
             for cid in _bar(todo, f"eval {name} fold {k}", progress):

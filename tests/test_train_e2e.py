@@ -130,6 +130,8 @@ def test_evaluate_writes_tables(finished):
     again = _run("evaluate.py", f"--workdir={workdir}")  # already scored: nothing appended
     assert again.returncode == 0
     assert (workdir / "eval" / "unet" / "fold_0" / "cases.csv").stat().st_mtime_ns == stamp
+    other = _run("evaluate.py", f"--workdir={workdir}", "--convention=monai")  # never mixed into old rows
+    assert other.returncode == 2 and "convention brats2023" in other.stdout
 
 
 def test_predict_new_cases(finished, tmp_path):
