@@ -174,6 +174,7 @@ def hd95_by_model_figure(per_fold: dict, path) -> None:
             ax.hlines(np.mean(vals), i - 0.3, i + 0.3, colors="k")
     ax.set_xticks(range(len(names)), names)
     ax.set_yscale("symlog", linthresh=10)
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("HD95 per case, mean of WT/TC/ET (mm)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -197,14 +198,18 @@ def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
     flipped = np.any(unet[:, :, z] != refined[:, :, z], -1).T
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(sl, cmap="gray", origin="lower")
-    for mask, colour, label in ((gt, "lime", "ground truth"), (unet, "red", "U-Net"), (refined, "cyan", "refined")):
-        axes[0].contour(mask[:, :, z, 0].T.astype(float), levels=[0.5], colors=colour, linewidths=1)
-        axes[0].plot([], [], color=colour, label=label)
+    styles = ((gt, "lime", "solid", 1.0, "ground truth"), (unet, "red", "solid", 2.2, "U-Net"),
+              (refined, "cyan", "dashed", 1.2, "refined"))  # refined dashed over U-Net: both stay visible
+    for mask, colour, style, width, label in styles:
+        if mask[:, :, z, 0].any():
+            axes[0].contour(mask[:, :, z, 0].T.astype(float), levels=[0.5], colors=colour, linewidths=width,
+                            linestyles=style)
+        axes[0].plot([], [], color=colour, linestyle=style, label=label)
     axes[0].legend(loc="lower right", fontsize=7)
     axes[0].set_title("WT contours on t1c")
     axes[1].imshow(sl, cmap="gray", origin="lower")
     axes[1].imshow(np.ma.masked_where(~flipped, flipped), cmap="autumn", origin="lower", alpha=0.9)
-    axes[1].set_title("voxels flipped by the refiner")
+    axes[1].set_title("voxels the refiner flipped (any region)")
     for a in axes:
         a.set_xticks([])
         a.set_yticks([])
