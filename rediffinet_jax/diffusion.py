@@ -119,6 +119,11 @@ def refine(unet: jax.Array, delta: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- loss
 
 
+def bce_with_logits(z: jax.Array, m: jax.Array) -> jax.Array:
+    """Elementwise binary cross-entropy of logits ``z`` against targets ``m``: log(1 + e^z) − z·m, stable."""
+    return jnp.maximum(z, 0) - z * m + jnp.log1p(jnp.exp(-jnp.abs(z)))
+
+
 def diffusion_loss(logits: jax.Array, m: jax.Array, weights=(1.0, 1.0, 1.0), smooth: float = 1e-5):
     """Dice(sigmoid z, m) + BCE-with-logits(z, m) + MSE(sigmoid z, m), weighted; returns (loss, terms).
 
@@ -131,8 +136,7 @@ def diffusion_loss(logits: jax.Array, m: jax.Array, weights=(1.0, 1.0, 1.0), smo
     dice = (2 * jnp.sum(p * m, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(m, axes) + smooth)
     terms = {
         "dice": 1.0 - jnp.mean(dice),
-        # log(1 + e^z) − z·m, stable form
-        "bce": jnp.mean(jnp.maximum(z, 0) - z * m + jnp.log1p(jnp.exp(-jnp.abs(z)))),
+        "bce": jnp.mean(bce_with_logits(z, m)),
         "mse": jnp.mean(jnp.square(p - m)),
     }
     loss = weights[0] * terms["dice"] + weights[1] * terms["bce"] + weights[2] * terms["mse"]

@@ -168,6 +168,6 @@ def summarize(rows: list[dict], keys=("dice", "hd95", "lesionwise_dice", "lesion
     out = {}
     for name in REGIONS:
         sel = [r for r in rows if r["region"] == name]
-        out[name] = {k: float(np.mean([r[k] for r in sel])) for k in keys} if sel else {}
-    out["avg"] = {k: float(np.mean([out[n][k] for n in REGIONS if out[n]])) for k in keys}
+        out[name] = {k: float(np.nanmean([r[k] for r in sel])) for k in keys} if sel else {}
+    out["avg"] = {k: float(np.mean([out[n][k] for n in REGIONS if out[n]])) for k in keys} if rows else {}
     return out

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from rediffinet_jax.labels import MODALITIES, REGIONS
+from rediffinet_jax.metrics import summarize
 
 _LABEL_COLOURS = {1: (1.0, 0.2, 0.2), 2: (0.2, 0.9, 0.2), 3: (1.0, 0.9, 0.1)}  # NCR red, ED green, ET yellow
 
@@ -56,22 +57,12 @@ def case_figure(image: np.ndarray, labels: np.ndarray | None, path: str | os.Pat
 _KEYS = ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95")
 
 
-def _fold_means(rows: list[dict]) -> dict:
-    """{region or 'avg': {key: mean over cases}} for one fold's rows."""
-    out = {}
-    for region in REGIONS:
-        sel = [r for r in rows if r["region"] == region]
-        out[region] = {k: float(np.nanmean([r[k] for r in sel])) for k in _KEYS} if sel else {}
-    out["avg"] = {k: float(np.mean([out[r][k] for r in REGIONS if out[r]])) for k in _KEYS} if rows else {}
-    return out
-
-
 def summary_tables(per_fold: dict, convention: str, baseline: str = "unet") -> dict:
     """Per model: per-fold means, mean and std over folds; improvement of each model over the baseline
     (Dice in points, HD95 in % of the baseline's, positive = better), from the per-fold means."""
     out = {"convention": convention, "models": {}, "improvement": {}}
     for name, folds in per_fold.items():
-        fm = {k: _fold_means(rows) for k, rows in folds.items() if rows}
+        fm = {k: summarize(rows, _KEYS) for k, rows in folds.items() if rows}
         cols = [*REGIONS, "avg"]
         mean = {c: {k: float(np.mean([f[c][k] for f in fm.values()])) for k in _KEYS} for c in cols} if fm else {}
         std = {c: {k: float(np.std([f[c][k] for f in fm.values()])) for k in _KEYS} for c in cols} if fm else {}

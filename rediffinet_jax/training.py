@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rediffinet_jax import checkpoints, diffusion, inference, parallel
+from rediffinet_jax import checkpoints, diffusion, inference, metrics, parallel
 from rediffinet_jax.errors import RediffinetError
 from rediffinet_jax.models.denoiser import DiffusionNet
 from rediffinet_jax.models.unet import UNet
@@ -50,18 +50,13 @@ def soft_dice_bce(logits: jax.Array, target: jax.Array, smooth: float = 1e-5) ->
     p = jax.nn.sigmoid(z)
     axes = (0, 1, 2, 3)
     dice = (2 * jnp.sum(p * m, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(m, axes) + smooth)
-    bce = jnp.mean(jnp.maximum(z, 0) - z * m + jnp.log1p(jnp.exp(-jnp.abs(z))), axes)
+    bce = jnp.mean(diffusion.bce_with_logits(z, m), axes)
     return jnp.sum(1.0 - dice + bce)
 
 
 def _region_dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Mean over regions of Dice (both empty → 1), on ``[..., 3]`` binary arrays."""
-    scores = []
-    for r in range(pred.shape[-1]):
-        p, g = pred[..., r] > 0, gt[..., r] > 0
-        total = p.sum() + g.sum()
-        scores.append(1.0 if total == 0 else 2.0 * np.logical_and(p, g).sum() / total)
-    return float(np.mean(scores))
+    """Mean over the regions of :func:`metrics.dice` on ``[..., 3]`` arrays (> 0 is foreground)."""
+    return float(np.mean([metrics.dice(pred[..., r] > 0, gt[..., r] > 0) for r in range(pred.shape[-1])]))
 
 
 @dataclasses.dataclass

@@ -91,7 +91,7 @@ def test_sharded_by_process(refs):
 
 def test_unet_masks(refs, phantom_root, tmp_path):
     oof = tmp_path / "oof"
-    with pytest.raises(CaseError, match="run stage 1") as err:
+    with pytest.raises(CaseError, match="run stage 1 on every fold") as err:
         pipeline.attach_unet_masks(refs[:1], oof)
     assert err.value.case == refs[0].case_id
     oof.mkdir()

@@ -64,7 +64,8 @@ def attach_unet_masks(refs: list[CaseRef], oof_dir: str | os.PathLike) -> None:
     for ref in refs:
         src = Path(oof_dir) / f"{ref.case_id}.nii.gz"
         if not src.is_file():
-            raise CaseError("no out-of-fold U-Net prediction; run stage 1 first", case=ref.case_id, path=str(src))
+            raise CaseError("no out-of-fold U-Net prediction: run stage 1 on every fold first "
+                            "(train.py --stage unet)", case=ref.case_id, path=str(src))
         dst = Path(ref.folder) / "unet.npy"
         stamp = Path(ref.folder) / "unet.src"
         key = f"{src} {src.stat().st_size} {src.stat().st_mtime_ns}"
