@@ -41,10 +41,10 @@ def demo(c: ConfigDict) -> ConfigDict:
     """The whole pipeline on generated phantoms, minutes on a 2-core CPU: 5 folds, tiny widths."""
     c.data.phantoms.update(n_cases=15, shape=(48, 48, 40))
     c.data.num_workers = 0
-    c.unet.update(filters=(8, 16, 32, 64), deep_supervision=1, patch=(32, 32, 32), batch=2, steps=160,
-                  warmup_frac=0.1, lr=1e-2, val_every=160, val_cases=2, batch_windows=2)
-    c.diffusion.update(features=(8, 8, 16, 32, 64, 8), patch=(32, 32, 32), batch=2, steps=120, lr=2e-3,
-                       val_every=120, val_cases=2, batch_windows=2)
+    c.unet.update(filters=(8, 16, 32, 64), deep_supervision=1, patch=(32, 32, 32), batch=2, steps=150,
+                  warmup_frac=0.1, lr=1e-2, val_every=150, val_cases=2, batch_windows=2)
+    c.diffusion.update(features=(8, 8, 16, 32, 64, 8), patch=(32, 32, 32), batch=2, steps=400, lr=2e-3,
+                       val_every=400, val_cases=2, batch_windows=2)
     c.diffusion.sampler.update(steps=3, samples=2)
     c.diffusion.val_sampler.update(steps=2, samples=1)
     c.eval.lesion_wise = True
