@@ -110,9 +110,9 @@ def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_
         model = trainer.load(workdir / "unet" / f"fold_{k}", which)
         for cid in _progress(todo, f"oof fold {k}"):
             folder = Path(refs_by_id[cid].folder)
-            meta = json.loads((folder / "meta.json").read_text())
+            meta = brats.cached_meta(folder)
             probs = stage.probabilities(model, np.load(folder / "image.npy", mmap_mode="r"))
-            regions = brats.paste((probs > 0.5).astype(np.uint8), brats.cached_box(folder), tuple(meta["full_shape"]))
+            regions = brats.paste((probs > 0.5).astype(np.uint8), meta["box"], meta["full_shape"])
             if jax.process_index() == 0:
                 brats.write_label_map(regions_to_labels(regions), oof / f"{cid}.nii.gz",
                                       files_by_id[cid].images["t1n"])

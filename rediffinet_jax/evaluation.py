@@ -59,8 +59,8 @@ def _append_rows(path: Path, rows: list[dict]) -> None:
 
 def _case_arrays(cache: Path, cid: str):
     folder = cache / cid
-    meta = json.loads((folder / "meta.json").read_text())
-    box, full = brats.cached_box(folder), tuple(meta["full_shape"])
+    meta = brats.cached_meta(folder)
+    box, full = meta["box"], meta["full_shape"]
     gt = brats.paste(np.load(folder / "regions.npy"), box, full)
     return folder, meta, box, full, gt
 
@@ -122,7 +122,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", convent
                         model = trainer.load(workdir / name / f"fold_{k}", checkpoint)
                     pred = _refine(dstage, model, folder, brats.crop(unet_full, box), box, full, k, cid)
                     _write_pred(pred, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
-                rows = metrics.score_case(pred, gt, tuple(meta["spacing"]), cid, convention,
+                rows = metrics.score_case(pred, gt, meta["spacing"], cid, convention,
                                           with_lesion_wise=True)
                 _append_rows(csv_path, rows)
             per_fold.setdefault(name, {})[k] = _read_rows(csv_path)

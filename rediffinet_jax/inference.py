@@ -107,6 +107,8 @@ def diffusion_predictor(model, key: jax.Array, steps: int, samples: int, fusion:
                             fusion, chunk, uncertainty)
 
 
-def foreground_channel(image: np.ndarray) -> np.ndarray:
-    """Appends the one-hot foreground channel (1 where any modality is non-zero) to ``[..., 4]``."""
-    return np.concatenate([image, np.any(image != 0, -1, keepdims=True).astype(image.dtype)], -1)
+def foreground_channel(image):
+    """Appends the one-hot foreground channel (1 where any modality is non-zero) to ``[..., 4]``;
+    numpy in, numpy out (sliding window), jax in, jax out (the train step)."""
+    xp = jnp if isinstance(image, jax.Array) else np
+    return xp.concatenate([image, xp.any(image != 0, -1, keepdims=True).astype(image.dtype)], -1)

@@ -78,10 +78,8 @@ class UNetStage:
                            optax.scale_by_learning_rate(lr_schedule(c.lr, c.steps, c.warmup_frac)))
 
     def inputs(self, image):
-        if self.cfg.foreground_channel:
-            fg = jnp.any(image != 0, -1, keepdims=True).astype(image.dtype)
-            return jnp.concatenate([image, fg], -1)
-        return image
+        """The network input: the modalities, plus the foreground channel when configured."""
+        return inference.foreground_channel(image) if self.cfg.foreground_channel else image
 
     def loss(self, model, batch, key):
         del key  # deterministic given the batch
@@ -95,7 +93,7 @@ class UNetStage:
     def probabilities(self, model, image: np.ndarray) -> np.ndarray:
         """Whole-case sigmoid probabilities ``[D, H, W, 3]`` by sliding window."""
         c = self.cfg
-        vol = inference.foreground_channel(np.asarray(image)) if c.foreground_channel else np.asarray(image)
+        vol = self.inputs(np.asarray(image))
         return inference.sliding_window(inference.unet_predictor(model), vol, c.patch, c.overlap, c.batch_windows)
 
     def validate(self, model, cases, key) -> float:

@@ -242,9 +242,14 @@ def _source_key(files: CaseFiles, normalization: str, old_brats: bool) -> dict:
     return {"version": _CACHE_VERSION, "normalization": normalization, "old_brats": old_brats, "sources": stats}
 
 
-def cached_box(folder: str | os.PathLike) -> Box:
-    """The crop box stored with a cache entry."""
-    return tuple(tuple(b) for b in json.loads((Path(folder) / "meta.json").read_text())["box"])
+def cached_meta(folder: str | os.PathLike) -> dict:
+    """The metadata of a cache entry: box (tuple of (start, stop)), full_shape, spacing (tuples), affine,
+    labelled, key."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    meta["box"] = tuple(tuple(b) for b in meta["box"])
+    meta["full_shape"] = tuple(meta["full_shape"])
+    meta["spacing"] = tuple(meta["spacing"])
+    return meta
 
 
 def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: str = "zscore_rescale",
@@ -256,8 +261,7 @@ def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: s
     """
     folder = Path(cache_dir) / files.case_id
     key = _source_key(files, normalization, old_brats)
-    meta_path = folder / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    meta = cached_meta(folder) if (folder / "meta.json").is_file() else None
     if meta is None or meta["key"] != key:
         case = load_case(files, normalization, old_brats, require_labels)
         tmp = folder.with_name(f".{files.case_id}.tmp{os.getpid()}")

@@ -72,7 +72,7 @@ def attach_unet_masks(refs: list[CaseRef], oof_dir: str | os.PathLike) -> None:
         if dst.is_file() and stamp.is_file() and stamp.read_text() == key:
             continue
         labels, _ = brats.read_nifti(src, ref.case_id)
-        box = brats.cached_box(ref.folder)
+        box = brats.cached_meta(ref.folder)["box"]
         tmp = dst.with_name(f".unet.tmp{os.getpid()}.npy")
         np.save(tmp, brats.crop(labels_to_regions(np.rint(labels).astype(np.uint8)), box))
         os.replace(tmp, dst)
