@@ -37,12 +37,14 @@ def jax_layer_times(kind, c, size, impl, repeats):
     x = jax.random.normal(jax.random.key(0), (1, size, size, size, c))
     if kind == "conv":
         w = jax.random.normal(jax.random.key(1), (3, 3, 3, c, c)) * 0.05
-        f = jax.jit(lambda x, w: layers.conv3d(x, w, 1, 1, impl))
+        fn = lambda x, w: layers.conv3d(x, w, 1, 1, impl)  # noqa: E731
     else:
         x = x[:, : size // 2, : size // 2, : size // 2]
         w = jax.random.normal(jax.random.key(1), (2, 2, 2, c, c)) * 0.05
-        f = jax.jit(lambda x, w: layers.conv_transpose3d(x, w, 2, impl))
-    g = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+        fn = lambda x, w: layers.conv_transpose3d(x, w, 2, impl)  # noqa: E731
+    # layers.jit (XLA_OPTIONS) only at the top level: JAX refuses compiler options on a nested jit
+    f = layers.jit(fn)
+    g = layers.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))
     return (best_of(lambda: jax.block_until_ready(f(x, w)), repeats),
             best_of(lambda: jax.block_until_ready(g(x, w)), repeats))
 
@@ -85,14 +87,14 @@ def model_times(size, repeats, impl, tiny):
     gd, st = nnx.split(net)
     cond = jax.random.normal(jax.random.key(0), (1, size, size, size, 7))
     x = jax.random.normal(jax.random.key(1), (1, size, size, size, 3))
-    den = jax.jit(lambda st, c, x: nnx.merge(gd, st)(c, x, jnp.array([500])))
+    den = layers.jit(lambda st, c, x: nnx.merge(gd, st)(c, x, jnp.array([500])))
     t_den = best_of(lambda: jax.block_until_ready(den(st, cond, x)), repeats)
     unet = UNet(5, filters, deep_supervision=1, rngs=nnx.Rngs(0))
     ugd, ust = nnx.split(unet)
     img = jax.random.normal(jax.random.key(2), (1, size, size, size, 5))
     tgt = (jax.random.uniform(jax.random.key(3), (1, size, size, size, 3)) > 0.9).astype(jnp.float32)
 
-    @jax.jit
+    @layers.jit
     def step(st, img, tgt):
         def loss(p):
             return sum(soft_dice_bce(o, tgt) for o in nnx.merge(ugd, p)(img, train=True))

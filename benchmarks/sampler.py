@@ -22,6 +22,7 @@ from flax import nnx  # noqa: E402
 from benchmarks.common import device_name, emit, matmul_peak, peak_memory, timed  # noqa: E402
 from rediffinet_jax import diffusion  # noqa: E402
 from rediffinet_jax.flops import diffusion_flops  # noqa: E402
+from rediffinet_jax.models import layers  # noqa: E402
 from rediffinet_jax.models.denoiser import FEATURES, DiffusionNet  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -49,7 +50,7 @@ def main(argv=None):
     graphdef, state = nnx.split(model)
     cond = jax.random.uniform(jax.random.key(1), (1, *a.size, variant.cond_channels))
 
-    @jax.jit
+    @layers.jit
     def run(state, cond, key):
         return diffusion.sample(nnx.merge(graphdef, state), cond, key, a.steps, a.samples, a.fusion,
                                 a.chunk or None)["y"]

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from rediffinet_jax import diffusion, parallel
+from rediffinet_jax.models import layers
 
 
 def window_starts(size: int, window: int, overlap: float = 0.5) -> list[int]:
@@ -75,12 +76,12 @@ def sliding_window(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, w
     return (acc / norm)[: shape[0], : shape[1], : shape[2]]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(layers.jit, static_argnums=0)
 def _unet_probabilities(graphdef, state, x):
     return jax.nn.sigmoid(nnx.merge(graphdef, state)(x))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+@functools.partial(layers.jit, static_argnums=(0, 4, 5, 6, 7, 8))
 def _fused(graphdef, state, x, key, steps, samples, fusion, chunk, uncertainty):
     out = diffusion.sample(nnx.merge(graphdef, state), x, key, steps, samples, fusion, chunk, uncertainty=uncertainty)
     return jnp.concatenate([out["y"], out["uncertainty"]], -1) if uncertainty else out["y"]

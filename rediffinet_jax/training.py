@@ -23,6 +23,7 @@ from flax import nnx
 
 from rediffinet_jax import checkpoints, diffusion, inference, metrics, parallel
 from rediffinet_jax.errors import RediffinetError
+from rediffinet_jax.models import layers
 from rediffinet_jax.models.denoiser import DiffusionNet
 from rediffinet_jax.models.unet import UNet
 
@@ -175,7 +176,7 @@ class Trainer:
             new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1}
             return new, {"loss": loss, **terms}
 
-        self.step = jax.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
+        self.step = layers.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
         self.replicated = rep
 
     def init_state(self, seed: int) -> dict:
