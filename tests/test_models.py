@@ -170,3 +170,19 @@ def test_remat_changes_nothing_but_memory():
     g2 = jax.tree.leaves(nnx.jit(nnx.grad(loss))(remat))
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_maxpool_values_and_gradient_by_hand():
+    from rediffinet_jax.models.denoiser import _maxpool2
+    # distinct values: every 2x2x2 block's maximum is its voxel (1, 1, 1), so pooling picks x[:, 1::2, 1::2, 1::2]
+    # and the gradient of the sum is 1 exactly there
+    base = np.arange(2 * 4 * 6 * 4 * 3, dtype=np.float32).reshape(2, 4, 6, 4, 3)
+    x = jnp.asarray(base)
+    pooled = _maxpool2(x)
+    np.testing.assert_array_equal(pooled, base[:, 1::2, 1::2, 1::2])
+    grad = np.asarray(jax.grad(lambda v: jnp.sum(_maxpool2(v)))(x))
+    expected = np.zeros_like(base)
+    expected[:, 1::2, 1::2, 1::2] = 1
+    np.testing.assert_array_equal(grad, expected)
+    ref = jax.lax.reduce_window(-x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 2, 2, 2, 1), "VALID")
+    np.testing.assert_array_equal(_maxpool2(-x), ref)  # maxima at voxel (0, 0, 0) of each block

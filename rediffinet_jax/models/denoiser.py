@@ -58,7 +58,15 @@ class TwoConv(nnx.Module):
 
 
 def _maxpool2(x):
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 2, 2, 2, 1), "VALID")
+    """2×2×2 max pooling, stride 2, of ``[B, D, H, W, C]`` with even D, H, W.
+
+    A max over reshaped axes rather than ``lax.reduce_window``: the same values, and its gradient is an
+    elementwise mask where reduce_window's tracks argmax indices on the CPU (a small-width Re-DiffiNet
+    train step at 64³: 0.80 s against 0.91 s). At ties the gradient is shared equally instead of going
+    to one voxel (PyTorch: the first); ties between float activations are rare.
+    """
+    b, d, h, w, c = x.shape
+    return jnp.max(x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c), axis=(2, 4, 6))
 
 
 class Down(nnx.Module):
