@@ -226,9 +226,15 @@ class Trainer:
         metrics_path = folder / "metrics.jsonl"
         t0, done_here = time.time(), 0
         try:
+            batch = parallel.global_batch(next(it), self.mesh) if start < steps_total else None
             for step in range(start, steps_total):
-                batch = parallel.global_batch(next(it), self.mesh)
                 state, m = self.step(state, batch, jax.random.fold_in(key, step))
+                last = step + 1 == steps_total
+                # the data position after this step's batch (what a checkpoint of this step stores); the
+                # next batch is then read while the dispatched step computes
+                data_state = it.get_state()
+                if not last:
+                    batch = parallel.global_batch(next(it), self.mesh)
                 loss = float(parallel.to_host(m["loss"]))
                 if not math.isfinite(loss):
                     raise TrainingError(f"{self.stage.name} {folder.name}: loss is {loss} at step {step + 1}; "
@@ -240,18 +246,17 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
-                last = step + 1 == steps_total
                 if (step + 1) % c.val_every == 0 or last:
                     val = self.stage.validate(self.model(state["params"]), val_cases, jax.random.fold_in(val_key, step))
                     record["val_dice"] = val
-                    checkpoints.save(mgr, step + 1, state, it.get_state(), val)
+                    checkpoints.save(mgr, step + 1, state, data_state, val)
                     log(f"{self.stage.name} {folder.name}: step {step + 1} loss {loss:.4f} val dice {val:.4f}")
                 if jax.process_index() == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                 if stop_after is not None and done_here >= stop_after and not last:
                     if (step + 1) % c.val_every:
-                        checkpoints.save(mgr, step + 1, state, it.get_state(), float("-inf"))
+                        checkpoints.save(mgr, step + 1, state, data_state, float("-inf"))
                     return None
         finally:
             if bar is not None:

@@ -38,19 +38,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert float(s(7)) == pytest.approx(1e-4 * 7 / 15, rel=1e-5)
 
 
-def test_exact_resume_is_bitwise(data, tmp_path):
+# stopped at a validation step (3) and between two (2): both checkpoints must store the data position
+# after the last trained batch, not after the batch read ahead
+@pytest.mark.parametrize("stop", [3, 2])
+def test_exact_resume_is_bitwise(data, tmp_path, stop):
     refs, val = data
     one = Trainer(UNetStage(_unet_cfg()), progress=False)
     assert one.fit(tmp_path / "a", refs, val, seed=0, log=lambda m: None) is not None
     straight = one.load(tmp_path / "a", "latest")
 
     first = Trainer(UNetStage(_unet_cfg()), progress=False)
-    assert first.fit(tmp_path / "b", refs, val, seed=0, stop_after=3, log=lambda m: None) is None
+    assert first.fit(tmp_path / "b", refs, val, seed=0, stop_after=stop, log=lambda m: None) is None
     assert not (tmp_path / "b" / "done.json").exists()
     logs = []
     again = Trainer(UNetStage(_unet_cfg()), progress=False)  # fresh objects, as after a restart
     again.fit(tmp_path / "b", refs, val, seed=0, log=logs.append)
-    assert any("resuming from step 3" in m for m in logs)
+    assert any(f"resuming from step {stop}" in m for m in logs)
     resumed = again.load(tmp_path / "b", "latest")
     a = jax.tree.leaves(straight)
     b = jax.tree.leaves(resumed)
