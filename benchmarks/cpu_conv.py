@@ -1,13 +1,16 @@
 """CPU convolution formulations side by side, with PyTorch (2 threads) when it is installed.
 
-    python benchmarks/cpu_conv.py                 # convs at 64³, denoiser forward, U-Net train step
-    python benchmarks/cpu_conv.py --skip_models   # the single layers only
+    python benchmarks/cpu_conv.py                     # convs at 64³, denoiser forward, U-Net train step
+    python benchmarks/cpu_conv.py --skip_models       # the single layers only
+    python benchmarks/cpu_conv.py --all_formulations  # also the formulations measured and not used
 
-For each formulation (``xla``: XLA's native 3-D convolution; ``cpu``: depth-stacked 2-D convolution and
-matmul transposed convolution, rediffinet_jax.models.layers) it times one 3³ convolution (16→16 and
-64→64 at 64³, forward and forward+backward), one k2 s2 transposed convolution, the whole denoiser
-forward and a stage-1 train step (U-Net, batch 1) at 64³, and prints JAX/PyTorch ratios. PyTorch is an
-optional extra for this script only, never a runtime dependency.
+Layers (forward and forward+backward): a 3³ convolution 16→16 and 64→64 at 64³, a strided one 32→64
+(64³ → 32³), a k2 s2 transposed convolution 32→32 and 128→128 (32³ → 64³); each in XLA's native form
+(``xla``), the package's CPU path (rediffinet_jax.models.layers) and, with ``--all_formulations``, the
+depth taps on the inputs at stride 1, im2col with one matrix product, and one matrix product per tap.
+Models: the whole denoiser forward and a stage-1 train step (U-Net, batch 1) at 64³ with each
+``REDIFFINET_CONV``. Prints JAX/PyTorch ratios. PyTorch is an optional extra for this script only,
+never a runtime dependency.
 """
 
 import argparse
@@ -33,31 +36,65 @@ def best_of(fn, repeats):
     return min(times)
 
 
-def jax_layer_times(kind, c, size, impl, repeats):
-    x = jax.random.normal(jax.random.key(0), (1, size, size, size, c))
+def _shifted(x, k, stride):
+    """The k³ shifted (strided) slices of ``x`` padded by (k − 1)/2, each ``[B, Do, Ho, Wo, C]``."""
+    p = (k - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
+    n = [(s + 2 * p - k) // stride + 1 for s in x.shape[1:4]]
+    return [xp[:, i:i + stride * (n[0] - 1) + 1:stride, j:j + stride * (n[1] - 1) + 1:stride,
+               m:m + stride * (n[2] - 1) + 1:stride] for i in range(k) for j in range(k) for m in range(k)]
+
+
+def im2col(x, w, stride):
+    """All k³ shifted slices stacked on channels, one matrix product (measured, not used)."""
+    k, c = w.shape[0], w.shape[3]
+    cols = jnp.stack(_shifted(x, k, stride), axis=-2)  # [B, Do, Ho, Wo, k³, C]
+    return cols.reshape(*cols.shape[:4], k**3 * c) @ w.reshape(k**3 * c, -1)
+
+
+def shifted_matmuls(x, w, stride):
+    """One matrix product per kernel tap, summed (measured, not used)."""
+    k = w.shape[0]
+    taps = w.reshape(k**3, *w.shape[3:])
+    return sum(s @ taps[t] for t, s in enumerate(_shifted(x, k, stride)))
+
+
+# (row label, function of (x, kernel, stride)) for the 3³ convolution rows
+CONV_FORMULATIONS = {
+    "xla": lambda x, w, s: layers.conv3d(x, w, s, 1, "xla"),
+    "cpu (package)": lambda x, w, s: layers.conv3d(x, w, s, 1, "cpu"),
+    "cpu taps on inputs": lambda x, w, s: layers._depth_taps_on_inputs(x, w, s, 1),
+    "im2col": im2col,
+    "27 matmuls": shifted_matmuls,
+}
+
+
+def jax_layer_times(kind, cin, cout, size, stride, fn, repeats):
+    """Best forward and forward+backward (input and kernel gradients) times of one layer."""
+    x = jax.random.normal(jax.random.key(0), (1, size, size, size, cin))
     if kind == "conv":
-        w = jax.random.normal(jax.random.key(1), (3, 3, 3, c, c)) * 0.05
-        fn = lambda x, w: layers.conv3d(x, w, 1, 1, impl)  # noqa: E731
+        w = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, cout)) * 0.05
+        layer = lambda x, w: fn(x, w, stride)  # noqa: E731
     else:
         x = x[:, : size // 2, : size // 2, : size // 2]
-        w = jax.random.normal(jax.random.key(1), (2, 2, 2, c, c)) * 0.05
-        fn = lambda x, w: layers.conv_transpose3d(x, w, 2, impl)  # noqa: E731
+        w = jax.random.normal(jax.random.key(1), (2, 2, 2, cin, cout)) * 0.05
+        layer = fn
     # layers.jit (XLA_OPTIONS) only at the top level: JAX refuses compiler options on a nested jit
-    f = layers.jit(fn)
-    g = layers.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))
+    f = layers.jit(layer)
+    g = layers.jit(jax.grad(lambda x, w: jnp.sum(layer(x, w) ** 2), argnums=(0, 1)))
     return (best_of(lambda: jax.block_until_ready(f(x, w)), repeats),
             best_of(lambda: jax.block_until_ready(g(x, w)), repeats))
 
 
-def torch_layer_times(kind, c, size, repeats, channels_last):
+def torch_layer_times(kind, cin, cout, size, stride, repeats, channels_last):
     import torch
     torch.set_num_threads(2)
     if kind == "conv":
-        m = torch.nn.Conv3d(c, c, 3, padding=1, bias=False)
-        x = torch.randn(1, c, size, size, size)
+        m = torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        x = torch.randn(1, cin, size, size, size)
     else:
-        m = torch.nn.ConvTranspose3d(c, c, 2, stride=2, bias=False)
-        x = torch.randn(1, c, size // 2, size // 2, size // 2)
+        m = torch.nn.ConvTranspose3d(cin, cout, 2, stride=2, bias=False)
+        x = torch.randn(1, cin, size // 2, size // 2, size // 2)
     if channels_last:
         m = m.to(memory_format=torch.channels_last_3d)
         x = x.to(memory_format=torch.channels_last_3d)
@@ -187,6 +224,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip_models", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny widths for the whole-model rows")
+    p.add_argument("--all_formulations", action="store_true",
+                   help="also the formulations measured and not used (taps on inputs at stride 1, im2col, 27 matmuls)")
     a = p.parse_args()
     try:
         import torch  # noqa: F401
@@ -195,15 +234,21 @@ def main():
         have_torch = False
     print(f"jax {jax.__version__} on {jax.default_backend()}; PyTorch {'installed' if have_torch else 'not installed'}")
     rows = []
-    for kind, c in (("conv", 16), ("conv", 64), ("convT", 32), ("convT", 128)):
-        ref = torch_layer_times(kind, c, a.size, a.repeats, True) if have_torch else None
-        for impl in layers.CONV_IMPLS:
-            f, fb = jax_layer_times(kind, c, a.size, impl, a.repeats)
-            rows.append((f"{kind} {c}->{c} @{a.size}^3", impl, f, fb, ref))
+    layer_cases = [("conv", 16, 16, 1), ("conv", 64, 64, 1), ("conv", 32, 64, 2), ("convT", 32, 32, 2),
+                   ("convT", 128, 128, 2)]
+    for kind, cin, cout, stride in layer_cases:
+        name = f"{kind} {cin}->{cout}{' s2' if kind == 'conv' and stride == 2 else ''} @{a.size}^3"
+        ref = torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, True) if have_torch else None
+        if kind == "conv":
+            forms = CONV_FORMULATIONS if a.all_formulations else {k: CONV_FORMULATIONS[k] for k in ("xla", "cpu (package)")}
+        else:
+            forms = {impl: (lambda impl: lambda x, w: layers.conv_transpose3d(x, w, 2, impl))(impl)
+                     for impl in layers.CONV_IMPLS}
+        for label, fn in forms.items():
+            rows.append((name, label, *jax_layer_times(kind, cin, cout, a.size, stride, fn, a.repeats), ref))
         if have_torch:
-            rows.append((f"{kind} {c}->{c} @{a.size}^3", "torch NCDHW",
-                         *torch_layer_times(kind, c, a.size, a.repeats, False), ref))
-            rows.append((f"{kind} {c}->{c} @{a.size}^3", "torch channels-last", *ref, ref))
+            rows.append((name, "torch NCDHW", *torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, False), ref))
+            rows.append((name, "torch channels-last", *ref, ref))
     print(f"{'workload':28s} {'impl':20s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'fwd/torch':>10s} {'f+b/torch':>10s}")
     for name, impl, f, fb, ref in rows:
         r = f"{f / ref[0]:10.2f} {fb / ref[1]:10.2f}" if ref else ""

@@ -24,9 +24,9 @@ CONV_IMPLS = ("xla", "cpu")
 
 
 #: Compile options for every jitted function of this package. XLA's CPU backend hands 2-D convolutions
-#: to YNNPACK by default, which runs the depth-stacked convolutions of :func:`conv3d` 1.7–2× slower than
+#: to YNNPACK by default, which runs the 2-D convolutions of :func:`conv3d` 1.4–2× slower than
 #: XLA's Eigen convolution on a 2-core AVX-512 machine; this keeps YNNPACK for matrix products only. It is
-#: a CPU field of XLA's DebugOptions, which other backends do not read.
+#: a field of XLA's DebugOptions that only the CPU compiler uses (not yet run on a GPU here).
 XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
