@@ -41,6 +41,25 @@ def peak_memory() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
+def compiled_memory(jitted, *args) -> dict:
+    """Compiles ``jitted`` for ``args`` without running it; seconds and XLA's planned memory in GiB
+    (temporaries, arguments, outputs) where the backend reports them: a check that a size fits before
+    spending device time on it."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    rec = {"compile_s": round(time.perf_counter() - t0, 3)}
+    m = compiled.memory_analysis()
+    for key in ("temp", "argument", "output"):
+        value = getattr(m, f"{key}_size_in_bytes", None) if m is not None else None
+        rec[f"{key}_gib"] = round(value / 2**30, 3) if value is not None else None
+    return rec
+
+
+def print_memory(name: str, rec: dict) -> None:
+    print(f"{name}: compile {rec['compile_s']:.1f} s, XLA's plan: temporaries {rec['temp_gib']} GiB, "
+          f"arguments {rec['argument_gib']} GiB, outputs {rec['output_gib']} GiB")
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     return f"{d.platform}:{getattr(d, 'device_kind', '')} x{jax.device_count()}"

@@ -7,6 +7,7 @@
 Prints a table and one JSON line: compile time, median time per window and per DDIM step over
 --repeats runs after warm-up (block_until_ready), voxels/s, the FLOP count from the architecture
 (rediffinet_jax.flops), achieved TFLOP/s and its fraction of the measured matmul peak, peak memory.
+With --compile_only it compiles without running and prints XLA's memory plan (does a size fit?).
 """
 
 import argparse
@@ -19,7 +20,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import device_name, emit, matmul_peak, peak_memory, timed  # noqa: E402
+from benchmarks.common import (compiled_memory, device_name, emit, matmul_peak, peak_memory,  # noqa: E402
+                               print_memory, timed)
 from rediffinet_jax import diffusion  # noqa: E402
 from rediffinet_jax.flops import diffusion_flops  # noqa: E402
 from rediffinet_jax.models import layers  # noqa: E402
@@ -43,6 +45,7 @@ def main(argv=None):
     p.add_argument("--condition", default="concat", choices=diffusion.CONDITIONS)
     p.add_argument("--fusion", default="mean", choices=diffusion.FUSIONS)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile_only", action="store_true", help="compile, print XLA's memory plan, do not run")
     a = p.parse_args(argv)
 
     variant = diffusion.Variant(a.condition, "discrepancy" if a.condition != "image" else "mask")
@@ -55,6 +58,13 @@ def main(argv=None):
         return diffusion.sample(nnx.merge(graphdef, state), cond, key, a.steps, a.samples, a.fusion,
                                 a.chunk or None)["y"]
 
+    if a.compile_only:
+        rec = {"bench": "sampler_memory", "device": device_name(), "dtype": a.dtype, "size": a.size,
+               "steps": a.steps, "samples": a.samples, "chunk": a.chunk,
+               **compiled_memory(run, state, cond, jax.random.key(2))}
+        print_memory(f"sampler {a.dtype} {a.size} K={a.steps} S={a.samples} chunk={a.chunk}", rec)
+        emit(rec)
+        return rec
     compile_s, window_s, _ = timed(run, state, cond, jax.random.key(2), repeats=a.repeats)
     fl = diffusion_flops(a.size, variant.cond_channels, 3, a.features)
     total = fl["encoder"] + a.steps * a.samples * fl["denoiser"]

@@ -6,7 +6,8 @@
 
 Compile time, median step time after warm-up, achieved TFLOP/s (3 × the architecture's forward FLOPs
 per sample: forward + backward) and its fraction of the measured matmul peak, peak memory; a table and
-one JSON line per stage. Imports neither grain nor ml_collections (absent on the GPU machines).
+one JSON line per stage; with --compile_only, XLA's memory plan without running. Imports neither grain
+nor ml_collections (absent on the GPU machines).
 """
 
 import argparse
@@ -19,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import device_name, emit, matmul_peak, peak_memory, timed  # noqa: E402
+from benchmarks.common import (compiled_memory, device_name, emit, matmul_peak, peak_memory,  # noqa: E402
+                               print_memory, timed)
 from rediffinet_jax import parallel  # noqa: E402
 from rediffinet_jax.flops import diffusion_flops, unet_flops  # noqa: E402
 from rediffinet_jax.models.denoiser import FEATURES  # noqa: E402
@@ -51,6 +53,12 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
              "unet": (jax.random.uniform(jax.random.key(1), (batch, *size, 3)) > 0.9).astype(jnp.uint8)}
     gb = parallel.global_batch({kk: jax.device_get(v) for kk, v in local.items()}, trainer.mesh)
     holder = {"state": state}
+    if a.compile_only:
+        rec = {"bench": f"train_step_memory_{stage.name}", "device": device_name(), "dtype": a.dtype,
+               "remat": a.remat, "size": size, "batch": batch, **compiled_memory(trainer.step, state, gb, k)}
+        print_memory(f"{stage.name} {a.dtype} remat={int(a.remat)} {size} batch {batch}", rec)
+        emit(rec)
+        return
 
     def one(gb):  # donated state: thread it through
         holder["state"], m = trainer.step(holder["state"], gb, k)
@@ -78,11 +86,14 @@ def main(argv=None):
     p.add_argument("--remat", action="store_true", help="jax.checkpoint per block (less memory, more compute)")
     p.add_argument("--tiny", action="store_true", help="small widths, for a CPU")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile_only", action="store_true", help="compile, print XLA's memory plan, do not run")
     a = p.parse_args(argv)
     a.filters = (8, 16, 32, 64) if a.tiny else DEFAULT_FILTERS
     a.features = (8, 8, 16, 32, 64, 8) if a.tiny else FEATURES
-    peak = matmul_peak(DTYPES[a.dtype])
-    print(f"device {device_name()}, measured matmul peak {peak / 1e12:.1f} TFLOP/s ({a.dtype})")
+    peak = None
+    if not a.compile_only:
+        peak = matmul_peak(DTYPES[a.dtype])
+        print(f"device {device_name()}, measured matmul peak {peak / 1e12:.1f} TFLOP/s ({a.dtype})")
     if a.stage in ("unet", "both"):
         bench(UNetStage(unet_cfg(a)), a.unet_size, a.batch, unet_flops(a.unet_size, 5, a.filters), a, peak)
     if a.stage in ("diffusion", "both"):

@@ -43,3 +43,12 @@ def test_reference_formulations_equal_native(stride):
         got = cpu_conv.CONV_FORMULATIONS[name](x, w, stride)
         assert got.shape == native.shape, name
         assert float(jnp.abs(got - native).max()) < 1e-4, name
+
+
+def test_compile_only_reports_xla_memory_plan(capsys):
+    sampler.main(["--size", "16,16,16", "--steps", "2", "--samples", "2", "--features", "8,8,16,32,64,8",
+                  "--compile_only"])
+    (rec,) = _records(capsys.readouterr().out)
+    # the float32 condition image alone is 16³ × 7 × 4 bytes; temporaries hold at least x_t for 2 samples
+    assert rec["bench"] == "sampler_memory" and rec["argument_gib"] * 2**30 >= 16**3 * 7 * 4
+    assert rec["temp_gib"] * 2**30 >= 2 * 16**3 * 3 * 4
