@@ -64,7 +64,7 @@ def test_impl_override(monkeypatch):
 
 def test_jit_compiles_convolutions_with_eigen_not_ynnpack():
     # layers.jit passes XLA_OPTIONS: the 2-D convolutions of the CPU path stay XLA's own (Eigen), measured
-    # 1.7-2x faster here than YNNPACK's, which XLA picks by default
+    # 1.4-2x faster here than YNNPACK's, which XLA picks by default
     from rediffinet_jax.models import layers
     x, w = jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 2, 2))
     text = layers.jit(lambda x, w: conv3d(x, w, 1, 1, "cpu")).lower(x, w).compile().as_text()
