@@ -112,12 +112,24 @@ def torch_layer_times(kind, cin, cout, size, stride, repeats, channels_last):
 
 
 def model_times(size, repeats, impl, tiny):
+    """Denoiser forward and U-Net train step seconds with ``REDIFFINET_CONV=impl`` (restored after)."""
+    saved = os.environ.get("REDIFFINET_CONV")
+    os.environ["REDIFFINET_CONV"] = impl
+    try:
+        return _model_times(size, repeats, tiny)
+    finally:
+        if saved is None:
+            del os.environ["REDIFFINET_CONV"]
+        else:
+            os.environ["REDIFFINET_CONV"] = saved
+
+
+def _model_times(size, repeats, tiny):
     from flax import nnx
 
     from rediffinet_jax.models.denoiser import FEATURES, DiffusionNet
     from rediffinet_jax.models.unet import UNet
     from rediffinet_jax.training import soft_dice_bce
-    os.environ["REDIFFINET_CONV"] = impl
     feats = (8, 8, 16, 32, 64, 8) if tiny else FEATURES
     filters = (8, 16, 32, 64) if tiny else (32, 64, 128, 256, 320)
     net = DiffusionNet(7, 3, feats, rngs=nnx.Rngs(0))
@@ -139,7 +151,6 @@ def model_times(size, repeats, impl, tiny):
         return jax.tree.map(lambda a, b: a - 1e-4 * b, st, g)
 
     t_step = best_of(lambda: jax.block_until_ready(step(ust, img, tgt)), repeats)
-    del os.environ["REDIFFINET_CONV"]
     return t_den, t_step, filters, feats
 
 
