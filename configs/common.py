@@ -15,7 +15,7 @@ def base() -> ConfigDict:
         normalization="zscore_rescale", old_brats=False, n_folds=5, split_seed=0, num_workers=2,
         phantoms=ConfigDict(dict(n_cases=50, shape=(240, 240, 155), seed=0)),
     ))
-    augment = dict(flip_p=0.5, scale_shift=0.1, nvidia=True, nvidia_p=0.15)
+    augment = dict(flip_p=0.5, scale_shift=0.1, nvidia=True, nvidia_p=0.15, zoom_p=0.15, zoom_max=1.4)
     c.unet = ConfigDict(dict(
         filters=(64, 96, 128, 192, 256, 384, 512), deep_supervision=2, foreground_channel=True,
         dtype="float32", remat=False, patch=(128, 128, 128), batch=2, steps=25_000,

@@ -53,7 +53,7 @@ def test_state_restores_the_same_batches(refs):
 def test_foreground_fraction(refs):
     """With an odd patch the centre voxel survives flips: it is tumour in ≈ f + (1 − f)·(tumour share)."""
     patch, n = (9, 9, 9), 240
-    no_aug = pipeline.Augment(scale_shift=0.0, nvidia=False)
+    no_aug = pipeline.Augment(scale_shift=0.0, nvidia=False, zoom_p=0.0)
     share = np.mean([np.load(f"{r.folder}/regions.npy")[..., 0].mean() for r in refs])
 
     def centre_rate(f):
@@ -68,7 +68,7 @@ def test_foreground_fraction(refs):
 
 def test_padding_when_case_is_smaller_than_patch(refs):
     big = (48, 48, 48)  # cropped phantoms are < 44 voxels on every axis
-    no_aug = pipeline.Augment(flip_p=0.0, scale_shift=0.0, nvidia=False)
+    no_aug = pipeline.Augment(flip_p=0.0, scale_shift=0.0, nvidia=False, zoom_p=0.0)
     (batch,), _ = _take(pipeline.train_dataset(refs, big, 1, seed=0, augment=no_aug), 1)
     img = batch["image"][0]
     assert img.shape == (*big, 4)
@@ -99,7 +99,54 @@ def test_unet_masks(refs, phantom_root, tmp_path):
         seg = phantom_root / r.case_id / f"{r.case_id}-seg.nii.gz"
         nib.save(nib.load(str(seg)), str(oof / f"{r.case_id}.nii.gz"))
     pipeline.attach_unet_masks(refs, oof)
-    no_aug = pipeline.Augment(scale_shift=0.0, nvidia=False)
+    no_aug = pipeline.Augment(scale_shift=0.0, nvidia=False, zoom_p=0.5)  # flips and zooms move both alike
     batches, _ = _take(pipeline.train_dataset(refs, PATCH, 4, seed=0, with_unet=True, augment=no_aug), 2)
     for b in batches:
         np.testing.assert_array_equal(b["unet"], b["regions"])
+
+
+def test_zoom(tmp_path):
+    """A ramp image (1 per voxel along axis 0) and a tumour cube of side 8, zoomed by z ∈ [1, 1.4]: the ramp's
+    slope becomes m / 20 for the integer window size m = 20 / z, the cube's side 8 · 20 / m, and the
+    cube starts where the ramp reads its first source row (image and masks stay aligned)."""
+    n, side, patch = 40, 8, 20
+    ramp = np.broadcast_to(np.arange(1, n + 1, dtype=np.float32)[:, None, None, None], (n, n, n, 4))
+    regions = np.zeros((n, n, n, 3), np.uint8)
+    regions[16:16 + side, 16:16 + side, 16:16 + side] = 1
+    np.save(tmp_path / "image.npy", np.ascontiguousarray(ramp))
+    np.save(tmp_path / "regions.npy", regions)
+    aug = pipeline.Augment(flip_p=0.0, scale_shift=0.0, nvidia=False, zoom_p=1.0, zoom_max=1.4)
+    sample = pipeline.SamplePatch((patch,) * 3, foreground_fraction=1.0, augment=aug)
+    sizes, whole = set(), 0
+    for seed in range(12):
+        out = sample.random_map(pipeline.CaseRef("c", str(tmp_path)), np.random.default_rng(seed))
+        img, reg = out["image"], out["regions"]
+        assert img.shape == (patch,) * 3 + (4,) and reg.shape == (patch,) * 3 + (3,) and reg.dtype == np.uint8
+        slope = np.diff(img[2:-2, 10, 10, 0])
+        m = slope.mean() * patch
+        assert abs(m - round(m)) < 1e-3 and np.allclose(slope, slope[0], atol=1e-4)
+        m = round(m)
+        assert round(patch / 1.4) <= m <= patch
+        sizes.add(m)
+        extent = np.flatnonzero(reg[:, 10, 10, 0])
+        if extent[0] == 0 or extent[-1] == patch - 1:
+            continue  # the cube is cut by the patch's edge
+        assert abs(len(extent) - side * patch / m) <= 1
+        # output voxel i reads source row x (ramp value x + 1) and is tumour iff round(x) ∈ [16, 23], so the
+        # cube's first voxel reads a ramp value in [16.5, 16.5 + slope], its last in [24.5 − slope, 24.5]
+        c, first, last = m / patch, img[extent[0], 10, 10, 0], img[extent[-1], 10, 10, 0]
+        assert 16.5 - 1e-3 <= first <= 16.5 + c + 1e-3 and 24.5 - c - 1e-3 <= last <= 24.5 + 1e-3
+        whole += 1
+    assert whole >= 6
+    assert len(sizes) > 3  # the factor varies
+
+
+def test_process_zero_state_restores_every_process(refs):
+    """Checkpoints hold process 0's iterator state only (Orbax writes JSON from the primary host): after the
+    same number of batches, that state must continue process 1's own stream too."""
+    kw = dict(seed=5, process_count=2)
+    _, state0 = _take(pipeline.train_dataset(refs, PATCH, 1, process_index=0, **kw), 3)
+    p1, _ = _take(pipeline.train_dataset(refs, PATCH, 1, process_index=1, **kw), 5)
+    rest, _ = _take(pipeline.train_dataset(refs, PATCH, 1, process_index=1, **kw), 2, state0)
+    for x, y in zip(p1[3:], rest):
+        np.testing.assert_array_equal(x["image"], y["image"])

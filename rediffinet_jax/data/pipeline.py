@@ -25,12 +25,18 @@ from rediffinet_jax.labels import labels_to_regions
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """Augmentation settings. ``nvidia``: noise, blur, brightness, contrast, each with probability p."""
+    """Augmentation settings. ``nvidia``: noise, blur, brightness, contrast, each with probability p.
+
+    ``zoom_p``: probability of a zoom by a factor uniform in [1, ``zoom_max``] about the patch centre (the
+    NVIDIA recipe crops 0.7–1.0 of the patch and resizes it back up).
+    """
 
     flip_p: float = 0.5
     scale_shift: float = 0.1
     nvidia: bool = True
     nvidia_p: float = 0.15
+    zoom_p: float = 0.15
+    zoom_max: float = 1.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +97,17 @@ def _window(array: np.ndarray, start, size) -> np.ndarray:
     return out
 
 
+def _resize(array: np.ndarray, size) -> np.ndarray:
+    """Resizes ``[D, H, W, C]`` to ``size + [C]``, voxel centres aligned (half-pixel, as DALI and
+    ``jax.image.resize``). Floats are interpolated linearly (DALI uses cubic: 5× slower here, 1.5 s for
+    4 channels at 128³), integer masks take the nearest voxel so they stay binary. Channel by channel:
+    one 4-D call interpolating along C as well was 2× slower."""
+    order = 1 if np.issubdtype(array.dtype, np.floating) else 0
+    factors = np.asarray(size) / array.shape[:3]
+    return np.stack([ndimage.zoom(array[..., c], factors, order=order, grid_mode=True, mode="nearest")
+                     for c in range(array.shape[-1])], axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplePatch(grain.transforms.RandomMap):
     """CaseRef -> one augmented patch dict (see module docstring)."""
@@ -104,18 +121,25 @@ class SamplePatch(grain.transforms.RandomMap):
         folder = Path(ref.folder)
         image = np.load(folder / "image.npy", mmap_mode="r")
         regions = np.load(folder / "regions.npy", mmap_mode="r")
-        p = np.asarray(self.patch_size)
+        patch = np.asarray(self.patch_size)
         dims = np.asarray(image.shape[:3])
         fg = np.flatnonzero(regions[..., 0]) if rng.uniform() < self.foreground_fraction else np.empty(0)
         if fg.size:
             centre = np.asarray(np.unravel_index(fg[rng.integers(fg.size)], regions.shape[:3]))
         else:
             centre = np.asarray([rng.integers(d) for d in dims])
+        # A zoom by z reads a window of patch / z voxels and resizes it up to the patch: cheap, since only
+        # the smaller window is read and the resize runs on 15 % of the patches (0.33 s at 128³ with
+        # both masks, on one core).
+        zoom = rng.uniform(1.0, self.augment.zoom_max) if rng.uniform() < self.augment.zoom_p else 1.0
+        p = np.maximum(1, np.rint(patch / zoom).astype(int))
         lo, hi = np.minimum(0, dims - p), np.maximum(0, dims - p)
         start = np.clip(centre - p // 2, lo, hi)
         out = {"image": _window(image, start, p).astype(np.float32), "regions": _window(regions, start, p)}
         if self.with_unet:
             out["unet"] = _window(np.load(folder / "unet.npy", mmap_mode="r"), start, p)
+        if (p != patch).any():
+            out = {k: _resize(v, patch) for k, v in out.items()}
         return self._augment(out, rng)
 
     def _augment(self, out: dict, rng: np.random.Generator) -> dict:
