@@ -68,7 +68,8 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
     total = 3 * flops_per_sample * batch
     rec = {"bench": f"train_step_{stage.name}", "device": device_name(), "dtype": a.dtype, "remat": a.remat,
            "size": size, "batch": batch, "compile_s": round(compile_s, 3), "step_s": step_s,
-           "tflop_per_step": total / 1e12, "tflops": total / step_s / 1e12, "fraction_of_peak": total / step_s / peak,
+           "tflop_per_step": total / 1e12, "tflops": total / step_s / 1e12, "matmul_peak_tflops": peak / 1e12,
+           "fraction_of_peak": total / step_s / peak,
            "peak_memory_gib": (peak_memory() or 0) / 2**30 or None}
     print(f"{stage.name:10s} {a.dtype:8s} remat={int(a.remat)} {str(size):16s} batch {batch}: compile {compile_s:7.2f} s, "
           f"step {step_s:.3f} s, {rec['tflops']:.2f} TFLOP/s ({100 * rec['fraction_of_peak']:.1f} % of peak)"

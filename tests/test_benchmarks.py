@@ -1,14 +1,15 @@
-"""The benchmark scripts run (tiny sizes), so benchmarks/device.sh is ready for a GPU machine, and the
+"""benchmarks/device.sh runs its whole sequence (tiny sizes), so it is ready for a GPU machine, and the
 reference formulations of benchmarks/cpu_conv.py compute the convolution they stand for."""
 
 import json
+import os
 import subprocess
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import cpu_conv, sampler, train_step
+from benchmarks import cpu_conv, sampler, summary
 from rediffinet_jax.models import layers
 
 
@@ -16,22 +17,46 @@ def _records(out):
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def test_sampler_benchmark_runs(capsys):
-    sampler.main(["--size", "16,16,16", "--steps", "2", "--samples", "2", "--repeats", "1",
-                  "--features", "8,8,16,32,64,8"])
-    (rec,) = _records(capsys.readouterr().out)
-    assert rec["window_s"] > 0 and rec["tflop_per_window"] > 0 and 0 < rec["fraction_of_peak"] < 1.5
+def _device_sh(tmp_path, **env):
+    env = {**os.environ, "OUT": str(tmp_path), **env}
+    return subprocess.run(["bash", "benchmarks/device.sh"], env=env, capture_output=True, text=True, timeout=500)
 
 
-def test_train_step_benchmark_runs(capsys):
-    train_step.main(["--unet_size", "16,16,16", "--diff_size", "16,16,16", "--tiny", "--repeats", "1"])
-    recs = _records(capsys.readouterr().out)
-    assert [r["bench"] for r in recs] == ["train_step_unet", "train_step_rediffinet"]
-    assert all(r["step_s"] > 0 and r["batch"] == 2 for r in recs)
+def test_device_script_smoke(tmp_path):
+    """The GPU script's whole sequence at 16³ on the CPU: six benchmarks, one table, the targets judged."""
+    r = _device_sh(tmp_path, SMOKE="1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = summary.read(tmp_path / "device.jsonl")
+    assert [(x["bench"], x["dtype"], x.get("remat", False)) for x in recs] == [
+        ("sampler", "bfloat16", False), ("train_step_rediffinet", "bfloat16", False),
+        ("train_step_unet", "bfloat16", False), ("sampler", "float32", False),
+        ("train_step_rediffinet", "float32", False), ("train_step_rediffinet", "bfloat16", True)]
+    assert all(x["tflop_per_window"] > 0 and x["window_s"] > 0 for x in recs if x["bench"] == "sampler")
+    assert all(x["batch"] == 2 and x["step_s"] > 0 for x in recs if x["bench"] != "sampler")
+    assert all(0 < x["fraction_of_peak"] < 1.5 for x in recs)
+    table = r.stdout[r.stdout.index("| benchmark |"):]
+    assert table.count("\n| ") == 6 and "| sampler, one window | bfloat16 | no | 16×16×16 | 2×2 |" in table
+    assert "target, bfloat16 window ≤ 1.5 s at ≥ 30% of peak: " in table and "not measured" not in table
+    assert (tmp_path / "device.log").read_text().count("--- benchmarks/") == 6
 
 
-def test_device_script_parses():
-    assert subprocess.run(["bash", "-n", "benchmarks/device.sh"]).returncode == 0
+def test_device_script_deadline(tmp_path):
+    r = _device_sh(tmp_path, DEADLINE_S="10")
+    assert r.returncode == 0 and r.stdout.count("skipped, ") == 6
+    assert "target, bfloat16 window: not measured" in r.stdout
+
+
+def test_summary_targets():
+    def rec(bench, secs, frac, dtype="bfloat16", remat=False):
+        return {"bench": bench, "dtype": dtype, "remat": remat, "window_s": secs, "step_s": secs,
+                "fraction_of_peak": frac}
+    met = summary.targets([rec("sampler", 1.2, 0.35), rec("train_step_rediffinet", 0.5, 0.31)])
+    assert [line.split(": ")[1].split(" ")[0] for line in met] == ["met", "met"]
+    missed = summary.targets([rec("sampler", 1.6, 0.35), rec("sampler", 1.0, 0.9, "float32"),
+                              rec("train_step_rediffinet", 0.5, 0.9, remat=True),
+                              rec("train_step_rediffinet", 0.5, 0.29)])
+    assert [line.split(": ")[1].split(" ")[0] for line in missed] == ["missed", "missed"]
+    assert summary.targets([rec("sampler", 1.5, 0.29)])[0].split(": ")[1].startswith("missed")
 
 
 @pytest.mark.parametrize("stride", [1, 2])

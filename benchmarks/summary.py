@@ -1,0 +1,81 @@
+"""One markdown table from the JSON lines of benchmarks/sampler.py and benchmarks/train_step.py.
+
+    python benchmarks/summary.py $OUT/device.jsonl
+
+Prints the device, one row per record (the form README.md's GPU table takes) and whether the GPU
+targets of issue #8 are met: one bfloat16 inference window ≤ 1.5 s at ≥ 30 % of the bfloat16 matmul
+peak, and a bfloat16 Re-DiffiNet train step at ≥ 30 % of it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HEADER = ("| benchmark | dtype | remat | size | batch or S×K | compile + first (s) | time (s) | TFLOP | TFLOP/s "
+          "| % of matmul peak | peak memory (GiB) |")
+WINDOW_TARGET_S = 1.5
+PEAK_TARGET = 0.30
+
+
+def read(path: str) -> list[dict]:
+    """The timing records of a JSON-lines file (memory-plan records of --compile_only are left out)."""
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.startswith("{")]
+    return [r for r in recs if "fraction_of_peak" in r]
+
+
+def row(r: dict) -> str:
+    sampler = r["bench"] == "sampler"
+    size = "×".join(str(s) for s in r["size"])
+    work = f"{r['samples']}×{r['steps']}" if sampler else str(r["batch"])
+    secs = r["window_s"] if sampler else r["step_s"]
+    tflop = r["tflop_per_window"] if sampler else r["tflop_per_step"]
+    mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "–"
+    name = "sampler, one window" if sampler else r["bench"].removeprefix("train_step_") + " train step"
+    return (f"| {name} | {r['dtype']} | {'yes' if r.get('remat') else 'no'} | {size} | {work} | {r['compile_s']:.1f} "
+            f"| {secs:.3f} | {tflop:.2f} | {r['tflops']:.1f} | {100 * r['fraction_of_peak']:.1f} | {mem} |")
+
+
+def targets(recs: list[dict]) -> list[str]:
+    """One line per target: met, missed, or not measured."""
+    win = [r for r in recs if r["bench"] == "sampler" and r["dtype"] == "bfloat16"]
+    step = [r for r in recs if r["bench"] == "train_step_rediffinet" and r["dtype"] == "bfloat16" and not r["remat"]]
+    lines = []
+    if win:
+        r = win[0]
+        ok = r["window_s"] <= WINDOW_TARGET_S and r["fraction_of_peak"] >= PEAK_TARGET
+        lines.append(f"target, bfloat16 window ≤ {WINDOW_TARGET_S} s at ≥ {PEAK_TARGET:.0%} of peak: "
+                     f"{'met' if ok else 'missed'} ({r['window_s']:.3f} s, {r['fraction_of_peak']:.1%})")
+    else:
+        lines.append("target, bfloat16 window: not measured")
+    if step:
+        r = step[0]
+        ok = r["fraction_of_peak"] >= PEAK_TARGET
+        lines.append(f"target, bfloat16 Re-DiffiNet train step at ≥ {PEAK_TARGET:.0%} of peak: "
+                     f"{'met' if ok else 'missed'} ({r['fraction_of_peak']:.1%})")
+    else:
+        lines.append("target, bfloat16 Re-DiffiNet train step: not measured")
+    return lines
+
+
+def table(recs: list[dict]) -> str:
+    devices = sorted({r["device"] for r in recs})
+    peaks = sorted({(r["dtype"], round(r["matmul_peak_tflops"], 1)) for r in recs if "matmul_peak_tflops" in r})
+    lines = [f"device: {', '.join(devices) or 'none'}; measured matmul peak (TFLOP/s): "
+             + ", ".join(f"{d} {p}" for d, p in peaks), "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+    lines += [row(r) for r in recs]
+    return "\n".join(lines + [""] + targets(recs))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    print(table(read(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
