@@ -3,7 +3,8 @@
 For every model and fold: the baseline U-Net is scored from its out-of-fold label maps (made by the
 fold's own U-Net); a diffusion model is restored from its checkpoint, run by sliding window on the
 held-out cases (conditioned on those same out-of-fold U-Net masks), and its label maps are written
-to ``eval/<model>/fold_k/pred/``. Rows go to ``eval/<model>/fold_k/cases.csv`` as each case is
+to ``eval/<model>/fold_k/pred/``. Every model is scored on the regions of the label map it outputs
+(nested: TC ⊆ WT, ET ⊆ TC after painting), never on raw per-region masks. Rows go to ``eval/<model>/fold_k/cases.csv`` as each case is
 done, so an interrupted evaluation resumes; cases already scored are skipped.
 """
 
@@ -26,7 +27,8 @@ from rediffinet_jax.training import DiffusionStage, Trainer
 
 BASELINE = "unet"
 CASE_COLUMNS = ("case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "tp", "fp", "fn",
-                "convention")
+                "unet_errors", "flipped", "fixed", "convention")
+FLIP_COLUMNS = ("unet_errors", "flipped", "fixed")
 
 
 def trained_models(workdir: Path) -> list[str]:
@@ -38,13 +40,20 @@ def trained_models(workdir: Path) -> list[str]:
 
 
 def _read_rows(path: Path) -> list[dict]:
+    """The rows of ``eval/<model>/fold_k/cases.csv``; refuses one with other columns (an older version's)."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if tuple(reader.fieldnames or ()) != CASE_COLUMNS:
+        raise ConfigError(f"{path} has the columns {reader.fieldnames}, not {list(CASE_COLUMNS)} (an older "
+                          f"version wrote it); delete {path.parents[2]} to rescore")
     for r in rows:
         for k in ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95"):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
+        for k in FLIP_COLUMNS:
+            r[k] = int(r[k])
     return rows
 
 
@@ -120,10 +129,16 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", convent
                     if model is None:
                         trainer = trainer or Trainer(dstage, progress=False)
                         model = trainer.load(workdir / name / f"fold_{k}", checkpoint)
-                    pred = _refine(dstage, model, folder, brats.crop(unet_full, box), box, full, k, cid)
-                    _write_pred(pred, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
+                    labels = regions_to_labels(_refine(dstage, model, folder, brats.crop(unet_full, box), box, full,
+                                                       k, cid))
+                    _write_pred(labels, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
+                    # score the label map written, as for the U-Net: its regions are nested (a TC voxel
+                    # outside WT counts as WT), which the refiner's per-region flips need not be
+                    pred = labels_to_regions(labels)
                 rows = metrics.score_case(pred, gt, meta["spacing"], cid, convention,
                                           with_lesion_wise=True)
+                for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
+                    row.update({k: flips[k] for k in FLIP_COLUMNS})
                 _append_rows(csv_path, rows)
             per_fold.setdefault(name, {})[k] = _read_rows(csv_path)
     summary = reports.write_summary(workdir / "eval", per_fold, convention)
@@ -144,11 +159,11 @@ def _refine(dstage, model, folder, unet_crop, box, full, fold, cid):
     return brats.paste(fused.astype(np.uint8), box, full)
 
 
-def _write_pred(regions, path: Path, workdir: Path, cid: str) -> None:
+def _write_pred(labels, path: Path, workdir: Path, cid: str) -> None:
     src = next((workdir / "data" / cid).glob(f"{cid}-t1n.nii*"), None) if (workdir / "data" / cid).is_dir() else None
     if src is None:  # real data: the reference geometry is the out-of-fold map, written from the source
         src = workdir / BASELINE / "oof" / f"{cid}.nii.gz"
-    brats.write_label_map(regions_to_labels(regions), path, src)
+    brats.write_label_map(labels, path, src)
 
 
 def _bar(items, desc, progress):

@@ -159,6 +159,22 @@ def score_case(pred_regions, gt_regions, spacing, case: str = "", convention: st
     return rows
 
 
+def flip_counts(pred_regions, unet_regions, gt_regions) -> list[dict]:
+    """How a refinement changed the U-Net's masks, per region [WT, TC, ET], in voxels.
+
+    All three ``[D, H, W, 3]`` binary. ``unet_errors`` = |U ⊕ G|; ``flipped`` = |P ⊕ U|; ``fixed`` =
+    |(P ⊕ U) ∧ (U ⊕ G)|, the flipped voxels U had wrong. The refined mask's errors are then
+    ``unet_errors − fixed + (flipped − fixed)``. For the U-Net itself (P = U) all flips are 0.
+    """
+    p, u, g = (np.asarray(a, bool) for a in (pred_regions, unet_regions, gt_regions))
+    if not p.shape == u.shape == g.shape or p.shape[-1] != len(REGIONS):
+        raise ValueError(f"region masks must all be [D, H, W, 3]; got {p.shape}, {u.shape}, {g.shape}")
+    err, flip = u ^ g, p ^ u
+    axes = tuple(range(p.ndim - 1))
+    return [{"region": name, "unet_errors": int(e), "flipped": int(f), "fixed": int(x)} for name, e, f, x in
+            zip(REGIONS, err.sum(axes), flip.sum(axes), (err & flip).sum(axes))]
+
+
 def summarize(rows: list[dict], keys=("dice", "hd95", "lesionwise_dice", "lesionwise_hd95")) -> dict:
     """Means per region over cases, and their average over the three regions ('avg').
 

@@ -60,7 +60,7 @@ _KEYS = ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95")
 def summary_tables(per_fold: dict, convention: str, baseline: str = "unet") -> dict:
     """Per model: per-fold means, mean and std over folds; improvement of each model over the baseline
     (Dice in points, HD95 in % of the baseline's, positive = better), from the per-fold means."""
-    out = {"convention": convention, "models": {}, "improvement": {}}
+    out = {"convention": convention, "models": {}, "improvement": {}, "flips": flip_summary(per_fold, baseline)}
     for name, folds in per_fold.items():
         fm = {k: summarize(rows, _KEYS) for k, rows in folds.items() if rows}
         cols = [*REGIONS, "avg"]
@@ -78,6 +78,40 @@ def summary_tables(per_fold: dict, convention: str, baseline: str = "unet") -> d
                 if base[c]["hd95"] > 0 else float("nan")}
             for c in [*REGIONS, "avg"]}
     return out
+
+
+def flip_summary(per_fold: dict, baseline: str = "unet") -> dict:
+    """Per refined model and region, the voxel counts of :func:`metrics.flip_counts` summed over every
+    scored case of every fold, with precision = fixed / flipped (how many flips were right), recall =
+    fixed / U-Net errors (how many of the U-Net's errors were flipped) and the net change in wrong voxels
+    (negative = fewer). Pooled rather than averaged: a case with no U-Net error has no recall."""
+    out = {}
+    for name, folds in per_fold.items():
+        rows = [r for fold_rows in folds.values() for r in fold_rows]
+        if name == baseline or not rows or "flipped" not in rows[0]:
+            continue
+        out[name] = {}
+        for region in REGIONS:
+            sel = [r for r in rows if r["region"] == region]
+            err, flip, fixed = (int(sum(r[k] for r in sel)) for k in ("unet_errors", "flipped", "fixed"))
+            out[name][region] = {"unet_errors": err, "flipped": flip, "fixed": fixed,
+                                 "precision": fixed / flip if flip else float("nan"),
+                                 "recall": fixed / err if err else float("nan"),
+                                 "net_error_change": flip - 2 * fixed}
+    return out
+
+
+def flip_markdown(flips: dict) -> list[str]:
+    if not flips:
+        return []
+    lines = ["", "Voxels each refiner flipped in the U-Net's masks, all held-out cases pooled (precision: flips",
+             "that fixed a U-Net error; recall: U-Net errors fixed; net: change in wrong voxels, negative = fewer):",
+             "", "| model | region | U-Net errors | flipped | fixed | precision | recall | net |", "|" + "---|" * 8]
+    for name, regions in flips.items():
+        for region, f in regions.items():
+            lines.append(f"| {name} | {region} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} "
+                         f"| {100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |")
+    return lines
 
 
 def summary_markdown(s: dict) -> str:
@@ -116,6 +150,7 @@ def summary_markdown(s: dict) -> str:
                 f"{100 * m['mean'][c]['lesionwise_dice']:.2f} ± {100 * m['std'][c]['lesionwise_dice']:.2f}" for c in cols)
                 + " | " + " | ".join(
                 f"{m['mean'][c]['lesionwise_hd95']:.2f} ± {m['std'][c]['lesionwise_hd95']:.2f}" for c in cols) + " |")
+    lines += flip_markdown(s.get("flips", {}))
     return "\n".join(lines) + "\n"
 
 

@@ -136,3 +136,24 @@ def test_bad_input():
         M.hd95(a, a, (1, 0, 1))
     with pytest.raises(ValueError, match="convention"):
         M.hd95(a, a, (1, 1, 1), "scipy")
+
+
+def test_flip_counts_by_hand():
+    """WT: U = cube 10³ at 10, G = the same cube shifted by 2 along axis 0 (U ⊕ G = 2 slabs of 2·10·10 = 400).
+    P fixes the front slab (200 voxels, all wrong in U) and flips 50 correct voxels inside: flipped 250,
+    fixed 200. TC: P = U (no flips). ET: U empty, G a 3³ cube, P adds it plus 2 voxels next to it."""
+    u, g, p = (np.zeros((40, 40, 40, 3), bool) for _ in range(3))
+    u[..., 0], g[..., 0] = _cube(), _cube(lo=(12, 10, 10))
+    p[..., 0] = u[..., 0]
+    p[10:12, 10:20, 10:20, 0] = False  # U had these wrong (not in G)
+    p[15, 10:15, 10:20, 0] = False  # 50 voxels U had right
+    u[..., 1], g[..., 1] = _cube(size=4), _cube(size=5)
+    p[..., 1] = u[..., 1]
+    g[20:23, 20:23, 20:23, 2] = True
+    p[20:23, 20:23, 20:23, 2] = True
+    p[23, 20, 20:22, 2] = True
+    rows = M.flip_counts(p, u, g)
+    assert [r["region"] for r in rows] == ["WT", "TC", "ET"]
+    assert [(r["unet_errors"], r["flipped"], r["fixed"]) for r in rows] == [
+        (400, 250, 200), (5**3 - 4**3, 0, 0), (27, 29, 27)]
+    assert all(r["flipped"] == 0 for r in M.flip_counts(u, u, g))

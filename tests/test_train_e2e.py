@@ -104,6 +104,25 @@ def _run(script, *args):
                           timeout=300)
 
 
+def _check_scores_against_files(workdir, k, rows):
+    from rediffinet_jax import metrics
+    from rediffinet_jax.labels import labels_to_regions
+
+    def regions(path):
+        return labels_to_regions(np.rint(nib.load(str(path)).get_fdata()).astype(np.uint8))
+
+    for cid in sorted({r["case"] for r in rows}):
+        pred = regions(workdir / "eval" / "rediffinet" / f"fold_{k}" / "pred" / f"{cid}.nii.gz")
+        gt = regions(workdir / "data" / cid / f"{cid}-seg.nii.gz")
+        unet = regions(workdir / "unet" / "oof" / f"{cid}.nii.gz")
+        flips = {f["region"]: f for f in metrics.flip_counts(pred, unet, gt)}
+        for i, region in enumerate(("WT", "TC", "ET")):
+            (row,) = [r for r in rows if r["case"] == cid and r["region"] == region]
+            assert float(row["dice"]) == pytest.approx(metrics.dice(pred[..., i], gt[..., i]), abs=1e-12)
+            assert [int(row[c]) for c in ("unet_errors", "flipped", "fixed")] == [
+                flips[region][c] for c in ("unet_errors", "flipped", "fixed")]
+
+
 def test_evaluate_writes_tables(finished):
     workdir = finished[0]
     proc = _run("evaluate.py", f"--workdir={workdir}")
@@ -115,13 +134,17 @@ def test_evaluate_writes_tables(finished):
             with open(workdir / "eval" / model / f"fold_{k}" / "cases.csv") as f:
                 rows = list(csv.DictReader(f))
             assert list(rows[0]) == ["case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95",
-                                     "tp", "fp", "fn", "convention"]
+                                     "tp", "fp", "fn", "unet_errors", "flipped", "fixed", "convention"]
             assert len(rows) == 3 * 3  # 3 held-out cases × [WT, TC, ET]
+            if model == "rediffinet":  # the scores and flips are those of the label maps written, recomputed
+                _check_scores_against_files(workdir, k, rows)
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
     assert summary["models"]["unet"]["n_folds"] == 2 and summary["models"]["rediffinet"]["n_folds"] == 2
     assert "rediffinet" in summary["improvement"]
+    flips = summary["flips"]["rediffinet"]["WT"]
+    assert set(summary["flips"]) == {"rediffinet"} and flips["net_error_change"] == flips["flipped"] - 2 * flips["fixed"]
     md = (workdir / "eval" / "summary.md").read_text()
-    assert "mean ± std (2 folds)" in md
+    assert "mean ± std (2 folds)" in md and "| rediffinet | WT | " in md
     assert (workdir / "eval" / "summary.csv").is_file()
     assert (workdir / "eval" / "figures" / "hd95_by_model.png").is_file()
     pred = sorted((workdir / "eval" / "rediffinet" / "fold_0" / "pred").glob("*.nii.gz"))
