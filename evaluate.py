@@ -9,7 +9,8 @@ from absl import app, flags
 flags.DEFINE_string("workdir", None, "Work directory of train.py.", required=True)
 flags.DEFINE_list("models", None, "Models to score besides the U-Net baseline (default: all trained).")
 flags.DEFINE_list("folds", None, "Folds to score (default: all).")
-flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of each fold.")
+flags.DEFINE_enum("checkpoint", None, ["best", "latest"],
+                  "Which checkpoint of each fold (default: the run's eval.checkpoint, else latest).")
 flags.DEFINE_enum("convention", None, ["brats2023", "monai", "medpy"],
                   "HD95 convention (default: the run's eval.convention, else brats2023).")
 FLAGS = flags.FLAGS

@@ -32,7 +32,9 @@ def base() -> ConfigDict:
         sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=0)),
         val_sampler=ConfigDict(dict(steps=10, samples=1)),
     ))
-    c.eval = ConfigDict(dict(convention="brats2023", lesion_wise=True, checkpoint="best"))
+    # checkpoint: each fold's last one. Validation runs on the fold's held-out cases, so "best" would pick
+    # the checkpoint on the very cases it is then scored on (and conditioned on, for stage 2's U(I)).
+    c.eval = ConfigDict(dict(convention="brats2023", lesion_wise=True, checkpoint="latest"))
     c.stages = "all"  # all | unet (stage 1 and out-of-fold predictions only)
     return c
 

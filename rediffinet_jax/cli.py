@@ -82,7 +82,7 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
     sys.exit(2)
 
 
-def evaluate(workdir, models=None, folds=None, checkpoint="best", convention=None) -> None:
+def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     from rediffinet_jax import evaluation
     try:

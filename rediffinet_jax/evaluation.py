@@ -74,10 +74,12 @@ def _case_arrays(cache: Path, cid: str):
     return folder, meta, box, full, gt
 
 
-def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", convention: str | None = None,
+def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, convention: str | None = None,
              progress: bool = True, log=print) -> dict:
     """Scores every (model, fold), writes cases.csv per fold and eval/summary.{md,csv,json} + figures.
 
+    checkpoint: ``best`` or ``latest`` of each diffusion fold; by default the run's ``eval.checkpoint``
+    (config.json), else ``latest`` (validation scores the held-out fold: ``best`` selects on it).
     convention: the HD95 convention; by default the run's ``eval.convention`` (config.json), else
     ``brats2023``. Rows already scored in another convention are refused (delete eval/ to rescore).
     Returns the summary dict (see :func:`reports.summary_tables`).
@@ -94,10 +96,10 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", convent
             raise ConfigError(f"no trained model {unknown} in {workdir}; found {names}")
         names = [BASELINE] + [n for n in names if n in models and n != BASELINE]
     fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
-    if convention is None:
-        run_config = workdir / "config.json"
-        saved = json.loads(run_config.read_text()) if run_config.is_file() else {}
-        convention = saved.get("eval", {}).get("convention", "brats2023")
+    run_config = workdir / "config.json"
+    saved = json.loads(run_config.read_text()).get("eval", {}) if run_config.is_file() else {}
+    convention = convention or saved.get("convention", "brats2023")
+    checkpoint = checkpoint or saved.get("checkpoint", "latest")
     if convention not in metrics.CONVENTIONS:
         raise ConfigError(f"unknown HD95 convention {convention!r}; choose one of {metrics.CONVENTIONS}")
     cache, oof = workdir / "cache", workdir / BASELINE / "oof"
@@ -134,14 +136,14 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str = "best", convent
                     _write_pred(labels, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
                     # score the label map written, as for the U-Net: its regions are nested (a TC voxel
                     # outside WT counts as WT), which the refiner's per-region flips need not be
-                    pred = labels_to_regions(labels)
+                    pred = labels_to_regions(labels)  # = labels.nested(refined)
                 rows = metrics.score_case(pred, gt, meta["spacing"], cid, convention,
                                           with_lesion_wise=True)
                 for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
                     row.update({k: flips[k] for k in FLIP_COLUMNS})
                 _append_rows(csv_path, rows)
             per_fold.setdefault(name, {})[k] = _read_rows(csv_path)
-    summary = reports.write_summary(workdir / "eval", per_fold, convention)
+    summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint)
     if jax.process_index() == 0:
         reports.hd95_by_model_figure(per_fold, workdir / "eval" / "figures" / "hd95_by_model.png")
         _case_figures(workdir, per_fold, names, fold_ids, all_folds)

@@ -62,3 +62,10 @@ def regions_to_labels(regions: np.ndarray) -> np.ndarray:
     for name, value in _PAINT_ORDER:
         out[regions[..., REGIONS.index(name)] > 0] = value
     return out
+
+
+def nested(regions: np.ndarray) -> np.ndarray:
+    """The region masks ``[..., 3]`` uint8 that the label map of ``regions`` encodes: what is written and
+    scored. Painting nests them (TC ⊆ WT, ET ⊆ TC): a TC voxel outside WT becomes WT too, an ET voxel
+    outside TC becomes WT and TC. A refiner flips each region on its own, so its masks need not be nested."""
+    return labels_to_regions(regions_to_labels(regions))

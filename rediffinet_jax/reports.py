@@ -117,7 +117,8 @@ def flip_markdown(flips: dict) -> list[str]:
 def summary_markdown(s: dict) -> str:
     cols = [*REGIONS, "avg"]
     head = "| fold | model | " + " | ".join(f"Dice {c}" for c in cols) + " | " + " | ".join(f"HD95 {c}" for c in cols) + " |"
-    lines = [f"HD95 convention: {s['convention']} (mm). Dice in %.", "", head, "|" + "---|" * (2 + 2 * len(cols))]
+    lines = [f"HD95 convention: {s['convention']} (mm). Dice in %. Diffusion models: each fold's "
+             f"{s.get('checkpoint', 'latest')} checkpoint.", "", head, "|" + "---|" * (2 + 2 * len(cols))]
 
     def row(label, name, vals, std=None):
         def cell(c, k, scale):
@@ -154,7 +155,7 @@ def summary_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(eval_dir, per_fold: dict, convention: str) -> dict:
+def write_summary(eval_dir, per_fold: dict, convention: str, checkpoint: str = "latest") -> dict:
     """Writes summary.json, summary.csv (long: model, fold, region, metric, value) and summary.md."""
     import csv
     import json
@@ -162,7 +163,7 @@ def write_summary(eval_dir, per_fold: dict, convention: str) -> dict:
 
     eval_dir = Path(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    s = summary_tables(per_fold, convention)
+    s = {**summary_tables(per_fold, convention), "checkpoint": checkpoint}
     (eval_dir / "summary.json").write_text(json.dumps(s, indent=1))
     with open(eval_dir / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from rediffinet_jax import checkpoints, diffusion, inference, metrics, parallel
 from rediffinet_jax.errors import RediffinetError
+from rediffinet_jax.labels import nested
 from rediffinet_jax.models import layers
 from rediffinet_jax.models.denoiser import DiffusionNet
 from rediffinet_jax.models.unet import UNet
@@ -56,7 +57,9 @@ def soft_dice_bce(logits: jax.Array, target: jax.Array, smooth: float = 1e-5) ->
 
 
 def _region_dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Mean over the regions of :func:`metrics.dice` on ``[..., 3]`` arrays (> 0 is foreground)."""
+    """Mean over [WT, TC, ET] of :func:`metrics.dice` of the label map ``pred`` would be written as (nested
+    regions, as evaluation scores it) against ``gt``; both binary ``[..., 3]``."""
+    pred = nested(np.asarray(pred) > 0)
     return float(np.mean([metrics.dice(pred[..., r] > 0, gt[..., r] > 0) for r in range(pred.shape[-1])]))
 
 
@@ -105,7 +108,7 @@ class UNetStage:
 
 @dataclasses.dataclass
 class DiffusionStage:
-    """Stage 2: a diffusion variant on patches (+ U(I)), scored by Dice of the predicted target."""
+    """Stage 2: a diffusion variant on patches (+ U(I)), validated by the Dice of its final segmentation."""
 
     cfg: object  # the config's ``diffusion`` block
     name: str = "rediffinet"
@@ -145,8 +148,9 @@ class DiffusionStage:
         for i, case in enumerate(cases):
             unet = np.asarray(case.unet) if self.with_unet else None
             y = self.fused(model, case.image, unet, jax.random.fold_in(key, i), s.steps, s.samples)
-            target = np.asarray(self.variant.target_mask(jnp.asarray(case.regions), unet))
-            scores.append(_region_dice(y > 0, target))
+            # the segmentation (U(I) XOR Δ̂ for Re-DiffiNet), not Δ̂: "best" means best at the task
+            pred = np.asarray(self.variant.finish(jnp.asarray(y > 0), None if unet is None else jnp.asarray(unet)))
+            scores.append(_region_dice(pred, np.asarray(case.regions)))
         return float(np.mean(scores))
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rediffinet_jax.labels import REGIONS, check_labels, labels_to_regions, regions_to_labels
+from rediffinet_jax.labels import REGIONS, check_labels, labels_to_regions, nested, regions_to_labels
 
 
 def test_regions_by_hand():
@@ -29,3 +29,15 @@ def test_old_brats_label_only_when_asked():
     np.testing.assert_array_equal(check_labels(np.array([0, 4, 2]), old_brats=True), [0, 3, 2])
     with pytest.raises(ValueError, match=r"\[5\]"):
         check_labels(np.array([0, 5]))
+
+
+def test_nested_by_hand():
+    """A TC voxel outside WT becomes WT too; an ET voxel outside TC and WT becomes all three; a WT voxel
+    without TC stays WT only; nested masks are unchanged."""
+    r = np.zeros((4, 3), np.uint8)
+    r[0] = (0, 1, 0)
+    r[1] = (0, 0, 1)
+    r[2] = (1, 0, 0)
+    r[3] = (1, 1, 1)
+    np.testing.assert_array_equal(nested(r), [(1, 1, 0), (1, 1, 1), (1, 0, 0), (1, 1, 1)])
+    np.testing.assert_array_equal(nested(nested(r)), nested(r))

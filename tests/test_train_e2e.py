@@ -145,6 +145,7 @@ def test_evaluate_writes_tables(finished):
     assert set(summary["flips"]) == {"rediffinet"} and flips["net_error_change"] == flips["flipped"] - 2 * flips["fixed"]
     md = (workdir / "eval" / "summary.md").read_text()
     assert "mean ± std (2 folds)" in md and "| rediffinet | WT | " in md
+    assert summary["checkpoint"] == "latest" and "each fold's latest checkpoint" in md  # the run's default
     assert (workdir / "eval" / "summary.csv").is_file()
     assert (workdir / "eval" / "figures" / "hd95_by_model.png").is_file()
     pred = sorted((workdir / "eval" / "rediffinet" / "fold_0" / "pred").glob("*.nii.gz"))

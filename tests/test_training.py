@@ -106,3 +106,20 @@ def test_diffusion_stage_step_runs_sharded(data, tmp_path):
     trainer = Trainer(DiffusionStage(c), progress=False)
     done = trainer.fit(tmp_path, refs, val, seed=1, log=lambda m: None)
     assert done["latest_step"] == 2 and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_diffusion_validation_scores_the_refined_segmentation():
+    """U(I) = GT (nothing to fix). Δ̂ flips 10 WT voxels outside TC and 8 inside it: the segmentation loses the
+    10 (WT Dice 2·990/1990) and keeps the 8 (inside TC, the label map still says WT); TC and ET are exact.
+    Scoring Δ̂ against Δ (empty) instead would give WT Dice 0."""
+    gt = np.zeros((16, 16, 16, 3), np.uint8)
+    gt[3:13, 3:13, 3:13, 0] = 1  # WT 1000 voxels
+    gt[6:10, 6:10, 6:10, 1] = 1  # TC 64 voxels, no ET
+    y = -np.ones(gt.shape, np.float32)  # fused value: Δ̂ = y > 0
+    y[3, 3, 3:13, 0] = 1  # 10 WT voxels outside TC
+    y[6, 6:10, 6:8, 0] = 1  # 8 inside TC
+    stage = DiffusionStage(common.smoke(common.base()).diffusion)
+    stage.fused = lambda *args, **kwargs: y
+    case = ValCase("c", np.zeros((16, 16, 16, 4), np.float32), gt, gt.copy())
+    got = stage.validate(None, [case], jax.random.key(0))
+    assert got == pytest.approx((2 * 990 / 1990 + 1 + 1) / 3, abs=1e-12)
