@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh
 
@@ -81,7 +82,12 @@ def test_sharded_step_equals_single_device(data):
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
-        trainer = Trainer(UNetStage(cfg), mesh=mesh, progress=False)
+        stage = UNetStage(cfg)
+        # Plain SGD: Adam divides by √v, so where a gradient is ~0 (kernel taps that see only padding at
+        # 4³) summation-order noise between one device and two becomes a full ±lr update (seen: 0.6 % of
+        # the elements off by up to lr/6 after 3 steps). SGD keeps the comparison about the gradients.
+        stage.optimizer = lambda: optax.sgd(cfg.lr)
+        trainer = Trainer(stage, mesh=mesh, progress=False)
         state = trainer.init_state(0)
         gb = parallel.global_batch(batch, mesh)
         if len(devices) == 2:  # the batch is really split: one sample on each device
@@ -96,7 +102,8 @@ def test_sharded_step_equals_single_device(data):
     (l1, p1), (l2, p2) = results
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for a, b in zip(p1, p2):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(p1, _params(trainer.init_state(0)))) > 1e-4  # it moved
 
 
 def test_diffusion_stage_step_runs_sharded(data, tmp_path):
