@@ -27,7 +27,10 @@ def base() -> ConfigDict:
         features=(64, 64, 128, 256, 512, 64), dtype="float32", remat=False,
         patch=(128, 192, 128), batch=4, steps=50_000,
         lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_frac=0.15, clip_norm=0.0,
-        loss_weights=(1.0, 1.0, 1.0), foreground_fraction=0.4, augment=ConfigDict(augment),
+        # Diff-UNet's augmentations (flips, intensity scale/shift 0.1), which Re-DiffiNet's code builds on,
+        # not the U-Net's NVIDIA set: see README, "Decisions"
+        loss_weights=(1.0, 1.0, 1.0), foreground_fraction=0.4,
+        augment=ConfigDict(dict(augment, nvidia=False, zoom_p=0.0)),
         val_every=2000, val_cases=0, keep=2, overlap=0.5, batch_windows=1,
         sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=0)),
         val_sampler=ConfigDict(dict(steps=10, samples=1)),
