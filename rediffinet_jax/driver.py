@@ -21,6 +21,7 @@ from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
 
 # Settings that change how a run is carried out, not what it produces: never a conflict.
 SETTINGS_FILE = "settings.json"
+OOF_KEY = "oof_checkpoint"  # which checkpoint of each fold made unet/oof/ (part of stage 1's settings)
 _RUNTIME_KEYS = {"num_workers", "val_every", "keep", "batch_windows", "val_cases", "sampler", "val_sampler"}
 
 
@@ -65,6 +66,24 @@ def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print)
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(flat, indent=1, sort_keys=True))
     (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+
+
+def renew_oof_if_checkpoint_changed(unet_dir: Path, settings: dict, log=print) -> None:
+    """The out-of-fold maps depend on which checkpoint made them (``oof_checkpoint``, from
+    ``eval.checkpoint``), not on the training: when only that differs from the saved settings, delete the
+    maps so that they are remade, and record the new choice, instead of refusing the stage. Stage 2's
+    settings include it, so a refiner trained on the old maps is still refused."""
+    path = unet_dir / "config.json"
+    if not path.is_file():
+        return
+    saved, flat = json.loads(path.read_text()), _flat(json.loads(json.dumps(settings)))
+    if {k for k in set(saved) | set(flat) if saved.get(k) != flat.get(k)} != {OOF_KEY}:
+        return
+    log(f"the out-of-fold U-Net maps were made from the {saved.get(OOF_KEY)} checkpoints; remaking them from "
+        f"the {flat[OOF_KEY]} ones")
+    shutil.rmtree(unet_dir / "oof", ignore_errors=True)
+    path.write_text(json.dumps(flat, indent=1, sort_keys=True))
+    (unet_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
 
 
 def load_settings(folder: Path):
@@ -150,7 +169,10 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
     # ---- stage 1: the U-Net of every fold, then its out-of-fold predictions
     unet_stage = UNetStage(config.unet)
     unet_dir = workdir / "unet"
-    unet_settings = {"seed": config.seed, "data": data_settings, "unet": config.unet.to_dict()}
+    unet_settings = {"seed": config.seed, "data": data_settings, "unet": config.unet.to_dict(),
+                     OOF_KEY: config.eval.checkpoint}
+    if stage in (None, "unet"):  # the maps are remade below
+        renew_oof_if_checkpoint_changed(unet_dir, unet_settings, log)
     check_stage_config(unet_dir, unet_settings, overwrite and stage in (None, "unet"), log)
     if stage in (None, "unet"):
         trainer = Trainer(unet_stage, progress=progress)

@@ -67,6 +67,24 @@ def test_conflicting_config_is_refused(finished):
     assert "unet.lr" in proc.stdout and "--overwrite" in proc.stdout
 
 
+def test_changed_oof_checkpoint_remakes_the_maps(finished, tmp_path):
+    """eval.checkpoint picks the checkpoints the out-of-fold maps come from: changing it remakes the maps
+    (not the U-Nets), and the refiner trained on the old maps is refused, naming the key."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished[0], workdir)
+    oof = sorted((workdir / "unet" / "oof").glob("*.nii.gz"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in oof}
+    ckpt = {p: p.stat().st_mtime_ns for p in (workdir / "unet").glob("fold_*/done.json")}
+    proc = _train(workdir, "--config.eval.checkpoint=best", "--stage=unet")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "made from the latest checkpoints; remaking them from the best ones" in proc.stdout
+    remade = {p.name: p.stat().st_mtime_ns for p in (workdir / "unet" / "oof").glob("*.nii.gz")}
+    assert set(remade) == set(stamps) and all(remade[n] != stamps[n] for n in stamps)
+    assert all(p.stat().st_mtime_ns == t for p, t in ckpt.items())  # no U-Net retrained
+    proc = _train(workdir, "--config.eval.checkpoint=best")
+    assert proc.returncode == 2 and "oof_checkpoint" in proc.stdout and "rediffinet" in proc.stdout
+
+
 def test_unknown_key_and_missing_root(tmp_path):
     proc = _train(tmp_path / "w", "--config.unet.stepz=3")
     assert proc.returncode == 2 and "unet.stepz" in proc.stderr and "unet.steps" in proc.stderr
