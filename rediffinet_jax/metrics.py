@@ -12,12 +12,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import surface_distance
 from scipy import ndimage
 
 from rediffinet_jax.labels import REGIONS
 
 CONVENTIONS = ("brats2023", "monai", "medpy")
+
+
+def _brats_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
+    """DeepMind's surface-distance HD95 (the BraTS 2023 script's), both masks non-empty. Imported here:
+    the training step (and so benchmarks/train_step.py) imports this module, and the GPU machines lack
+    the package."""
+    import surface_distance
+
+    sd = surface_distance.compute_surface_distances(gt, pred, tuple(float(s) for s in spacing))
+    return float(surface_distance.compute_robust_hausdorff(sd, 95))
 EMPTY_HD95 = 373.13  # diagonal of the 240×240×155 BraTS grid, for exactly one empty mask
 LESION_MISS_HD95 = 374.0  # BraTS 2023 lesion-wise penalty
 LESION_DILATIONS = 3
@@ -84,8 +93,7 @@ def hd95(pred, gt, spacing=(1.0, 1.0, 1.0), convention: str = "brats2023") -> fl
     pred, gt = _crop_pair(pred, gt, 1)
     spacing = tuple(float(s) for s in spacing)
     if convention == "brats2023":
-        sd = surface_distance.compute_surface_distances(gt, pred, spacing)
-        return float(surface_distance.compute_robust_hausdorff(sd, 95))
+        return _brats_hd95(pred, gt, spacing)
     d_pg, d_gp = _boundary_distances(pred, gt, spacing), _boundary_distances(gt, pred, spacing)
     if convention == "monai":
         return float(max(np.percentile(d_pg, 95), np.percentile(d_gp, 95)))
@@ -127,8 +135,7 @@ def lesion_wise(pred, gt, spacing=(1.0, 1.0, 1.0)) -> dict:
             fn += 1
             continue
         pred_l = np.isin(pred_cc, hits)
-        sd = surface_distance.compute_surface_distances(gt_l, pred_l, tuple(float(s) for s in spacing))
-        scores.append((dice(pred_l, gt_l), float(surface_distance.compute_robust_hausdorff(sd, 95))))
+        scores.append((dice(pred_l, gt_l), _brats_hd95(pred_l, gt_l, spacing)))
         tp += 1
     fp = len(set(np.unique(pred_cc[pred_cc > 0]).tolist()) - matched_pred)
     n = len(scores) + fp
