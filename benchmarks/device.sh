@@ -6,6 +6,7 @@
 # fits is skipped and named. Ends with one markdown table (benchmarks/summary.py) and the targets.
 # Every JSON line goes to $OUT/device.jsonl and the whole output to $OUT/device.log (OUT: /tmp if unset).
 # SMOKE=1 runs the same sequence at 16³ with tiny widths, for a CPU (tests/test_benchmarks.py).
+# PYTHON (default python3: the GPU machines' jax lives in their python3, and a bare python may not exist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
@@ -15,6 +16,9 @@ full=$out/device.log
 : > "$log"
 : > "$full"
 deadline=${DEADLINE_S:-470}
+py=${PYTHON:-python3}
+echo "$($py --version 2>&1) at $(command -v "$py")" | tee -a "$full"
+$py -c 'import jax, flax, optax, orbax.checkpoint as o; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "orbax", o.__version__, jax.devices())' 2>&1 | tee -a "$full"
 if [[ ${SMOKE:-0} == 1 ]]; then
   sampler=(--size 16,16,16 --steps 2 --samples 2 --features 8,8,16,32,64,8)
   train=(--unet_size 16,16,16 --diff_size 16,16,16 --tiny)
@@ -34,7 +38,7 @@ run() {  # one benchmark in its own process; table lines to the terminal, JSON l
   fi
   ((left > 170)) && left=170
   echo "--- $* (at most ${left} s)" | tee -a "$full"
-  timeout "$left" python "$@" --repeats "$repeats" > "$out/last.out" 2>&1
+  timeout "$left" "$py" "$@" --repeats "$repeats" > "$out/last.out" 2>&1
   local rc=$?
   cat "$out/last.out" >> "$full"
   grep -v '^{' "$out/last.out" | tail -n 12
@@ -50,4 +54,4 @@ run benchmarks/train_step.py "${train[@]}" --dtype float32 --stage diffusion
 run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --remat --stage diffusion
 rm -f "$out/last.out"
 echo "--- ${SECONDS} s in all" | tee -a "$full"
-python benchmarks/summary.py "$log" | tee -a "$full"
+"$py" benchmarks/summary.py "$log" | tee -a "$full"
