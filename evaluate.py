@@ -2,6 +2,7 @@
 
     python evaluate.py --workdir runs/demo
     python evaluate.py --workdir runs/rd --models rediffinet --folds 0,1 --checkpoint latest
+    python evaluate.py --workdir runs/rd --fusion suf --samples 4    # Diff-UNet's fusion, beside the default
 """
 
 from absl import app, flags
@@ -11,6 +12,9 @@ flags.DEFINE_list("models", None, "Models to score besides the U-Net baseline (d
 flags.DEFINE_list("folds", None, "Folds to score (default: all).")
 flags.DEFINE_enum("checkpoint", None, ["best", "latest"],
                   "Which checkpoint of each fold (default: the run's eval.checkpoint, else latest).")
+flags.DEFINE_enum("fusion", None, ["mean", "suf"], "Sampler fusion (default: each model's diffusion.sampler).")
+flags.DEFINE_integer("steps", None, "DDIM steps K (default: each model's).", lower_bound=1)
+flags.DEFINE_integer("samples", None, "Samples S per window (default: each model's).", lower_bound=1)
 flags.DEFINE_enum("convention", None, ["brats2023", "monai", "medpy"],
                   "HD95 convention (default: the run's eval.convention, else brats2023).")
 FLAGS = flags.FLAGS
@@ -19,7 +23,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from rediffinet_jax import cli
-    cli.evaluate(FLAGS.workdir, FLAGS.models, FLAGS.folds, FLAGS.checkpoint, FLAGS.convention)
+    cli.evaluate(FLAGS.workdir, FLAGS.models, FLAGS.folds, FLAGS.checkpoint, FLAGS.convention,
+                 {"fusion": FLAGS.fusion, "steps": FLAGS.steps, "samples": FLAGS.samples})
 
 
 if __name__ == "__main__":

@@ -82,12 +82,12 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
     sys.exit(2)
 
 
-def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None) -> None:
+def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     from rediffinet_jax import evaluation
     try:
         evaluation.evaluate(workdir, models or None, [int(f) for f in folds] if folds else None, checkpoint,
-                            convention, log=_log)
+                            convention, sampler, log=_log)
     except RediffinetError as e:
         _log(f"error: {e}")
         sys.exit(2)

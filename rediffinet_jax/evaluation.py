@@ -20,7 +20,7 @@ import numpy as np
 
 from rediffinet_jax import metrics, reports
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import load_settings
+from rediffinet_jax.driver import OOF_KEY, load_settings
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer
@@ -74,14 +74,43 @@ def _case_arrays(cache: Path, cid: str):
     return folder, meta, box, full, gt
 
 
+def _check_eval_settings(folder: Path, settings: dict) -> None:
+    """Records in ``eval/<model>/settings.json`` what its rows were made with (checkpoint, sampler, the
+    checkpoints of the out-of-fold maps); refuses to add rows made otherwise, naming what differs."""
+    path = folder / "settings.json"
+    settings = json.loads(json.dumps(settings))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k)]
+        if diff:
+            raise ConfigError(f"{folder} was scored with other settings ({', '.join(diff)}); delete it to rescore")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
+
+
+def _sampler_label(name: str, sampler, override: dict | None) -> str:
+    """``name``, or ``name-<fusion>-k<K>-s<S>`` when ``override`` changes the model's own sampler (it is
+    then applied to ``sampler``, the stage's ConfigDict), so both evaluations sit side by side."""
+    override = {k: v for k, v in (override or {}).items() if v is not None and v != sampler[k]}
+    if not override:
+        return name
+    sampler.update(override)
+    return f"{name}-{sampler.fusion}-k{sampler.steps}-s{sampler.samples}"
+
+
 def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, convention: str | None = None,
-             progress: bool = True, log=print) -> dict:
+             sampler: dict | None = None, progress: bool = True, log=print) -> dict:
     """Scores every (model, fold), writes cases.csv per fold and eval/summary.{md,csv,json} + figures.
 
     checkpoint: ``best`` or ``latest`` of each diffusion fold; by default the run's ``eval.checkpoint``
     (config.json), else ``latest`` (validation scores the held-out fold: ``best`` selects on it).
     convention: the HD95 convention; by default the run's ``eval.convention`` (config.json), else
     ``brats2023``. Rows already scored in another convention are refused (delete eval/ to rescore).
+    sampler: ``{"fusion", "steps", "samples"}`` overriding the diffusion models' own (None: keep); results
+    then go to ``eval/<model>-<fusion>-k<K>-s<S>/``. A folder's rows made with another checkpoint or
+    sampler, or from other out-of-fold maps, are refused.
     Returns the summary dict (see :func:`reports.summary_tables`).
     """
     workdir = Path(workdir)
@@ -104,15 +133,25 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
         raise ConfigError(f"unknown HD95 convention {convention!r}; choose one of {metrics.CONVENTIONS}")
     cache, oof = workdir / "cache", workdir / BASELINE / "oof"
     per_fold: dict = {}
+    scored = []  # eval/ folder names, in order
+    oof_checkpoint = load_settings(workdir / BASELINE).get(OOF_KEY)
     for name in names:
-        stage_settings = load_settings(workdir / name)
-        dstage = None if name == BASELINE else DiffusionStage(stage_settings.diffusion)
+        if name == BASELINE:
+            label, dstage, settings = name, None, {OOF_KEY: oof_checkpoint}
+        else:
+            cfg = load_settings(workdir / name).diffusion
+            label = _sampler_label(name, cfg.sampler, sampler)
+            dstage = DiffusionStage(cfg)
+            settings = {"checkpoint": checkpoint, "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},
+                        OOF_KEY: oof_checkpoint}
+        _check_eval_settings(workdir / "eval" / label, settings)
+        scored.append(label)
         trainer = None
         for k in fold_ids:
             if not (workdir / name / f"fold_{k}" / "done.json").is_file():
                 log(f"{name} fold {k}: not trained, skipped")
                 continue
-            out_dir = workdir / "eval" / name / f"fold_{k}"
+            out_dir = workdir / "eval" / label / f"fold_{k}"
             out_dir.mkdir(parents=True, exist_ok=True)
             csv_path = out_dir / "cases.csv"
             old = _read_rows(csv_path)
@@ -122,7 +161,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
             done = {r["case"] for r in old}
             todo = [c for c in all_folds[k] if c not in done]
             model = None
-            for cid in _bar(todo, f"eval {name} fold {k}", progress):
+            for cid in _bar(todo, f"eval {label} fold {k}", progress):
                 folder, meta, box, full, gt = _case_arrays(cache, cid)
                 unet_full = labels_to_regions(np.asarray(brats.read_nifti(oof / f"{cid}.nii.gz", cid)[0], np.uint8))
                 if dstage is None:
@@ -142,13 +181,27 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                 for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
                     row.update({k: flips[k] for k in FLIP_COLUMNS})
                 _append_rows(csv_path, rows)
-            per_fold.setdefault(name, {})[k] = _read_rows(csv_path)
+            per_fold.setdefault(label, {})[k] = _read_rows(csv_path)
+    _add_other_samplers(workdir / "eval", per_fold, names, fold_ids, convention)
     summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint)
     if jax.process_index() == 0:
         reports.hd95_by_model_figure(per_fold, workdir / "eval" / "figures" / "hd95_by_model.png")
-        _case_figures(workdir, per_fold, names, fold_ids, all_folds)
+        _case_figures(workdir, per_fold, scored, fold_ids, all_folds)
     log((workdir / "eval" / "summary.md").read_text())
     return summary
+
+
+def _add_other_samplers(eval_dir: Path, per_fold: dict, names, fold_ids, convention: str) -> None:
+    """Adds to ``per_fold`` the rows of earlier evaluations of these models with another sampler (their own,
+    or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention), so that the summary compares them."""
+    for folder in sorted(eval_dir.iterdir()):
+        if folder.name in per_fold or not (folder / "settings.json").is_file() or not any(
+                folder.name == n or folder.name.startswith(f"{n}-") for n in names if n != BASELINE):
+            continue
+        for k in fold_ids:
+            rows = _read_rows(folder / f"fold_{k}" / "cases.csv")
+            if rows and all(r["convention"] == convention for r in rows):
+                per_fold.setdefault(folder.name, {})[k] = rows
 
 
 def _refine(dstage, model, folder, unet_crop, box, full, fold, cid):

@@ -176,6 +176,22 @@ def test_evaluate_writes_tables(finished):
     assert other.returncode == 2 and "convention brats2023" in other.stdout
 
 
+def test_evaluate_another_sampler_beside(finished):
+    """--fusion/--steps/--samples score into eval/<model>-<fusion>-k<K>-s<S>/, summarized beside the model's
+    own sampler; a folder's rows are never mixed with another checkpoint's."""
+    import json
+    workdir = finished[0]
+    proc = _run("evaluate.py", f"--workdir={workdir}", "--fusion=suf", "--steps=2", "--samples=2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    label = workdir / "eval" / "rediffinet-suf-k2-s2"
+    assert json.loads((label / "settings.json").read_text())["sampler"] == {"fusion": "suf", "steps": 2, "samples": 2}
+    assert len(list((label / "fold_1" / "pred").glob("*.nii.gz"))) == 3
+    summary = json.loads((workdir / "eval" / "summary.json").read_text())
+    assert set(summary["models"]) == {"unet", "rediffinet", "rediffinet-suf-k2-s2"}
+    other = _run("evaluate.py", f"--workdir={workdir}", "--checkpoint=best")
+    assert other.returncode == 2 and "checkpoint: 'latest' -> 'best'" in other.stdout
+
+
 def test_predict_new_cases(finished, tmp_path):
     workdir = finished[0]
     cases = tmp_path / "in"
