@@ -80,8 +80,9 @@ def renew_oof_if_checkpoint_changed(unet_dir: Path, settings: dict, log=print) -
     if {k for k in set(saved) | set(flat) if saved.get(k) != flat.get(k)} != {OOF_KEY}:
         return
     log(f"the out-of-fold U-Net maps were made from the {saved.get(OOF_KEY)} checkpoints; remaking them from "
-        f"the {flat[OOF_KEY]} ones")
+        f"the {flat[OOF_KEY]} ones (and the U-Net's scores in eval/unet)")
     shutil.rmtree(unet_dir / "oof", ignore_errors=True)
+    shutil.rmtree(unet_dir.parent / "eval" / "unet", ignore_errors=True)
     path.write_text(json.dumps(flat, indent=1, sort_keys=True))
     (unet_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
 

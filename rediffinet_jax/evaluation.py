@@ -139,7 +139,12 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
         if name == BASELINE:
             label, dstage, settings = name, None, {OOF_KEY: oof_checkpoint}
         else:
-            cfg = load_settings(workdir / name).diffusion
+            stage_settings = load_settings(workdir / name)
+            if stage_settings.get(OOF_KEY) != oof_checkpoint:
+                log(f"{name}: trained on out-of-fold maps from the {stage_settings.get(OOF_KEY)} checkpoints, which "
+                    f"are now made from the {oof_checkpoint} ones; skipped (retrain it: train.py --overwrite)")
+                continue
+            cfg = stage_settings.diffusion
             label = _sampler_label(name, cfg.sampler, sampler)
             dstage = DiffusionStage(cfg)
             settings = {"checkpoint": checkpoint, "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},

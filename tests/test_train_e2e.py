@@ -78,6 +78,7 @@ def test_changed_oof_checkpoint_remakes_the_maps(finished, tmp_path):
     proc = _train(workdir, "--config.eval.checkpoint=best", "--stage=unet")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "made from the latest checkpoints; remaking them from the best ones" in proc.stdout
+    assert "rediffinet: trained on out-of-fold maps from the latest checkpoints" in proc.stdout  # not scored
     remade = {p.name: p.stat().st_mtime_ns for p in (workdir / "unet" / "oof").glob("*.nii.gz")}
     assert set(remade) == set(stamps) and all(remade[n] != stamps[n] for n in stamps)
     assert all(p.stat().st_mtime_ns == t for p, t in ckpt.items())  # no U-Net retrained
