@@ -47,14 +47,26 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _settings_diff(folder: Path, settings: dict):
+    """(saved flat settings or None, the new ones flattened, the sorted keys that differ)."""
+    path = folder / "config.json"
+    flat = _flat(json.loads(json.dumps(settings)))
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    diff = sorted(k for k in set(saved or {}) | set(flat) if (saved or {}).get(k) != flat.get(k))
+    return saved, flat, diff
+
+
+def _write_settings(folder: Path, flat: dict, settings: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(flat, indent=1, sort_keys=True))
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+
+
 def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print) -> None:
     """Writes ``folder/config.json`` the first time; afterwards refuses different settings (naming the
     keys) unless ``overwrite``, which deletes the stage's folder and starts it again."""
-    path = folder / "config.json"
-    flat = _flat(json.loads(json.dumps(settings)))
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        diff = sorted(k for k in set(saved) | set(flat) if saved.get(k) != flat.get(k))
+    saved, flat, diff = _settings_diff(folder, settings)
+    if saved is not None:
         if diff and not overwrite:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
             raise ConfigError(f"{folder} was trained with other settings ({details}); use another --workdir, "
@@ -63,28 +75,23 @@ def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print)
             return
         log(f"--overwrite: settings of {folder} changed ({', '.join(diff[:8])}); deleting it")
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(flat, indent=1, sort_keys=True))
-    (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    _write_settings(folder, flat, settings)
 
 
 def renew_oof_if_checkpoint_changed(unet_dir: Path, settings: dict, log=print) -> None:
     """The out-of-fold maps depend on which checkpoint made them (``oof_checkpoint``, from
     ``eval.checkpoint``), not on the training: when only that differs from the saved settings, delete the
-    maps so that they are remade, and record the new choice, instead of refusing the stage. Stage 2's
-    settings include it, so a refiner trained on the old maps is still refused."""
-    path = unet_dir / "config.json"
-    if not path.is_file():
-        return
-    saved, flat = json.loads(path.read_text()), _flat(json.loads(json.dumps(settings)))
-    if {k for k in set(saved) | set(flat) if saved.get(k) != flat.get(k)} != {OOF_KEY}:
+    maps (and the U-Net's scores made from them) so that they are remade, and record the new choice,
+    instead of refusing the stage. Stage 2's settings include it, so a refiner trained on the old maps is
+    still refused."""
+    saved, flat, diff = _settings_diff(unet_dir, settings)
+    if saved is None or diff != [OOF_KEY]:
         return
     log(f"the out-of-fold U-Net maps were made from the {saved.get(OOF_KEY)} checkpoints; remaking them from "
         f"the {flat[OOF_KEY]} ones (and the U-Net's scores in eval/unet)")
     shutil.rmtree(unet_dir / "oof", ignore_errors=True)
     shutil.rmtree(unet_dir.parent / "eval" / "unet", ignore_errors=True)
-    path.write_text(json.dumps(flat, indent=1, sort_keys=True))
-    (unet_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    _write_settings(unet_dir, flat, settings)
 
 
 def load_settings(folder: Path):

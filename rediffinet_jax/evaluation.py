@@ -4,8 +4,9 @@ For every model and fold: the baseline U-Net is scored from its out-of-fold labe
 fold's own U-Net); a diffusion model is restored from its checkpoint, run by sliding window on the
 held-out cases (conditioned on those same out-of-fold U-Net masks), and its label maps are written
 to ``eval/<model>/fold_k/pred/``. Every model is scored on the regions of the label map it outputs
-(nested: TC ⊆ WT, ET ⊆ TC after painting), never on raw per-region masks. Rows go to ``eval/<model>/fold_k/cases.csv`` as each case is
-done, so an interrupted evaluation resumes; cases already scored are skipped.
+(nested: TC ⊆ WT, ET ⊆ TC after painting), never on raw per-region masks. Rows go to
+``eval/<model>/fold_k/cases.csv`` as each case is done, so an interrupted evaluation resumes; cases
+already scored are skipped.
 """
 
 from __future__ import annotations
