@@ -28,8 +28,7 @@ from rediffinet_jax.training import DiffusionStage, Trainer
 
 BASELINE = "unet"
 CASE_COLUMNS = ("case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "tp", "fp", "fn",
-                "unet_errors", "flipped", "fixed", "convention")
-FLIP_COLUMNS = ("unet_errors", "flipped", "fixed")
+                *metrics.FLIP_KEYS, "convention")
 
 
 def trained_models(workdir: Path) -> list[str]:
@@ -53,7 +52,7 @@ def _read_rows(path: Path) -> list[dict]:
     for r in rows:
         for k in ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95"):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
-        for k in FLIP_COLUMNS:
+        for k in metrics.FLIP_KEYS:
             r[k] = int(r[k])
     return rows
 
@@ -185,7 +184,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                 rows = metrics.score_case(pred, gt, meta["spacing"], cid, convention,
                                           with_lesion_wise=True)
                 for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
-                    row.update({k: flips[k] for k in FLIP_COLUMNS})
+                    row.update({k: flips[k] for k in metrics.FLIP_KEYS})
                 _append_rows(csv_path, rows)
             per_fold.setdefault(label, {})[k] = _read_rows(csv_path)
     _add_other_samplers(workdir / "eval", per_fold, names, fold_ids, convention)

@@ -166,6 +166,9 @@ def score_case(pred_regions, gt_regions, spacing, case: str = "", convention: st
     return rows
 
 
+FLIP_KEYS = ("unet_errors", "flipped", "fixed")  # the counts of flip_counts, per region
+
+
 def flip_counts(pred_regions, unet_regions, gt_regions) -> list[dict]:
     """How a refinement changed the U-Net's masks, per region [WT, TC, ET], in voxels.
 

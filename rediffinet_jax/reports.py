@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from rediffinet_jax.labels import MODALITIES, REGIONS
-from rediffinet_jax.metrics import summarize
+from rediffinet_jax.metrics import FLIP_KEYS, summarize
 
 _LABEL_COLOURS = {1: (1.0, 0.2, 0.2), 2: (0.2, 0.9, 0.2), 3: (1.0, 0.9, 0.1)}  # NCR red, ED green, ET yellow
 
@@ -93,7 +93,7 @@ def flip_summary(per_fold: dict, baseline: str = "unet") -> dict:
         out[name] = {}
         for region in REGIONS:
             sel = [r for r in rows if r["region"] == region]
-            err, flip, fixed = (int(sum(r[k] for r in sel)) for k in ("unet_errors", "flipped", "fixed"))
+            err, flip, fixed = (int(sum(r[k] for r in sel)) for k in FLIP_KEYS)
             out[name][region] = {"unet_errors": err, "flipped": flip, "fixed": fixed,
                                  "precision": fixed / flip if flip else float("nan"),
                                  "recall": fixed / err if err else float("nan"),
