@@ -6,13 +6,15 @@ held-out cases (conditioned on those same out-of-fold U-Net masks), and its labe
 to ``eval/<model>/fold_k/pred/``. Every model is scored on the regions of the label map it outputs
 (nested: TC ⊆ WT, ET ⊆ TC after painting), never on raw per-region masks. Rows go to
 ``eval/<model>/fold_k/cases.csv`` as each case is done, so an interrupted evaluation resumes; cases
-already scored are skipped.
+already scored are skipped. ``fold_k/trained.json`` records the training the rows come from (the fold's
+done.json): a fold trained again (``train.py --overwrite``) is rescored, never summarized from old rows.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -90,6 +92,23 @@ def _check_eval_settings(folder: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=1, sort_keys=True))
 
 
+def _trained(workdir: Path, name: str, k: int) -> dict | None:
+    """done.json of ``<workdir>/<name>/fold_k`` (None while the fold is not trained)."""
+    path = workdir / name / f"fold_{k}" / "done.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _tie_to_training(out_dir: Path, trained: dict, log) -> None:
+    """Deletes ``out_dir``'s rows and maps unless they were scored from this training of the fold, then
+    records it (``trained.json``)."""
+    record = out_dir / "trained.json"
+    if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != trained):
+        log(f"{out_dir}: scored before the fold was trained again (or by an older version); rescoring it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(trained))
+
+
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
     """``name``, or ``name-<fusion>-k<K>-s<S>`` when ``override`` changes the model's own sampler (it is
     then applied to ``sampler``, the stage's ConfigDict), so both evaluations sit side by side."""
@@ -153,11 +172,12 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
         scored.append(label)
         trainer = None
         for k in fold_ids:
-            if not (workdir / name / f"fold_{k}" / "done.json").is_file():
+            trained = _trained(workdir, name, k)
+            if trained is None:
                 log(f"{name} fold {k}: not trained, skipped")
                 continue
             out_dir = workdir / "eval" / label / f"fold_{k}"
-            out_dir.mkdir(parents=True, exist_ok=True)
+            _tie_to_training(out_dir, trained, log)
             csv_path = out_dir / "cases.csv"
             old = _read_rows(csv_path)
             if any(r["convention"] != convention for r in old):
@@ -187,7 +207,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                     row.update({k: flips[k] for k in metrics.FLIP_KEYS})
                 _append_rows(csv_path, rows)
             per_fold.setdefault(label, {})[k] = _read_rows(csv_path)
-    _add_other_samplers(workdir / "eval", per_fold, names, fold_ids, convention)
+    _add_other_samplers(workdir, per_fold, names, fold_ids, convention, log)
     summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint)
     if jax.process_index() == 0:
         reports.hd95_by_model_figure(per_fold, workdir / "eval" / "figures" / "hd95_by_model.png")
@@ -196,17 +216,25 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
     return summary
 
 
-def _add_other_samplers(eval_dir: Path, per_fold: dict, names, fold_ids, convention: str) -> None:
+def _add_other_samplers(workdir: Path, per_fold: dict, names, fold_ids, convention: str, log) -> None:
     """Adds to ``per_fold`` the rows of earlier evaluations of these models with another sampler (their own,
-    or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention), so that the summary compares them."""
-    for folder in sorted(eval_dir.iterdir()):
-        if folder.name in per_fold or not (folder / "settings.json").is_file() or not any(
-                folder.name == n or folder.name.startswith(f"{n}-") for n in names if n != BASELINE):
+    or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention, same training of the fold), so that the
+    summary compares them."""
+    for folder in sorted((workdir / "eval").iterdir()):
+        owners = [n for n in names if n != BASELINE and (folder.name == n or folder.name.startswith(f"{n}-"))]
+        if folder.name in per_fold or not (folder / "settings.json").is_file() or not owners:
             continue
+        name = max(owners, key=len)
         for k in fold_ids:
             rows = _read_rows(folder / f"fold_{k}" / "cases.csv")
-            if rows and all(r["convention"] == convention for r in rows):
-                per_fold.setdefault(folder.name, {})[k] = rows
+            if not rows or any(r["convention"] != convention for r in rows):
+                continue
+            record = folder / f"fold_{k}" / "trained.json"
+            if not record.is_file() or json.loads(record.read_text()) != _trained(workdir, name, k):
+                log(f"{folder / f'fold_{k}'}: scored before {name} fold {k} was trained again; left out of the "
+                    f"summary (score it again with its evaluate.py options)")
+                continue
+            per_fold.setdefault(folder.name, {})[k] = rows
 
 
 def _refine(dstage, model, folder, unet_crop, box, full, fold, cid):

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -197,7 +198,8 @@ class Trainer:
 
         refs: the training cases (pipeline.CaseRef); val_cases: cached Case objects (with ``unet``
         masks for stage 2). ``stop_after`` ends the run after that many steps of this call (after a
-        checkpoint), as an interruption would. Returns done.json's content, or None if stopped early.
+        checkpoint), as an interruption would. Returns done.json's content, or None if stopped early;
+        its ``run`` is a fresh id per finished training, by which evaluation knows a fold trained again.
         """
         from rediffinet_jax.data import pipeline  # grain: imported where used (benchmark machines lack it)
 
@@ -267,7 +269,8 @@ class Trainer:
                 bar.close()
             if hasattr(it, "close"):
                 it.close()
-        done = {"steps": steps_total, "best_step": mgr.best_step(), "latest_step": mgr.latest_step()}
+        done = {"steps": steps_total, "best_step": mgr.best_step(), "latest_step": mgr.latest_step(),
+                "run": uuid.uuid4().hex}
         if jax.process_index() == 0:
             (folder / "done.json").write_text(json.dumps(done))
         return done

@@ -197,6 +197,44 @@ def test_evaluate_another_sampler_beside(finished):
     assert other.returncode == 2 and "checkpoint: 'latest' -> 'best'" in other.stdout
 
 
+def test_retrained_stage_is_rescored(finished, tmp_path):
+    """train.py --overwrite retrains the refiner: its scores and maps are made again from the new models
+    (not kept from the old ones), and an evaluation with another sampler scored before is left out."""
+    import csv
+    import json
+    workdir = tmp_path / "run"
+    shutil.copytree(finished[0], workdir)
+    old = {k: json.loads((workdir / "rediffinet" / f"fold_{k}" / "done.json").read_text()) for k in (0, 1)}
+    for model in ("unet", "rediffinet"):  # mark the old rows: a score no model gives
+        path = workdir / "eval" / model / "fold_0" / "cases.csv"
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+        rows[0]["dice"] = "0.123456"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=reader.fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+    suf = _run("evaluate.py", f"--workdir={workdir}", "--fusion=suf", "--steps=1", "--samples=1")
+    assert suf.returncode == 0, suf.stdout[-2000:] + suf.stderr[-2000:]
+    proc = _train(workdir, "--config.diffusion.steps=3", "--overwrite")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for k in (0, 1):
+        done = json.loads((workdir / "rediffinet" / f"fold_{k}" / "done.json").read_text())
+        assert done["steps"] == 3 and done["run"] != old[k]["run"]
+        assert json.loads((workdir / "eval" / "rediffinet" / f"fold_{k}" / "trained.json").read_text()) == done
+        with open(workdir / "eval" / "rediffinet" / f"fold_{k}" / "cases.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 9  # rescored once, not appended to the old rows
+        _check_scores_against_files(workdir, k, rows)  # from the maps the new models wrote
+    assert "rediffinet/fold_0: scored before the fold was trained again" in proc.stdout
+    assert "0.123456" not in (workdir / "eval" / "rediffinet" / "fold_0" / "cases.csv").read_text()
+    assert "0.123456" in (workdir / "eval" / "unet" / "fold_0" / "cases.csv").read_text()  # U-Net not retrained
+    assert "rediffinet-suf-k1-s1/fold_0: scored before rediffinet fold 0 was trained again" in proc.stdout
+    summary = json.loads((workdir / "eval" / "summary.json").read_text())
+    assert set(summary["models"]) == {"unet", "rediffinet"}
+
+
 def test_predict_new_cases(finished, tmp_path):
     workdir = finished[0]
     cases = tmp_path / "in"
