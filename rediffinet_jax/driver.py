@@ -62,6 +62,21 @@ def _write_settings(folder: Path, flat: dict, settings: dict) -> None:
     (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
 
 
+def check_record(path: Path, record: dict, remedy: str) -> None:
+    """Writes ``record`` (JSON) to ``path`` the first time; afterwards refuses another one, naming what
+    differs and ``remedy``. For outputs made bit by bit (scores, predictions) that must not be mixed."""
+    record = json.loads(json.dumps(record))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in sorted(set(old) | set(record))
+                if old.get(k) != record.get(k)]
+        if diff:
+            raise ConfigError(f"{path.parent} was made with other settings ({', '.join(diff)}); {remedy}")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
 def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print) -> None:
     """Writes ``folder/config.json`` the first time; afterwards refuses different settings (naming the
     keys) unless ``overwrite``, which deletes the stage's folder and starts it again."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from rediffinet_jax import metrics, reports
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import OOF_KEY, load_settings
+from rediffinet_jax.driver import OOF_KEY, check_record, load_settings
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer
@@ -74,22 +74,6 @@ def _case_arrays(cache: Path, cid: str):
     box, full = meta["box"], meta["full_shape"]
     gt = brats.paste(np.load(folder / "regions.npy"), box, full)
     return folder, meta, box, full, gt
-
-
-def _check_eval_settings(folder: Path, settings: dict) -> None:
-    """Records in ``eval/<model>/settings.json`` what its rows were made with (checkpoint, sampler, the
-    checkpoints of the out-of-fold maps); refuses to add rows made otherwise, naming what differs."""
-    path = folder / "settings.json"
-    settings = json.loads(json.dumps(settings))
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-                if old.get(k) != settings.get(k)]
-        if diff:
-            raise ConfigError(f"{folder} was scored with other settings ({', '.join(diff)}); delete it to rescore")
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1, sort_keys=True))
 
 
 def _trained(workdir: Path, name: str, k: int) -> dict | None:
@@ -168,7 +152,8 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
             dstage = DiffusionStage(cfg)
             settings = {"checkpoint": checkpoint, "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},
                         OOF_KEY: oof_checkpoint}
-        _check_eval_settings(workdir / "eval" / label, settings)
+        # what its rows are made with (checkpoint, sampler, the checkpoints of the out-of-fold maps)
+        check_record(workdir / "eval" / label / "settings.json", settings, "delete it to rescore")
         scored.append(label)
         trainer = None
         for k in fold_ids:

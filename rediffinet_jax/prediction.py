@@ -9,6 +9,7 @@ affine and header; optionally ``<case>_probabilities.nii.gz`` (U-Net, ``[D, H, W
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -17,21 +18,24 @@ import nibabel as nib
 import numpy as np
 
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import load_settings
+from rediffinet_jax.driver import check_record, load_settings
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.labels import MODALITIES, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
 
 
+def _trainings(workdir: Path, name: str, folds) -> list[dict]:
+    """done.json of each fold of ``name`` (which training made it); refuses a fold not trained."""
+    done = [workdir / name / f"fold_{k}" / "done.json" for k in folds]
+    for k, path in zip(folds, done):
+        if not path.is_file():
+            raise ConfigError(f"{name} fold {k} is not trained in {workdir}")
+    return [json.loads(p.read_text()) for p in done]
+
+
 def _fold_models(workdir: Path, name: str, stage, folds, checkpoint: str):
     trainer = Trainer(stage, progress=False)
-    models = []
-    for k in folds:
-        folder = workdir / name / f"fold_{k}"
-        if not (folder / "done.json").is_file():
-            raise ConfigError(f"{name} fold {k} is not trained in {workdir}")
-        models.append(trainer.load(folder, checkpoint))
-    return models
+    return [trainer.load(workdir / name / f"fold_{k}", checkpoint) for k in folds]
 
 
 def _write_volume(volume: np.ndarray, path: Path, reference: Path) -> None:
@@ -48,6 +52,10 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
                    log=print) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
 
+    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the trainings of the
+    folds (their done.json); a later call with any of these different is refused before anything is
+    written, so one folder never mixes two models' label maps.
+
     Returns the errors of the cases that failed (each names its case and file); the others are done.
     """
     workdir, out = Path(workdir), Path(output_dir)
@@ -56,10 +64,15 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
     n_folds = unet_settings.data.n_folds
     folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
     ustage = UNetStage(unet_settings.unet)
-    unets = _fold_models(workdir, "unet", ustage, folds, checkpoint)
+    record = {"model": model, "folds": folds, "checkpoint": checkpoint, "unet": _trainings(workdir, "unet", folds)}
     dstage, refiners = None, []
     if model != "unet":
         dstage = DiffusionStage(load_settings(workdir / model).diffusion)
+        record[model] = _trainings(workdir, model, folds)
+        record["sampler"] = {k: dstage.cfg.sampler[k] for k in ("fusion", "steps", "samples")}
+    check_record(out / "prediction.json", record, "use another -o, or delete its label maps and prediction.json")
+    unets = _fold_models(workdir, "unet", ustage, folds, checkpoint)
+    if dstage is not None:
         refiners = _fold_models(workdir, model, dstage, folds, checkpoint)
     errors: list[CaseError] = []
     cases = brats.discover_cases(input_dir, errors=errors)

@@ -272,3 +272,6 @@ def test_predict_new_cases(finished, tmp_path):
     again = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}")
     assert "2 already written" in again.stdout
     assert (out / f"{good[0]}.nii.gz").stat().st_mtime_ns == stamp
+    other = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}", "--model=unet")
+    assert other.returncode == 2 and "model: 'rediffinet' -> 'unet'" in other.stdout  # never mixed in
+    assert (out / f"{good[0]}.nii.gz").stat().st_mtime_ns == stamp
