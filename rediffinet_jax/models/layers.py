@@ -50,6 +50,8 @@ class _Jit:
         return self._get()(*args, **kwargs)
 
     def __getattr__(self, name):
+        if name.startswith("_"):  # not the jitted function's (and no recursion while half-made, e.g. in copy)
+            raise AttributeError(name)
         return getattr(self._get(), name)
 
 
