@@ -109,6 +109,13 @@ def renew_oof_if_checkpoint_changed(unet_dir: Path, settings: dict, log=print) -
     _write_settings(unet_dir, flat, settings)
 
 
+def trained(folder: Path) -> dict | None:
+    """``folder/done.json`` of a stage's fold (steps, best/latest step, and ``run``, a fresh id per finished
+    training), or None while the fold is not trained."""
+    path = Path(folder) / "done.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_settings(folder: Path):
     """The full settings a stage folder was made with, as a ConfigDict (for evaluate and predict)."""
     from ml_collections import ConfigDict
@@ -201,8 +208,8 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
         trainer = Trainer(unet_stage, progress=progress)
         for k in fold_ids:
             folder = unet_dir / f"fold_{k}"
-            if (folder / "done.json").is_file():
-                results.setdefault("unet", {})[k] = json.loads((folder / "done.json").read_text())
+            if (done := trained(folder)) is not None:
+                results.setdefault("unet", {})[k] = done
                 continue
             train = [refs_by_id[c] for c in splits.train_ids(folds, k)]
             val = _val_cases(folds[k], refs_by_id, config.unet.val_cases, False)
@@ -224,8 +231,8 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
     trainer = Trainer(dstage, progress=progress)
     for k in fold_ids:
         folder = ddir / f"fold_{k}"
-        if (folder / "done.json").is_file():
-            results.setdefault(dstage.name, {})[k] = json.loads((folder / "done.json").read_text())
+        if (done := trained(folder)) is not None:
+            results.setdefault(dstage.name, {})[k] = done
             continue
         train = [refs_by_id[c] for c in splits.train_ids(folds, k)]
         val = _val_cases(folds[k], refs_by_id, config.diffusion.val_cases, dstage.with_unet)

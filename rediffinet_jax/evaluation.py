@@ -23,7 +23,7 @@ import numpy as np
 
 from rediffinet_jax import metrics, reports
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import OOF_KEY, check_record, load_settings
+from rediffinet_jax.driver import OOF_KEY, check_record, load_settings, trained
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer
@@ -76,21 +76,15 @@ def _case_arrays(cache: Path, cid: str):
     return folder, meta, box, full, gt
 
 
-def _trained(workdir: Path, name: str, k: int) -> dict | None:
-    """done.json of ``<workdir>/<name>/fold_k`` (None while the fold is not trained)."""
-    path = workdir / name / f"fold_{k}" / "done.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _tie_to_training(out_dir: Path, trained: dict, log) -> None:
+def _tie_to_training(out_dir: Path, done: dict, log) -> None:
     """Deletes ``out_dir``'s rows and maps unless they were scored from this training of the fold, then
     records it (``trained.json``)."""
     record = out_dir / "trained.json"
-    if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != trained):
+    if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != done):
         log(f"{out_dir}: scored before the fold was trained again (or by an older version); rescoring it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(trained))
+    record.write_text(json.dumps(done))
 
 
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
@@ -157,12 +151,12 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
         scored.append(label)
         trainer = None
         for k in fold_ids:
-            trained = _trained(workdir, name, k)
-            if trained is None:
+            done = trained(workdir / name / f"fold_{k}")
+            if done is None:
                 log(f"{name} fold {k}: not trained, skipped")
                 continue
             out_dir = workdir / "eval" / label / f"fold_{k}"
-            _tie_to_training(out_dir, trained, log)
+            _tie_to_training(out_dir, done, log)
             csv_path = out_dir / "cases.csv"
             old = _read_rows(csv_path)
             if any(r["convention"] != convention for r in old):
@@ -215,7 +209,7 @@ def _add_other_samplers(workdir: Path, per_fold: dict, names, fold_ids, conventi
             if not rows or any(r["convention"] != convention for r in rows):
                 continue
             record = folder / f"fold_{k}" / "trained.json"
-            if not record.is_file() or json.loads(record.read_text()) != _trained(workdir, name, k):
+            if not record.is_file() or json.loads(record.read_text()) != trained(workdir / name / f"fold_{k}"):
                 log(f"{folder / f'fold_{k}'}: scored before {name} fold {k} was trained again; left out of the "
                     f"summary (score it again with its evaluate.py options)")
                 continue

@@ -9,7 +9,6 @@ affine and header; optionally ``<case>_probabilities.nii.gz`` (U-Net, ``[D, H, W
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import check_record, load_settings
+from rediffinet_jax.driver import check_record, load_settings, trained
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.labels import MODALITIES, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
@@ -26,11 +25,11 @@ from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
 
 def _trainings(workdir: Path, name: str, folds) -> list[dict]:
     """done.json of each fold of ``name`` (which training made it); refuses a fold not trained."""
-    done = [workdir / name / f"fold_{k}" / "done.json" for k in folds]
-    for k, path in zip(folds, done):
-        if not path.is_file():
+    done = [trained(workdir / name / f"fold_{k}") for k in folds]
+    for k, d in zip(folds, done):
+        if d is None:
             raise ConfigError(f"{name} fold {k} is not trained in {workdir}")
-    return [json.loads(p.read_text()) for p in done]
+    return done
 
 
 def _fold_models(workdir: Path, name: str, stage, folds, checkpoint: str):
