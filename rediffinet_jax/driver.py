@@ -22,6 +22,8 @@ from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
 # Settings that change how a run is carried out, not what it produces: never a conflict.
 SETTINGS_FILE = "settings.json"
 OOF_KEY = "oof_checkpoint"  # which checkpoint of each fold made unet/oof/ (part of stage 1's settings)
+OOF_RUNS = "oof_runs"  # which training of each U-Net fold made unet/oof/ (part of a refiner's settings)
+OOF_RECORD = "runs.json"  # unet/oof/runs.json: {fold: the done.json "run" of the U-Net that made its maps}
 _RUNTIME_KEYS = {"num_workers", "val_every", "keep", "batch_windows", "val_cases", "sampler", "val_sampler"}
 
 
@@ -116,6 +118,27 @@ def trained(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def oof_record(unet_dir: Path) -> dict:
+    """``{str(fold): run}``: the training of each U-Net fold whose out-of-fold maps are in ``unet/oof/``
+    (``{}`` before any are made)."""
+    path = Path(unet_dir) / "oof" / OOF_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def oof_runs(unet_dir: Path, n_folds: int) -> dict:
+    """:func:`oof_record` once every fold's maps are made (what a model conditioned on U(I) trains on).
+
+    Raises:
+      ConfigError: a fold whose maps are not made (or were made by a version that kept no record).
+    """
+    record = oof_record(unet_dir)
+    missing = [k for k in range(n_folds) if str(k) not in record]
+    if missing:
+        raise ConfigError(f"the out-of-fold U-Net maps of fold(s) {missing} are not made (or not recorded in "
+                          f"{Path(unet_dir) / 'oof' / OOF_RECORD}): run train.py --stage unet first")
+    return {str(k): record[str(k)] for k in range(n_folds)}
+
+
 def load_settings(folder: Path):
     """The full settings a stage folder was made with, as a ConfigDict (for evaluate and predict)."""
     from ml_collections import ConfigDict
@@ -149,12 +172,20 @@ def _val_cases(ids, refs_by_id, limit: int, with_unet: bool) -> list[ValCase]:
 
 def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_by_id, refs_by_id, fold_ids,
                 which: str, log=print) -> Path:
-    """Writes ``unet/oof/<case>.nii.gz`` for every case of the given folds, with the fold's own U-Net."""
+    """Writes ``unet/oof/<case>.nii.gz`` for every case of the given folds, with the fold's own U-Net, and
+    records which training of the fold made them (:func:`oof_record`). A fold trained again since (its
+    folder deleted by hand) has its maps made again; maps without a record (older versions) are kept."""
     oof = workdir / "unet" / "oof"
     oof.mkdir(parents=True, exist_ok=True)
+    record = oof_record(workdir / "unet")
     for k in fold_ids:
+        run_id = trained(workdir / "unet" / f"fold_{k}").get("run")
         todo = [c for c in folds[k] if not (oof / f"{c}.nii.gz").is_file()]
+        if record.get(str(k)) not in (None, run_id):  # overwritten, not deleted: every process sees the same todo
+            log(f"unet fold {k} was trained again since its out-of-fold maps were made; remaking them")
+            todo = list(folds[k])
         if not todo:
+            _record_oof(oof, record, k, run_id)
             continue
         model = trainer.load(workdir / "unet" / f"fold_{k}", which)
         for cid in _progress(todo, f"oof fold {k}"):
@@ -165,8 +196,18 @@ def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_
             if jax.process_index() == 0:
                 brats.write_label_map(regions_to_labels(regions), oof / f"{cid}.nii.gz",
                                       files_by_id[cid].images["t1n"])
+        _record_oof(oof, record, k, run_id)
         log(f"unet fold {k}: wrote {len(todo)} out-of-fold predictions to {oof}")
     return oof
+
+
+def _record_oof(oof: Path, record: dict, k: int, run_id) -> None:
+    if record.get(str(k)) == run_id or jax.process_index() != 0:
+        return
+    record[str(k)] = run_id
+    tmp = oof / f".{OOF_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(oof / OOF_RECORD)
 
 
 def _progress(items, desc):
@@ -225,9 +266,11 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
     # ---- stage 2: the diffusion model of every fold
     dstage = DiffusionStage(config.diffusion)
     ddir = workdir / dstage.name
-    check_stage_config(ddir, {**unet_settings, "diffusion": config.diffusion.to_dict()}, overwrite, log)
-    if dstage.with_unet:
+    stage_settings = {**unet_settings, "diffusion": config.diffusion.to_dict()}
+    if dstage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
         pipeline.attach_unet_masks(refs, unet_dir / "oof")
+        stage_settings[OOF_RUNS] = oof_runs(unet_dir, d.n_folds)
+    check_stage_config(ddir, stage_settings, overwrite, log)
     trainer = Trainer(dstage, progress=progress)
     for k in fold_ids:
         folder = ddir / f"fold_{k}"

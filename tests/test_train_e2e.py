@@ -86,6 +86,42 @@ def test_changed_oof_checkpoint_remakes_the_maps(finished, tmp_path):
     assert proc.returncode == 2 and "oof_checkpoint" in proc.stdout and "rediffinet" in proc.stdout
 
 
+def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
+    """A U-Net fold trained again by hand (a new run id in its done.json): its out-of-fold maps are not
+    scored until remade, then remade (not the other fold's), and the refiner trained on the old maps is
+    refused by train.py and predict.py and left out of the evaluation."""
+    import json
+    workdir = tmp_path / "run"
+    shutil.copytree(finished[0], workdir)
+    folds = json.loads((workdir / "splits.json").read_text())["folds"]
+    runs = json.loads((workdir / "unet" / "oof" / "runs.json").read_text())
+    done_path = workdir / "unet" / "fold_0" / "done.json"
+    assert runs == {str(k): json.loads((workdir / "unet" / f"fold_{k}" / "done.json").read_text())["run"]
+                    for k in (0, 1)}
+    done = json.loads(done_path.read_text())
+    done_path.write_text(json.dumps({**done, "run": "trained-again"}))
+    stamps = {c: (workdir / "unet" / "oof" / f"{c}.nii.gz").stat().st_mtime_ns for f in folds for c in f}
+    proc = _run("evaluate.py", f"--workdir={workdir}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "unet fold 0: trained again since its out-of-fold maps were made; skipped" in proc.stdout
+    assert "rediffinet: trained on out-of-fold maps of U-Net fold(s) [0]" not in proc.stdout  # the maps are old
+    proc = _train(workdir, "--stage=unet")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "unet fold 0 was trained again since its out-of-fold maps were made; remaking them" in proc.stdout
+    assert all((workdir / "unet" / "oof" / f"{c}.nii.gz").stat().st_mtime_ns != stamps[c] for c in folds[0])
+    assert all((workdir / "unet" / "oof" / f"{c}.nii.gz").stat().st_mtime_ns == stamps[c] for c in folds[1])
+    assert json.loads((workdir / "unet" / "oof" / "runs.json").read_text()) == {**runs, "0": "trained-again"}
+    assert "rediffinet: trained on out-of-fold maps of U-Net fold(s) [0] that were trained again" in proc.stdout
+    assert "unet/fold_0: scored before the fold was trained again" in proc.stdout
+    proc = _train(workdir)
+    assert proc.returncode == 2 and "oof_runs.0" in proc.stdout and "rediffinet" in proc.stdout
+    cases = tmp_path / "in"
+    shutil.copytree(workdir / "data" / folds[0][0], cases / folds[0][0])
+    proc = _run("predict.py", "-i", str(cases), "-o", str(tmp_path / "out"), f"--workdir={workdir}")
+    assert proc.returncode == 2 and "maps of U-Net fold(s) [0] before they were trained again" in proc.stdout
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_unknown_key_and_missing_root(tmp_path):
     proc = _train(tmp_path / "w", "--config.unet.stepz=3")
     assert proc.returncode == 2 and "unet.stepz" in proc.stderr and "unet.steps" in proc.stderr
