@@ -7,7 +7,8 @@ to ``eval/<model>/fold_k/pred/``. Every model is scored on the regions of the la
 (nested: TC ⊆ WT, ET ⊆ TC after painting), never on raw per-region masks. Rows go to
 ``eval/<model>/fold_k/cases.csv`` as each case is done, so an interrupted evaluation resumes; cases
 already scored are skipped. ``fold_k/trained.json`` records the training the rows come from (the fold's
-done.json): a fold trained again (``train.py --overwrite``) is rescored, never summarized from old rows.
+done.json) and that of the U-Net whose out-of-fold maps they used: a fold trained again (``train.py
+--overwrite``), or whose U-Net maps were remade, is rescored, never summarized from old rows.
 """
 
 from __future__ import annotations
@@ -76,15 +77,22 @@ def _case_arrays(cache: Path, cid: str):
     return folder, meta, box, full, gt
 
 
-def _tie_to_training(out_dir: Path, done: dict, log) -> None:
-    """Deletes ``out_dir``'s rows and maps unless they were scored from this training of the fold, then
-    records it (``trained.json``)."""
+def _made_from(done: dict, maps_by: dict, k: int) -> dict:
+    """What a fold's rows are made from: the model's training (its done.json) and the training of the
+    U-Net fold whose out-of-fold maps it was scored against (U(I), the flips)."""
+    return {"training": done, "unet_maps": maps_by.get(str(k))}
+
+
+def _tie_to_training(out_dir: Path, made_from: dict, log) -> None:
+    """Deletes ``out_dir``'s rows and maps unless they were made from ``made_from`` (:func:`_made_from`),
+    then records it (``trained.json``)."""
     record = out_dir / "trained.json"
-    if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != done):
-        log(f"{out_dir}: scored before the fold was trained again (or by an older version); rescoring it")
+    if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != made_from):
+        log(f"{out_dir}: scored before the fold or its U-Net maps were made again (or by an older version); "
+            f"rescoring it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(done))
+    record.write_text(json.dumps(made_from))
 
 
 def _stale_folds(runs: dict, made_by: dict) -> list[int]:
@@ -171,7 +179,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                     f"unet remakes them)")
                 continue
             out_dir = workdir / "eval" / label / f"fold_{k}"
-            _tie_to_training(out_dir, done, log)
+            _tie_to_training(out_dir, _made_from(done, maps_by, k), log)
             csv_path = out_dir / "cases.csv"
             old = _read_rows(csv_path)
             if any(r["convention"] != convention for r in old):
@@ -201,7 +209,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                     row.update({k: flips[k] for k in metrics.FLIP_KEYS})
                 _append_rows(csv_path, rows)
             per_fold.setdefault(label, {})[k] = _read_rows(csv_path)
-    _add_other_samplers(workdir, per_fold, names, fold_ids, convention, log)
+    _add_other_samplers(workdir, per_fold, names, fold_ids, convention, maps_by, log)
     summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint)
     if jax.process_index() == 0:
         reports.hd95_by_model_figure(per_fold, workdir / "eval" / "figures" / "hd95_by_model.png")
@@ -210,10 +218,11 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
     return summary
 
 
-def _add_other_samplers(workdir: Path, per_fold: dict, names, fold_ids, convention: str, log) -> None:
+def _add_other_samplers(workdir: Path, per_fold: dict, names, fold_ids, convention: str, maps_by: dict,
+                        log) -> None:
     """Adds to ``per_fold`` the rows of earlier evaluations of these models with another sampler (their own,
-    or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention, same training of the fold), so that the
-    summary compares them."""
+    or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention, same training of the fold and of its
+    U-Net maps), so that the summary compares them."""
     for folder in sorted((workdir / "eval").iterdir()):
         owners = [n for n in names if n != BASELINE and (folder.name == n or folder.name.startswith(f"{n}-"))]
         if folder.name in per_fold or not (folder / "settings.json").is_file() or not owners:
@@ -224,9 +233,10 @@ def _add_other_samplers(workdir: Path, per_fold: dict, names, fold_ids, conventi
             if not rows or any(r["convention"] != convention for r in rows):
                 continue
             record = folder / f"fold_{k}" / "trained.json"
-            if not record.is_file() or json.loads(record.read_text()) != trained(workdir / name / f"fold_{k}"):
-                log(f"{folder / f'fold_{k}'}: scored before {name} fold {k} was trained again; left out of the "
-                    f"summary (score it again with its evaluate.py options)")
+            now = _made_from(trained(workdir / name / f"fold_{k}"), maps_by, k)
+            if not record.is_file() or json.loads(record.read_text()) != now:
+                log(f"{folder / f'fold_{k}'}: scored before {name} fold {k} or its U-Net maps were made again; left "
+                    f"out of the summary (score it again with its evaluate.py options)")
                 continue
             per_fold.setdefault(folder.name, {})[k] = rows
 

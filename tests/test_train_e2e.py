@@ -112,7 +112,9 @@ def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
     assert all((workdir / "unet" / "oof" / f"{c}.nii.gz").stat().st_mtime_ns == stamps[c] for c in folds[1])
     assert json.loads((workdir / "unet" / "oof" / "runs.json").read_text()) == {**runs, "0": "trained-again"}
     assert "rediffinet: trained on out-of-fold maps of U-Net fold(s) [0] that were trained again" in proc.stdout
-    assert "unet/fold_0: scored before the fold was trained again" in proc.stdout
+    assert "unet/fold_0: scored before the fold or its U-Net maps were made again" in proc.stdout
+    assert json.loads((workdir / "eval" / "unet" / "fold_0" / "trained.json").read_text()) == {
+        "training": {**done, "run": "trained-again"}, "unet_maps": "trained-again"}
     proc = _train(workdir)
     assert proc.returncode == 2 and "oof_runs.0" in proc.stdout and "rediffinet" in proc.stdout
     cases = tmp_path / "in"
@@ -258,15 +260,16 @@ def test_retrained_stage_is_rescored(finished, tmp_path):
     for k in (0, 1):
         done = json.loads((workdir / "rediffinet" / f"fold_{k}" / "done.json").read_text())
         assert done["steps"] == 3 and done["run"] != old[k]["run"]
-        assert json.loads((workdir / "eval" / "rediffinet" / f"fold_{k}" / "trained.json").read_text()) == done
+        made_from = json.loads((workdir / "eval" / "rediffinet" / f"fold_{k}" / "trained.json").read_text())
+        assert made_from["training"] == done
         with open(workdir / "eval" / "rediffinet" / f"fold_{k}" / "cases.csv") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == 9  # rescored once, not appended to the old rows
         _check_scores_against_files(workdir, k, rows)  # from the maps the new models wrote
-    assert "rediffinet/fold_0: scored before the fold was trained again" in proc.stdout
+    assert "rediffinet/fold_0: scored before the fold or its U-Net maps were made again" in proc.stdout
     assert "0.123456" not in (workdir / "eval" / "rediffinet" / "fold_0" / "cases.csv").read_text()
     assert "0.123456" in (workdir / "eval" / "unet" / "fold_0" / "cases.csv").read_text()  # U-Net not retrained
-    assert "rediffinet-suf-k1-s1/fold_0: scored before rediffinet fold 0 was trained again" in proc.stdout
+    assert "rediffinet-suf-k1-s1/fold_0: scored before rediffinet fold 0 or its U-Net maps" in proc.stdout
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
     assert set(summary["models"]) == {"unet", "rediffinet"}
 
