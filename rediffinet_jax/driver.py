@@ -111,6 +111,19 @@ def renew_oof_if_checkpoint_changed(unet_dir: Path, settings: dict, log=print) -
     _write_settings(unet_dir, flat, settings)
 
 
+def adopt_oof_runs(folder: Path, settings: dict, log=print) -> None:
+    """A stage folder made before its settings recorded ``oof_runs`` (which U-Net trainings made the maps it
+    was trained on) takes the current ones, as :func:`predict_oof` adopts maps made before they were
+    recorded, instead of being refused and retrained."""
+    saved, flat, diff = _settings_diff(folder, settings)
+    prefix = f"{OOF_RUNS}."
+    if saved is None or not diff or any(k.startswith(prefix) for k in saved):
+        return
+    if all(k.startswith(prefix) for k in diff):
+        log(f"{folder}: made by a version that kept no record of its U-Nets' trainings; taking the current ones")
+        _write_settings(folder, flat, settings)
+
+
 def trained(folder: Path) -> dict | None:
     """``folder/done.json`` of a stage's fold (steps, best/latest step, and ``run``, a fresh id per finished
     training), or None while the fold is not trained."""
@@ -270,6 +283,7 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
     if dstage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
         pipeline.attach_unet_masks(refs, unet_dir / "oof")
         stage_settings[OOF_RUNS] = oof_runs(unet_dir, d.n_folds)
+        adopt_oof_runs(ddir, stage_settings, log)
     check_stage_config(ddir, stage_settings, overwrite, log)
     trainer = Trainer(dstage, progress=progress)
     for k in fold_ids:

@@ -124,6 +124,29 @@ def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_refiner_from_an_older_version_is_adopted(finished, tmp_path):
+    """A refiner whose settings predate ``oof_runs`` takes the current U-Net trainings instead of being
+    refused (nothing retrained); one with other settings besides is still refused."""
+    import json
+    workdir = tmp_path / "run"
+    shutil.copytree(finished[0], workdir)
+    stage = workdir / "rediffinet"
+    flat = json.loads((stage / "config.json").read_text())
+    runs = {k: v for k, v in flat.items() if k.startswith("oof_runs.")}
+    assert sorted(runs) == ["oof_runs.0", "oof_runs.1"]
+    old = {k: v for k, v in flat.items() if k not in runs}
+    (stage / "config.json").write_text(json.dumps({**old, "diffusion.lr": 0.5}))
+    proc = _train(workdir, "--noevaluate")
+    assert proc.returncode == 2 and "diffusion.lr" in proc.stdout
+    (stage / "config.json").write_text(json.dumps(old))
+    stamps = {p: p.stat().st_mtime_ns for p in stage.rglob("*") if p.is_file() and "checkpoints" in p.parts}
+    proc = _train(workdir, "--noevaluate")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "kept no record of its U-Nets' trainings; taking the current ones" in proc.stdout
+    assert json.loads((stage / "config.json").read_text()) == flat
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
 def test_unknown_key_and_missing_root(tmp_path):
     proc = _train(tmp_path / "w", "--config.unet.stepz=3")
     assert proc.returncode == 2 and "unet.stepz" in proc.stderr and "unet.steps" in proc.stderr
