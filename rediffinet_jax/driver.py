@@ -152,6 +152,13 @@ def oof_runs(unet_dir: Path, n_folds: int) -> dict:
     return {str(k): record[str(k)] for k in range(n_folds)}
 
 
+def stale_folds(runs: dict, made_by: dict) -> list[int]:
+    """The folds whose U-Net training in ``runs`` (``{str(fold): run}``, e.g. a refiner's ``oof_runs``) is not
+    the one in ``made_by`` (:func:`oof_record`, or the U-Nets' done.json); a fold missing from ``made_by``
+    (maps made before records were kept) counts as current."""
+    return [int(k) for k, r in runs.items() if made_by.get(k, r) != r]
+
+
 def load_settings(folder: Path):
     """The full settings a stage folder was made with, as a ConfigDict (for evaluate and predict)."""
     from ml_collections import ConfigDict

@@ -24,7 +24,8 @@ import numpy as np
 
 from rediffinet_jax import metrics, reports
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import OOF_KEY, OOF_RUNS, check_record, load_settings, oof_record, trained
+from rediffinet_jax.driver import (OOF_KEY, OOF_RUNS, check_record, load_settings, oof_record, stale_folds,
+                                   trained)
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer
@@ -95,12 +96,6 @@ def _tie_to_training(out_dir: Path, made_from: dict, log) -> None:
     record.write_text(json.dumps(made_from))
 
 
-def _stale_folds(runs: dict, made_by: dict) -> list[int]:
-    """The folds whose U-Net training in ``runs`` ({str(fold): run}) is not the one that made their maps
-    (``made_by``, :func:`driver.oof_record`); maps made before records were kept count as current."""
-    return [int(k) for k, r in runs.items() if made_by.get(k, r) != r]
-
-
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
     """``name``, or ``name-<fusion>-k<K>-s<S>`` when ``override`` changes the model's own sampler (it is
     then applied to ``sampler``, the stage's ConfigDict), so both evaluations sit side by side."""
@@ -156,7 +151,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                 log(f"{name}: trained on out-of-fold maps from the {stage_settings.get(OOF_KEY)} checkpoints, which "
                     f"are now made from the {oof_checkpoint} ones; skipped (retrain it: train.py --overwrite)")
                 continue
-            if OOF_RUNS in stage_settings and (stale := _stale_folds(stage_settings[OOF_RUNS].to_dict(), maps_by)):
+            if OOF_RUNS in stage_settings and (stale := stale_folds(stage_settings[OOF_RUNS].to_dict(), maps_by)):
                 log(f"{name}: trained on out-of-fold maps of U-Net fold(s) {stale} that were trained again since; "
                     f"skipped (retrain it: train.py --overwrite)")
                 continue
@@ -174,7 +169,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
             if done is None:
                 log(f"{name} fold {k}: not trained, skipped")
                 continue
-            if name == BASELINE and _stale_folds({str(k): done.get("run")}, maps_by):
+            if name == BASELINE and stale_folds({str(k): done.get("run")}, maps_by):
                 log(f"unet fold {k}: trained again since its out-of-fold maps were made; skipped (train.py --stage "
                     f"unet remakes them)")
                 continue

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import OOF_RUNS, check_record, load_settings, trained
+from rediffinet_jax.driver import OOF_RUNS, check_record, load_settings, stale_folds, trained
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.labels import MODALITIES, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
@@ -69,8 +69,7 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         settings = load_settings(workdir / model)
         if OOF_RUNS in settings:  # conditioned on U(I): only with the U-Nets whose maps it was trained on
             now = {str(k): (trained(workdir / "unet" / f"fold_{k}") or {}).get("run") for k in range(n_folds)}
-            stale = [int(k) for k, r in settings[OOF_RUNS].to_dict().items() if now.get(k) != r]
-            if stale:
+            if stale := stale_folds(settings[OOF_RUNS].to_dict(), now):
                 raise ConfigError(f"{model} was trained on the maps of U-Net fold(s) {stale} before they were "
                                   f"trained again; retrain it (train.py --overwrite) or predict with --model=unet")
         dstage = DiffusionStage(settings.diffusion)
