@@ -139,17 +139,28 @@ def oof_record(unet_dir: Path) -> dict:
 
 
 def oof_runs(unet_dir: Path, n_folds: int) -> dict:
-    """:func:`oof_record` once every fold's maps are made (what a model conditioned on U(I) trains on).
+    """:func:`oof_record` once every fold's maps are made by its current U-Net (what a model conditioned on
+    U(I) trains on).
 
     Raises:
-      ConfigError: a fold whose maps are not made (or were made by a version that kept no record).
+      ConfigError: a fold whose maps are not made (or were made by a version that kept no record), or were
+        made by an earlier training of the fold.
     """
     record = oof_record(unet_dir)
     missing = [k for k in range(n_folds) if str(k) not in record]
     if missing:
         raise ConfigError(f"the out-of-fold U-Net maps of fold(s) {missing} are not made (or not recorded in "
                           f"{Path(unet_dir) / 'oof' / OOF_RECORD}): run train.py --stage unet first")
-    return {str(k): record[str(k)] for k in range(n_folds)}
+    runs = {str(k): record[str(k)] for k in range(n_folds)}
+    if stale := stale_folds(runs, unet_runs(unet_dir, n_folds)):
+        raise ConfigError(f"the out-of-fold maps of U-Net fold(s) {stale} were made before the fold was trained "
+                          f"again: run train.py --stage unet first, which remakes them")
+    return runs
+
+
+def unet_runs(unet_dir: Path, n_folds: int) -> dict:
+    """``{str(fold): run}`` of the U-Nets trained now (None for a fold not trained)."""
+    return {str(k): (trained(Path(unet_dir) / f"fold_{k}") or {}).get("run") for k in range(n_folds)}
 
 
 def stale_folds(runs: dict, made_by: dict) -> list[int]:

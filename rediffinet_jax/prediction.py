@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import OOF_RUNS, check_record, load_settings, stale_folds, trained
+from rediffinet_jax.driver import OOF_RUNS, check_record, load_settings, stale_folds, trained, unet_runs
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.labels import MODALITIES, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
@@ -68,8 +68,7 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
     if model != "unet":
         settings = load_settings(workdir / model)
         if OOF_RUNS in settings:  # conditioned on U(I): only with the U-Nets whose maps it was trained on
-            now = {str(k): (trained(workdir / "unet" / f"fold_{k}") or {}).get("run") for k in range(n_folds)}
-            if stale := stale_folds(settings[OOF_RUNS].to_dict(), now):
+            if stale := stale_folds(settings[OOF_RUNS].to_dict(), unet_runs(workdir / "unet", n_folds)):
                 raise ConfigError(f"{model} was trained on the maps of U-Net fold(s) {stale} before they were "
                                   f"trained again; retrain it (train.py --overwrite) or predict with --model=unet")
         dstage = DiffusionStage(settings.diffusion)

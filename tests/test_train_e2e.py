@@ -105,6 +105,8 @@ def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "unet fold 0: trained again since its out-of-fold maps were made; skipped" in proc.stdout
     assert "rediffinet: trained on out-of-fold maps of U-Net fold(s) [0]" not in proc.stdout  # the maps are old
+    proc = _train(workdir, "--stage=diffusion")  # no refiner trained on maps older than their U-Net
+    assert proc.returncode == 2 and "maps of U-Net fold(s) [0] were made before the fold was trained" in proc.stdout
     proc = _train(workdir, "--stage=unet")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "unet fold 0 was trained again since its out-of-fold maps were made; remaking them" in proc.stdout
