@@ -53,7 +53,8 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
 
     ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the trainings of the
     folds (their done.json); a later call with any of these different is refused before anything is
-    written, so one folder never mixes two models' label maps.
+    written, so one folder never mixes two models' label maps. A folder holding label maps without that
+    record is refused too.
 
     Returns the errors of the cases that failed (each names its case and file); the others are done.
     """
@@ -74,6 +75,9 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         dstage = DiffusionStage(settings.diffusion)
         record[model] = _trainings(workdir, model, folds)
         record["sampler"] = {k: dstage.cfg.sampler[k] for k in ("fusion", "steps", "samples")}
+    if not (out / "prediction.json").is_file() and (maps := sorted(p.name for p in out.glob("*.nii.gz"))):
+        raise ConfigError(f"{out} holds label maps ({maps[0]}, ...) but no prediction.json saying what made them "
+                          f"(an older version, or by hand): use another -o, or delete them")
     check_record(out / "prediction.json", record, "use another -o, or delete its label maps and prediction.json")
     unets = _fold_models(workdir, "unet", ustage, folds, checkpoint)
     if dstage is not None:

@@ -339,3 +339,7 @@ def test_predict_new_cases(finished, tmp_path):
     other = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}", "--model=unet")
     assert other.returncode == 2 and "model: 'rediffinet' -> 'unet'" in other.stdout  # never mixed in
     assert (out / f"{good[0]}.nii.gz").stat().st_mtime_ns == stamp
+    (out / "prediction.json").unlink()  # label maps whose maker is unknown: not adopted
+    unknown = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}")
+    assert unknown.returncode == 2 and "no prediction.json" in unknown.stdout
+    assert (out / f"{good[0]}.nii.gz").stat().st_mtime_ns == stamp and not (out / "prediction.json").exists()
