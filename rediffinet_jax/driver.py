@@ -212,7 +212,7 @@ def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_
     for k in fold_ids:
         run_id = trained(workdir / "unet" / f"fold_{k}").get("run")
         todo = [c for c in folds[k] if not (oof / f"{c}.nii.gz").is_file()]
-        if record.get(str(k)) not in (None, run_id):  # overwritten, not deleted: every process sees the same todo
+        if stale_folds({str(k): run_id}, record):  # overwritten, not deleted: every process sees the same todo
             log(f"unet fold {k} was trained again since its out-of-fold maps were made; remaking them")
             todo = list(folds[k])
         if not todo:
