@@ -201,16 +201,18 @@ def _val_cases(ids, refs_by_id, limit: int, with_unet: bool) -> list[ValCase]:
     return out
 
 
-def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_by_id, refs_by_id, fold_ids,
-                which: str, log=print) -> Path:
-    """Writes ``unet/oof/<case>.nii.gz`` for every case of the given folds, with the fold's own U-Net, and
-    records which training of the fold made them (:func:`oof_record`). A fold trained again since (its
-    folder deleted by hand) has its maps made again; maps without a record (older versions) are kept."""
+def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_by_id, refs_by_id,
+                trained_folds: dict, which: str, log=print) -> Path:
+    """Writes ``unet/oof/<case>.nii.gz`` for every case of the folds in ``trained_folds`` ({fold: its
+    done.json}, as every process has it: not read back from a file process 0 may still be writing), with
+    the fold's own U-Net, and records which training of the fold made them (:func:`oof_record`). A fold
+    trained again since (its folder deleted by hand) has its maps made again; maps without a record (older
+    versions) are kept."""
     oof = workdir / "unet" / "oof"
     oof.mkdir(parents=True, exist_ok=True)
     record = oof_record(workdir / "unet")
-    for k in fold_ids:
-        run_id = trained(workdir / "unet" / f"fold_{k}").get("run")
+    for k, done in trained_folds.items():
+        run_id = done.get("run")
         todo = [c for c in folds[k] if not (oof / f"{c}.nii.gz").is_file()]
         if stale_folds({str(k): run_id}, record):  # overwritten, not deleted: every process sees the same todo
             log(f"unet fold {k} was trained again since its out-of-fold maps were made; remaking them")
@@ -290,7 +292,8 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
             if done is None:
                 return results
             results.setdefault("unet", {})[k] = done
-        predict_oof(trainer, unet_stage, workdir, folds, files_by_id, refs_by_id, fold_ids, config.eval.checkpoint, log)
+        predict_oof(trainer, unet_stage, workdir, folds, files_by_id, refs_by_id, results["unet"],
+                    config.eval.checkpoint, log)
     if config.stages == "unet" or stage == "unet":
         return results
 

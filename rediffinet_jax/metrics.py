@@ -17,6 +17,13 @@ from scipy import ndimage
 from rediffinet_jax.labels import REGIONS
 
 CONVENTIONS = ("brats2023", "monai", "medpy")
+EMPTY_HD95 = 373.13  # diagonal of the 240×240×155 BraTS grid, for exactly one empty mask
+LESION_MISS_HD95 = 374.0  # BraTS 2023 lesion-wise penalty
+LESION_DILATIONS = 3
+LESION_MIN_VOLUME = 50.0  # mm³ (= voxels at BraTS's 1 mm); GT lesions at or below it are ignored
+_CONN26 = np.ones((3, 3, 3), bool)
+_CONN6 = ndimage.generate_binary_structure(3, 1)
+_DILATION = ndimage.generate_binary_structure(3, 2)  # the challenge script's dilation element
 
 
 def _brats_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
@@ -27,13 +34,6 @@ def _brats_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
 
     sd = surface_distance.compute_surface_distances(gt, pred, tuple(float(s) for s in spacing))
     return float(surface_distance.compute_robust_hausdorff(sd, 95))
-EMPTY_HD95 = 373.13  # diagonal of the 240×240×155 BraTS grid, for exactly one empty mask
-LESION_MISS_HD95 = 374.0  # BraTS 2023 lesion-wise penalty
-LESION_DILATIONS = 3
-LESION_MIN_VOLUME = 50.0  # mm³ (= voxels at BraTS's 1 mm); GT lesions at or below it are ignored
-_CONN26 = np.ones((3, 3, 3), bool)
-_CONN6 = ndimage.generate_binary_structure(3, 1)
-_DILATION = ndimage.generate_binary_structure(3, 2)  # the challenge script's dilation element
 
 
 def _check_pair(pred, gt, spacing=None):

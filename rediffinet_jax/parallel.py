@@ -7,6 +7,7 @@ runs on one CPU, several GPUs, or several hosts (after :func:`maybe_initialize_d
 from __future__ import annotations
 
 import os
+import uuid
 
 import jax
 import numpy as np
@@ -70,3 +71,13 @@ def to_host(x) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(x)
     return np.asarray(x.addressable_data(0))
+
+
+def shared_id() -> str:
+    """A fresh random hex id, the same on every process (process 0's, broadcast): a record that several
+    processes return or compare (a training's ``run``) must not differ between them."""
+    token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token))
+    return token.astype(np.uint8).tobytes().hex()

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -270,7 +269,7 @@ class Trainer:
             if hasattr(it, "close"):
                 it.close()
         done = {"steps": steps_total, "best_step": mgr.best_step(), "latest_step": mgr.latest_step(),
-                "run": uuid.uuid4().hex}
+                "run": parallel.shared_id()}
         if jax.process_index() == 0:
             (folder / "done.json").write_text(json.dumps(done))
         return done

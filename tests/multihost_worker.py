@@ -33,14 +33,15 @@ def main(cache, out, coordinator=None, num_processes=None, process_id=None):
     cfg = common.smoke(common.base()).unet
     cfg.update(steps=3, val_every=3, lr=3e-3)
     trainer = Trainer(UNetStage(cfg), progress=False)
-    trainer.fit(Path(out) / "run", refs[1:], val, seed=0, log=lambda m: None)
+    done = trainer.fit(Path(out) / "run", refs[1:], val, seed=0, log=lambda m: None)
     model = trainer.load(Path(out) / "run", "latest")
     from flax import nnx
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
     params = {jax.tree_util.keystr(p): parallel.to_host(v[...] if hasattr(v, "value") else v) for p, v in leaves}
     if jax.process_index() == 0:
         np.savez(Path(out) / "params.npz", **params)
-    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, done", flush=True)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, run "
+          f"{done['run']}, done", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
     outs = _wait_all(procs, time.time() + TIMEOUT)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert "process 1 of 2: 2 devices" in outs[1]
+    import json
+    run = json.loads((tmp_path / "two" / "run" / "done.json").read_text())["run"]  # written by process 0
+    assert len(run) == 32 and all(f"run {run}, done" in o for o in outs)  # and returned by both
     a, b = np.load(tmp_path / "one" / "params.npz"), np.load(tmp_path / "two" / "params.npz")
     assert sorted(a.files) == sorted(b.files)
     for k in a.files:
