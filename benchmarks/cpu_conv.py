@@ -62,8 +62,8 @@ def shifted_matmuls(x, w, stride):
 # (row label, function of (x, kernel, stride)) for the 3³ convolution rows
 CONV_FORMULATIONS = {
     "xla": lambda x, w, s: layers.conv3d(x, w, s, 1, "xla"),
-    "cpu (package)": lambda x, w, s: layers.conv3d(x, w, s, 1, "cpu"),
-    "cpu taps on inputs": lambda x, w, s: layers._depth_taps_on_inputs(x, w, s, 1),
+    "2d (package)": lambda x, w, s: layers.conv3d(x, w, s, 1, "2d"),
+    "2d taps on inputs": lambda x, w, s: layers._depth_taps_on_inputs(x, w, s, 1),
     "im2col": im2col,
     "27 matmuls": shifted_matmuls,
 }
@@ -251,7 +251,7 @@ def main():
         name = f"{kind} {cin}->{cout}{' s2' if kind == 'conv' and stride == 2 else ''} @{a.size}^3"
         ref = torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, True) if have_torch else None
         if kind == "conv":
-            forms = CONV_FORMULATIONS if a.all_formulations else {k: CONV_FORMULATIONS[k] for k in ("xla", "cpu (package)")}
+            forms = CONV_FORMULATIONS if a.all_formulations else {k: CONV_FORMULATIONS[k] for k in ("xla", "2d (package)")}
         else:
             forms = {impl: (lambda impl: lambda x, w: layers.conv_transpose3d(x, w, 2, impl))(impl)
                      for impl in layers.CONV_IMPLS}

@@ -94,7 +94,7 @@ def test_reference_formulations_equal_native(stride):
     x = jax.random.normal(jax.random.key(0), (1, 6, 8, 6, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
     native = layers.conv3d(x, w, stride, 1, "xla")
-    for name in ("im2col", "27 matmuls", "cpu taps on inputs", "cpu (package)"):
+    for name in ("im2col", "27 matmuls", "2d taps on inputs", "2d (package)"):
         got = cpu_conv.CONV_FORMULATIONS[name](x, w, stride)
         assert got.shape == native.shape, name
         assert float(jnp.abs(got - native).max()) < 1e-4, name

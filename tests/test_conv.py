@@ -26,11 +26,11 @@ def test_conv3d_cpu_equals_native_with_gradients(shape, stride, k, pad, cin, cou
     def loss(impl):
         return lambda x, w: jnp.sum(jnp.sin(conv3d(x, w, stride, pad, impl)))
 
-    a = conv3d(x, kernel, stride, pad, "cpu")
+    a = conv3d(x, kernel, stride, pad, "2d")
     b = conv3d(x, kernel, stride, pad, "xla")
     assert a.shape == b.shape
     assert _rel(a, b) < 1e-5
-    ga = jax.grad(loss("cpu"), argnums=(0, 1))(x, kernel)
+    ga = jax.grad(loss("2d"), argnums=(0, 1))(x, kernel)
     gb = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
     for u, v in zip(ga, gb):
         assert _rel(u, v) < 1e-5
@@ -40,14 +40,14 @@ def test_conv3d_cpu_equals_native_with_gradients(shape, stride, k, pad, cin, cou
 def test_conv_transpose_cpu_equals_native_with_gradients(shape, cin, cout):
     x = jax.random.normal(jax.random.key(0), shape + (cin,))
     kernel = jax.random.normal(jax.random.key(1), (2, 2, 2, cin, cout))
-    a, b = conv_transpose3d(x, kernel, 2, "cpu"), conv_transpose3d(x, kernel, 2, "xla")
+    a, b = conv_transpose3d(x, kernel, 2, "2d"), conv_transpose3d(x, kernel, 2, "xla")
     assert a.shape == b.shape == (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], cout)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
     def loss(impl):
         return lambda x, w: jnp.sum(jnp.cos(conv_transpose3d(x, w, 2, impl)))
 
-    for u, v in zip(jax.grad(loss("cpu"), argnums=(0, 1))(x, kernel), jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)):
+    for u, v in zip(jax.grad(loss("2d"), argnums=(0, 1))(x, kernel), jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)):
         assert _rel(u, v) < 1e-5
 
 
@@ -59,7 +59,11 @@ def test_impl_override(monkeypatch):
     with pytest.raises(ValueError, match="REDIFFINET_CONV"):
         layers.conv_impl()
     monkeypatch.delenv("REDIFFINET_CONV")
-    assert layers.conv_impl() == "cpu"  # the tests run on the CPU
+    assert layers.conv_impl() == "2d"  # the tests run on the CPU
+    # a GPU takes the 2-D formulations too (measured faster there, benchmarks/results/h200-*-layers.log), a TPU XLA's
+    for backend, impl in (("gpu", "2d"), ("cuda", "2d"), ("tpu", "xla")):
+        monkeypatch.setattr(layers.jax, "default_backend", lambda b=backend: b)
+        assert layers.conv_impl() == impl, backend
 
 
 # big enough for XLA's CPU compiler to hand the 2-D convolution to YNNPACK by default (4³×2 is not)
@@ -71,10 +75,10 @@ def test_jit_compiles_convolutions_with_eigen_not_ynnpack():
     # 1.4-2x faster here than YNNPACK's, which XLA picks by default
     from rediffinet_jax.models import layers
     x, w = _YNN_SIZED
-    text = layers.jit(lambda x, w: conv3d(x, w, 1, 1, "cpu")).lower(x, w).compile().as_text()
+    text = layers.jit(lambda x, w: conv3d(x, w, 1, 1, "2d")).lower(x, w).compile().as_text()
     assert "convolution(" in text and "__ynn_fusion" not in text
     # and without the options XLA does give this convolution to YNNPACK (else the check above is empty)
-    assert "__ynn_fusion" in jax.jit(lambda x, w: conv3d(x, w, 1, 1, "cpu")).lower(x, w).compile().as_text()
+    assert "__ynn_fusion" in jax.jit(lambda x, w: conv3d(x, w, 1, 1, "2d")).lower(x, w).compile().as_text()
 
 
 def test_jit_passes_the_cpu_options_on_the_cpu_only(monkeypatch):
@@ -82,7 +86,7 @@ def test_jit_passes_the_cpu_options_on_the_cpu_only(monkeypatch):
     # as "gpu" the same CPU compile keeps XLA's default, which gives the 2-D convolutions to YNNPACK
     from rediffinet_jax.models import layers
     x, w = _YNN_SIZED
-    f = layers.jit(lambda x, w: conv3d(x, w, 1, 1, "cpu"))
+    f = layers.jit(lambda x, w: conv3d(x, w, 1, 1, "2d"))
     monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
     assert "__ynn_fusion" in f.lower(x, w).compile().as_text()
     assert f(x, w).shape == (1, 16, 16, 16, 8)

@@ -20,7 +20,7 @@ from flax import nnx
 
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS2 = ("NHWC", "HWIO", "NHWC")
-CONV_IMPLS = ("xla", "cpu")
+CONV_IMPLS = ("xla", "2d")
 
 
 #: Compile options for the jitted functions of this package on the CPU. XLA's CPU backend hands 2-D
@@ -66,25 +66,31 @@ def jit(fun=None, **kwargs):
 
 
 def conv_impl() -> str:
-    """Which convolution formulation to trace: ``xla`` (XLA's native convolution; GPU, TPU) or ``cpu``
-    (the formulations measured fastest on the CPU, see :func:`conv3d`). REDIFFINET_CONV overrides."""
+    """Which convolution formulation to trace: ``2d`` (2-D convolutions and matrix products, see
+    :func:`conv3d`; the CPU and GPUs) or ``xla`` (XLA's native 3-D convolution; TPUs and other backends).
+    REDIFFINET_CONV overrides.
+
+    ``2d`` was measured faster on both CPU and GPU: on an H200 (benchmarks/layers.py, bfloat16, 128×192×128)
+    XLA's native k2 s2 transposed convolution took 4.8 ms forward and 735 ms backward, the matrix product
+    1.1 ms and 1.5 ms; the 3³ convolutions 64→64 and 128→64 ran 1.4–1.6× faster forward and 1.3–2.1×
+    backward as 2-D convolutions. TPUs were never measured, so they keep XLA's own."""
     forced = os.environ.get("REDIFFINET_CONV")
     if forced:
         if forced not in CONV_IMPLS:
             raise ValueError(f"REDIFFINET_CONV must be one of {CONV_IMPLS}, got {forced!r}")
         return forced
-    return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return "2d" if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm") else "xla"
 
 
 def conv3d(x, kernel, stride: int, padding: int, impl: str | None = None):
     """3-D convolution ``x`` ``[B, D, H, W, cin]`` * ``kernel`` ``[kd, kh, kw, cin, cout]``, symmetric
     ``padding`` on every axis.
 
-    ``xla``: ``lax.conv_general_dilated``. ``cpu``: 2-D convolutions over (H, W) with the depth taps
+    ``xla``: ``lax.conv_general_dilated``. ``2d``: 2-D convolutions over (H, W) with the depth taps
     moved to channels, which XLA runs 2.6–18× faster forward+backward on the CPU than its 3-D convolution
-    (whose strided backward is the slowest): a "same" stride-1 kernel through
-    :func:`_depth_taps_on_outputs`, other strides through :func:`_depth_taps_on_inputs`; a 1×1×1 kernel
-    with stride 1 is a matrix product. Both give the same result to float rounding. Compile with
+    (whose strided backward is the slowest), and 1.1–2.1× faster at stride 1 on an H200 (:func:`conv_impl`;
+    strided, not yet measured there): a "same" stride-1 kernel through :func:`_depth_taps_on_outputs`,
+    other strides through :func:`_depth_taps_on_inputs`; a 1×1×1 kernel with stride 1 is a matrix product. Both give the same result to float rounding. Compile with
     :data:`XLA_OPTIONS` (see :func:`jit`) for the fast 2-D convolution.
     """
     impl = impl or conv_impl()
@@ -139,9 +145,9 @@ def _depth_taps_on_inputs(x, kernel, stride: int, padding: int):
 def conv_transpose3d(x, kernel, stride: int, impl: str | None = None):
     """Transposed convolution with kernel size = stride (no overlap), ``lax.conv_transpose``'s orientation.
 
-    ``cpu``: every input voxel times the kernel is one matrix product ``[N, cin] @ [cin, s³·cout]``
+    ``2d``: every input voxel times the kernel is one matrix product ``[N, cin] @ [cin, s³·cout]``
     followed by a reshape into the s×s×s blocks (exact; XLA's CPU transposed convolution is 25–80×
-    slower). ``xla``: ``lax.conv_transpose``.
+    slower, and its GPU one's backward 500× slower in bfloat16). ``xla``: ``lax.conv_transpose``.
     """
     impl = impl or conv_impl()
     if impl == "xla":
