@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check: sampler and train steps at the paper's size (128×192×128, K = 10, S = 10, batch 2),
-# bfloat16 and float32, with only the packages the GPU machines already have (jax, flax, optax, orbax).
+# bfloat16 and float32, with only the packages the GPU machines already have (jax, flax, optax, orbax);
+# last, if time is left, each finest-level layer alone in bfloat16 (benchmarks/layers.py).
 # The whole script ends within DEADLINE_S seconds (default 470: the issue's 8 minutes): each benchmark
 # gets at most 170 s of what is left, the two that carry the targets run first, and one that no longer
-# fits is skipped and named. Ends with one markdown table (benchmarks/summary.py) and the targets.
+# fits is skipped and named. Ends with markdown tables (benchmarks/summary.py) and the targets.
 # Every JSON line goes to $OUT/device.jsonl and the whole output to $OUT/device.log (OUT: /tmp if unset).
 # SMOKE=1 runs the same sequence at 16³ with tiny widths, for a CPU (tests/test_benchmarks.py).
 # PYTHON (default python3: the GPU machines' jax lives in their python3, and a bare python may not exist).
@@ -22,9 +23,10 @@ $py -c 'import jax, flax, optax, orbax.checkpoint as o; print("jax", jax.__versi
 if [[ ${SMOKE:-0} == 1 ]]; then
   sampler=(--size 16,16,16 --steps 2 --samples 2 --features 8,8,16,32,64,8)
   train=(--unet_size 16,16,16 --diff_size 16,16,16 --tiny)
+  layer=(--size 16,16,16 --width 8)
   repeats=1 chunk=1
 else
-  sampler=() train=() repeats=5
+  sampler=() train=() layer=() repeats=5
   # float32 activations of 10 samples at full resolution are 8 GiB each: two chunks of 5 keep it on an H100
   chunk=5
 fi
@@ -52,6 +54,7 @@ run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage unet
 run benchmarks/sampler.py "${sampler[@]}" --dtype float32 --chunk "$chunk"
 run benchmarks/train_step.py "${train[@]}" --dtype float32 --stage diffusion
 run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --remat --stage diffusion
+run benchmarks/layers.py "${layer[@]}" --dtype bfloat16
 rm -f "$out/last.out"
 echo "--- ${SECONDS} s in all" | tee -a "$full"
 "$py" benchmarks/summary.py "$log" | tee -a "$full"

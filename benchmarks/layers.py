@@ -1,15 +1,17 @@
-"""Times each kind of layer of the denoiser alone, forward and forward + backward, at full resolution.
+"""Times each kind of layer of the networks alone, forward and forward + backward, at full resolution.
 
     python benchmarks/layers.py                                  # 128×192×128, batch 2, bfloat16 then float32
     python benchmarks/layers.py --size 16,16,16 --dtype float32  # a CPU
 
 Finds where a slow training step spends its time: on an H200 the Re-DiffiNet train step ran at 4 % of the
-matmul peak while the sampler (forward only) ran at 28 %, so some layer's backward is slow. Each row is one
-layer at the finest level (widths from FEATURES), timed as ``y = f(x, params)`` (forward) and as the
-gradient of ``sum(y * g)`` with respect to x and params (train = forward + backward), median of
---repeats runs after warm-up, with both formulations of the convolutions (``xla``: XLA's native
-convolution, what a GPU runs; ``cpu``: 2-D convolutions / a matrix product, models.layers.conv3d). One
-line per row as it is measured, one JSON line per row. Imports only jax, flax and numpy.
+matmul peak while the sampler (forward only) ran at 28 %; this found XLA's native transposed convolution
+taking 735 ms backward against 4.8 ms forward (bfloat16). Each row is one layer at the finest level
+(the denoiser's widths, FEATURES; the U-Net's strided convolution from f0/2), timed as ``y = f(x, params)``
+(forward) and as ``sum(y * g)`` with its gradient with respect to x and params (train: forward +
+backward), median of --repeats runs after warm-up, in both formulations of the convolutions (``xla``:
+XLA's native convolution; ``2d``: 2-D convolutions / a matrix product, models.layers.conv3d). TFLOP/s
+count the forward's FLOPs once forward and three times in train. One line per row as it is measured,
+one JSON line per row. Imports only jax, flax and numpy.
 """
 
 import argparse
@@ -20,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from benchmarks.common import device_name, emit, timed  # noqa: E402
 from rediffinet_jax.models import layers  # noqa: E402
@@ -35,41 +38,55 @@ def ints(s):
 def cases(f0: int):
     """(name, input channels, input scale (1: full size, 2: half), function(x, params, dtype), params shapes,
     forward FLOPs per output voxel). The finest level's layers: the denoiser's first conv (cond 4 + x_t 3
-    channels), its second, the last decoder block's first (skip + upsampled), the transposed convolution
-    into the finest level, max pooling and instance norm."""
-    def conv(impl):
-        return lambda x, p, dt: layers.conv3d(x.astype(dt), p[0].astype(dt), 1, 1, impl) + p[1].astype(dt)
+    channels), its second, the last decoder block's first (skip + upsampled), a strided convolution
+    (the U-Net's downsampling), the transposed convolution into the finest level, max pooling and
+    instance norm."""
+    def conv(impl, stride=1):
+        return lambda x, p, dt: layers.conv3d(x.astype(dt), p[0].astype(dt), stride, 1, impl) + p[1].astype(dt)
 
     def convt(impl):
         return lambda x, p, dt: layers.conv_transpose3d(x.astype(dt), p[0].astype(dt), 2, impl) + p[1].astype(dt)
 
-    def norm(x, p, dt):
-        x32 = x.astype(jnp.float32)  # layers.InstanceNorm's arithmetic, parameters as arguments
-        mean = jnp.mean(x32, axis=(1, 2, 3), keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 3), keepdims=True)
-        return ((x32 - mean) * jax.lax.rsqrt(var + 1e-5) * p[0] + p[1]).astype(dt)
+    def norm(x, p, dt):  # the model's layer, its parameters made arguments so that they get gradients
+        m = layers.InstanceNorm(p[0].shape[0])
+        m.scale, m.bias = nnx.Param(p[0]), nnx.Param(p[1])
+        return m(x.astype(dt))
 
     rows = []
     for cin in (7, f0, 2 * f0):
-        for impl in ("xla", "cpu"):
+        for impl in layers.CONV_IMPLS:
             rows.append((f"conv k3 {cin}->{f0} {impl}", cin, 1, conv(impl), [(3, 3, 3, cin, f0), (f0,)],
                          2 * 27 * cin * f0))
-    for impl in ("xla", "cpu"):
+    for impl in layers.CONV_IMPLS:  # the U-Net's downsampling: its output is half size
+        rows.append((f"conv k3 s2 {f0 // 2}->{f0} {impl}", f0 // 2, 1, conv(impl, 2),
+                     [(3, 3, 3, f0 // 2, f0), (f0,)], 2 * 27 * f0 // 2 * f0))
+    for impl in layers.CONV_IMPLS:
         rows.append((f"convT k2 {f0}->{f0} {impl}", f0, 2, convt(impl), [(2, 2, 2, f0, f0), (f0,)], 2 * f0 * f0))
     rows.append((f"maxpool2 {f0}", f0, 1, lambda x, p, dt: _maxpool2(x.astype(dt)), [], 0))
     rows.append((f"instance norm {f0}", f0, 1, norm, [(f0,), (f0,)], 0))
     return rows
 
 
-def bench(name, cin, scale, fn, shapes, flops_per_voxel, size, batch, dtype, repeats):
+def functions(cin, scale, fn, shapes, size, batch, dtype):
+    """Random input x, parameters and output cotangent g for one row, and its jitted ``forward(x, params)``
+    and ``train(x, params, g)`` (the loss ``sum(y * g)`` and its gradients)."""
     k = iter(jax.random.split(jax.random.key(0), 8))
     x = jax.random.normal(next(k), (batch, *(s // scale for s in size), cin), jnp.float32).astype(dtype)
     params = [jax.random.normal(next(k), s, jnp.float32) * 0.05 for s in shapes]
     fwd = jax.jit(lambda x, p: fn(x, p, dtype))
     y = jax.eval_shape(fwd, x, params)
     g = jax.random.normal(next(k), y.shape, jnp.float32).astype(y.dtype)
-    # g is an argument: closed over, it would be a constant (folded at compile time, 0.8 GB at full size)
-    train = jax.jit(jax.grad(lambda x, p, g: jnp.sum((fn(x, p, dtype) * g).astype(jnp.float32)), argnums=(0, 1)))
+    # g is an argument: closed over, it would be a constant (folded at compile time, 0.8 GB at full size).
+    # The loss is returned too: under jax.grad alone a linear layer's forward is dead code, and the H200
+    # run's 'train' column (benchmarks/results/h200-2026-11-27-layers.log) was the backward alone.
+    train = jax.jit(jax.value_and_grad(lambda x, p, g: jnp.sum((fn(x, p, dtype) * g).astype(jnp.float32)),
+                                       argnums=(0, 1)))
+    return x, params, g, fwd, train
+
+
+def bench(name, cin, scale, fn, shapes, flops_per_voxel, size, batch, dtype, repeats):
+    x, params, y, fwd, train = functions(cin, scale, fn, shapes, size, batch, dtype)  # y: g, y's shape
+    g = y
     rec = {"bench": "layer", "device": device_name(), "layer": name, "dtype": jnp.dtype(dtype).name,
            "input": list(x.shape), "output": list(y.shape)}
     for what, f, args in (("forward", fwd, (x, params)), ("train", train, (x, params, g))):

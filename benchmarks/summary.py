@@ -1,10 +1,11 @@
-"""One markdown table from the JSON lines of benchmarks/sampler.py and benchmarks/train_step.py.
+"""Markdown tables from the JSON lines of benchmarks/sampler.py, train_step.py and layers.py.
 
     python benchmarks/summary.py $OUT/device.jsonl
 
-Prints the device, one row per record (the form README.md's GPU table takes) and whether the GPU
-targets of issue #8 are met: one bfloat16 inference window ≤ 1.5 s at ≥ 30 % of the bfloat16 matmul
-peak, and a bfloat16 Re-DiffiNet train step at ≥ 30 % of it. Standard library only.
+Prints the device, one row per sampler or train-step record (the form README.md's GPU table takes),
+whether the GPU targets of issue #8 are met (one bfloat16 inference window ≤ 1.5 s at ≥ 30 % of the
+bfloat16 matmul peak, and a bfloat16 Re-DiffiNet train step at ≥ 30 % of it), then a table of the
+single layers if there are any. Standard library only.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ WINDOW_TARGET_S = 1.5
 PEAK_TARGET = 0.30
 
 
-def read(path: str) -> list[dict]:
-    """The timing records of a JSON-lines file (memory-plan records of --compile_only are left out)."""
+LAYER_HEADER = "| layer | dtype | input | forward (ms) | forward + backward (ms) | TFLOP/s forward | TFLOP/s f + b |"
+
+
+def read(path: str, bench: str | None = None) -> list[dict]:
+    """The timing records of a JSON-lines file: sampler and train-step ones (memory-plan records of
+    --compile_only are left out), or those whose ``bench`` is ``bench`` (``layer``)."""
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.startswith("{")]
-    return [r for r in recs if "fraction_of_peak" in r]
+    return [r for r in recs if ("fraction_of_peak" in r if bench is None else r.get("bench") == bench)]
 
 
 def row(r: dict) -> str:
@@ -59,6 +64,15 @@ def targets(recs: list[dict]) -> list[str]:
     return lines
 
 
+def layer_table(recs: list[dict]) -> str:
+    """benchmarks/layers.py's records, one row each (empty if none)."""
+    if not recs:
+        return ""
+    rows = [f"| {r['layer']} | {r['dtype']} | {'×'.join(str(s) for s in r['input'])} | {r['forward_ms']:.2f} "
+            f"| {r['train_ms']:.2f} | {r['forward_tflops']:.1f} | {r['train_tflops']:.1f} |" for r in recs]
+    return "\n".join([LAYER_HEADER, "|" + "---|" * (LAYER_HEADER.count("|") - 1)] + rows)
+
+
 def table(recs: list[dict]) -> str:
     devices = sorted({r["device"] for r in recs})
     peaks = sorted({(r["dtype"], round(r["matmul_peak_tflops"], 1)) for r in recs if "matmul_peak_tflops" in r})
@@ -74,6 +88,9 @@ def main(argv=None) -> int:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     print(table(read(argv[0])))
+    layers = layer_table(read(argv[0], "layer"))
+    if layers:
+        print("\n" + layers)
     return 0
 
 

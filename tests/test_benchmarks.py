@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import cpu_conv, sampler, summary
+from benchmarks import cpu_conv, layers as layer_bench, sampler, summary
 from rediffinet_jax.models import layers
 
 
@@ -53,7 +53,7 @@ def test_gpu_like_env_blocks_the_missing_packages(tmp_path):
 
 def test_device_script_smoke(tmp_path):
     """The GPU script's whole sequence at 16³ on the CPU, without the packages the GPU machines lack: six
-    benchmarks, one table, the targets judged."""
+    benchmarks, one table, the targets judged, then the single layers and their table."""
     r = _device_sh(tmp_path, SMOKE="1")
     assert r.returncode == 0, r.stdout + r.stderr
     recs = summary.read(tmp_path / "device.jsonl")
@@ -64,15 +64,22 @@ def test_device_script_smoke(tmp_path):
     assert all(x["tflop_per_window"] > 0 and x["window_s"] > 0 for x in recs if x["bench"] == "sampler")
     assert all(x["batch"] == 2 and x["step_s"] > 0 for x in recs if x["bench"] != "sampler")
     assert all(0 < x["fraction_of_peak"] < 1.5 for x in recs)
-    table = r.stdout[r.stdout.index("| benchmark |"):]
+    table = r.stdout[r.stdout.index("| benchmark |"):r.stdout.index("| layer |")]
     assert table.count("\n| ") == 6 and "| sampler, one window | bfloat16 | no | 16×16×16 | 2×2 |" in table
     assert "target, bfloat16 window ≤ 1.5 s at ≥ 30% of peak: " in table and "not measured" not in table
-    assert (tmp_path / "device.log").read_text().count("--- benchmarks/") == 6
+    assert (tmp_path / "device.log").read_text().count("--- benchmarks/") == 7
+    # the finest level's layers, both formulations of each convolution, bfloat16: 3 + 1 + 1 convolutions × 2, pool, norm
+    layer_recs = summary.read(tmp_path / "device.jsonl", "layer")
+    assert len(layer_recs) == 12 and {x["dtype"] for x in layer_recs} == {"bfloat16"}
+    assert all(x["forward_ms"] > 0 and x["train_ms"] > 0 for x in layer_recs)
+    strided = [x for x in layer_recs if x["layer"].startswith("conv k3 s2")]
+    assert [x["output"] for x in strided] == [[2, 8, 8, 8, 8]] * 2 and [x["input"] for x in strided] == [[2, 16, 16, 16, 4]] * 2
+    assert r.stdout.count("\n| conv") == 10 and "| maxpool2 8 | bfloat16 | 2×16×16×16×8 |" in r.stdout
 
 
 def test_device_script_deadline(tmp_path):
     r = _device_sh(tmp_path, DEADLINE_S="10")
-    assert r.returncode == 0 and r.stdout.count("skipped, ") == 6
+    assert r.returncode == 0 and r.stdout.count("skipped, ") == 7
     assert "target, bfloat16 window: not measured" in r.stdout
 
 
@@ -107,3 +114,19 @@ def test_compile_only_reports_xla_memory_plan(capsys):
     # the float32 condition image alone is 16³ × 7 × 4 bytes; temporaries hold at least x_t for 2 samples
     assert rec["bench"] == "sampler_memory" and rec["argument_gib"] * 2**30 >= 16**3 * 7 * 4
     assert rec["temp_gib"] * 2**30 >= 2 * 16**3 * 3 * 4
+
+
+@pytest.mark.parametrize("name", ["conv k3 8->8 xla", "conv k3 8->8 2d", "convT k2 8->8 2d", "conv k3 s2 4->8 xla"])
+def test_layer_benchmark_times_forward_and_backward(name):
+    """A convolution's gradients with respect to input and kernel cost two forwards, so the timed train
+    function must count about three times the forward's FLOPs (XLA's own count); under jax.grad alone, as
+    in the first H200 run, the forward is dead code and it counts two."""
+    _, cin, scale, fn, shapes, _ = {r[0]: r for r in layer_bench.cases(8)}[name]
+    x, params, g, fwd, train = layer_bench.functions(cin, scale, fn, shapes, (8, 8, 8), 2, jnp.float32)
+
+    def flops(f, *args):
+        cost = f.lower(*args).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert 2.7 < flops(train, x, params, g) / flops(fwd, x, params) < 3.3
+    loss, _ = train(x, params, g)
+    assert float(loss) == pytest.approx(float(jnp.sum(fwd(x, params) * g)), rel=1e-4)
