@@ -84,6 +84,7 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
 
 def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
+    parallel.maybe_initialize_distributed()
     from rediffinet_jax import evaluation
     try:
         evaluation.evaluate(workdir, models or None, [int(f) for f in folds] if folds else None, checkpoint,
@@ -96,6 +97,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None,
 def predict(input_dir, output_dir, workdir, model="rediffinet", folds=None, checkpoint="best",
             save_probabilities=False, save_uncertainty=False) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
+    parallel.maybe_initialize_distributed()
     from rediffinet_jax import prediction
     try:
         errors = prediction.predict_folder(input_dir, output_dir, workdir, model, folds, checkpoint,

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rediffinet_jax import parallel
 from rediffinet_jax.data import brats, phantoms, pipeline, splits
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import regions_to_labels
@@ -65,8 +66,9 @@ def _write_settings(folder: Path, flat: dict, settings: dict) -> None:
 
 
 def check_record(path: Path, record: dict, remedy: str) -> None:
-    """Writes ``record`` (JSON) to ``path`` the first time; afterwards refuses another one, naming what
-    differs and ``remedy``. For outputs made bit by bit (scores, predictions) that must not be mixed."""
+    """Writes ``record`` (JSON) to ``path`` the first time (process 0, atomically: another process may be
+    reading it); afterwards refuses another one, naming what differs and ``remedy``. For outputs made bit
+    by bit (scores, predictions) that must not be mixed."""
     record = json.loads(json.dumps(record))
     if path.is_file():
         old = json.loads(path.read_text())
@@ -75,8 +77,11 @@ def check_record(path: Path, record: dict, remedy: str) -> None:
         if diff:
             raise ConfigError(f"{path.parent} was made with other settings ({', '.join(diff)}); {remedy}")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, sort_keys=True))
+    if parallel.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+        tmp.replace(path)
 
 
 def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print) -> None:
@@ -217,6 +222,7 @@ def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_
         if stale_folds({str(k): run_id}, record):  # overwritten, not deleted: every process sees the same todo
             log(f"unet fold {k} was trained again since its out-of-fold maps were made; remaking them")
             todo = list(folds[k])
+        parallel.barrier(f"oof fold {k} listed")  # before process 0 writes a map another is still looking for
         if not todo:
             _record_oof(oof, record, k, run_id)
             continue
@@ -231,6 +237,7 @@ def predict_oof(trainer: Trainer, stage: UNetStage, workdir: Path, folds, files_
                                       files_by_id[cid].images["t1n"])
         _record_oof(oof, record, k, run_id)
         log(f"unet fold {k}: wrote {len(todo)} out-of-fold predictions to {oof}")
+    parallel.barrier("oof written")  # the U-Net inference has no collective: process 0 may still be writing
     return oof
 
 
@@ -254,17 +261,20 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
         stop_after: int | None = None, progress: bool = True, log=print) -> dict:
     """Runs what is missing of the two-stage pipeline; returns {stage: {fold: done.json}}."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json(indent=1))
-    root = resolve_data(config, workdir, log)
-    cases = [c for c in brats.discover_cases(root, require_labels=True) if c.seg is not None]
     d = config.data
-    folds = splits.load_or_create(workdir, [c.case_id for c in cases], d.n_folds, d.split_seed)
+    # several processes: process 0 writes the shared files first, the others then find them made
+    with parallel.main_first("prepare data"):
+        workdir.mkdir(parents=True, exist_ok=True)
+        if parallel.is_main():
+            (workdir / "config.json").write_text(config.to_json(indent=1))
+        root = resolve_data(config, workdir, log)
+        cases = [c for c in brats.discover_cases(root, require_labels=True) if c.seg is not None]
+        folds = splits.load_or_create(workdir, [c.case_id for c in cases], d.n_folds, d.split_seed)
+        refs = pipeline.prepare_cache(cases, workdir / "cache", d.normalization, d.old_brats,
+                                      progress=progress and parallel.is_main())
     fold_ids = list(range(d.n_folds)) if fold is None else [fold]
     if any(not 0 <= k < d.n_folds for k in fold_ids):
         raise ConfigError(f"fold {fold} is outside 0..{d.n_folds - 1}")
-    refs = pipeline.prepare_cache(cases, workdir / "cache", d.normalization, d.old_brats, progress=progress)
     refs_by_id = {r.case_id: r for r in refs}
     files_by_id = {c.case_id: c for c in cases}
     data_settings = config.data.to_dict()
@@ -275,9 +285,10 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
     unet_dir = workdir / "unet"
     unet_settings = {"seed": config.seed, "data": data_settings, "unet": config.unet.to_dict(),
                      OOF_KEY: config.eval.checkpoint}
-    if stage in (None, "unet"):  # the maps are remade below
-        renew_oof_if_checkpoint_changed(unet_dir, unet_settings, log)
-    check_stage_config(unet_dir, unet_settings, overwrite and stage in (None, "unet"), log)
+    with parallel.main_first("unet settings"):
+        if stage in (None, "unet"):  # the maps are remade below
+            renew_oof_if_checkpoint_changed(unet_dir, unet_settings, log)
+        check_stage_config(unet_dir, unet_settings, overwrite and stage in (None, "unet"), log)
     if stage in (None, "unet"):
         trainer = Trainer(unet_stage, progress=progress)
         for k in fold_ids:
@@ -301,11 +312,12 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
     dstage = DiffusionStage(config.diffusion)
     ddir = workdir / dstage.name
     stage_settings = {**unet_settings, "diffusion": config.diffusion.to_dict()}
-    if dstage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
-        pipeline.attach_unet_masks(refs, unet_dir / "oof")
-        stage_settings[OOF_RUNS] = oof_runs(unet_dir, d.n_folds)
-        adopt_oof_runs(ddir, stage_settings, log)
-    check_stage_config(ddir, stage_settings, overwrite, log)
+    with parallel.main_first(f"{dstage.name} settings"):
+        if dstage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
+            pipeline.attach_unet_masks(refs, unet_dir / "oof")
+            stage_settings[OOF_RUNS] = oof_runs(unet_dir, d.n_folds)
+            adopt_oof_runs(ddir, stage_settings, log)
+        check_stage_config(ddir, stage_settings, overwrite, log)
     trainer = Trainer(dstage, progress=progress)
     for k in fold_ids:
         folder = ddir / f"fold_{k}"

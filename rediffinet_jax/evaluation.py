@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import metrics, reports
+from rediffinet_jax import metrics, parallel, reports
 from rediffinet_jax.data import brats
 from rediffinet_jax.driver import (OOF_KEY, OOF_RUNS, check_record, load_settings, oof_record, stale_folds,
                                    trained)
@@ -86,14 +86,17 @@ def _made_from(done: dict, maps_by: dict, k: int) -> dict:
 
 def _tie_to_training(out_dir: Path, made_from: dict, log) -> None:
     """Deletes ``out_dir``'s rows and maps unless they were made from ``made_from`` (:func:`_made_from`),
-    then records it (``trained.json``)."""
-    record = out_dir / "trained.json"
-    if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != made_from):
-        log(f"{out_dir}: scored before the fold or its U-Net maps were made again (or by an older version); "
-            f"rescoring it")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(made_from))
+    then records it (``trained.json``). Process 0 does it; every process returns once it is done."""
+    with parallel.main_first(f"tie {out_dir}"):
+        if not parallel.is_main():
+            return
+        record = out_dir / "trained.json"
+        if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != made_from):
+            log(f"{out_dir}: scored before the fold or its U-Net maps were made again (or by an older version); "
+                f"rescoring it")
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(made_from))
 
 
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
@@ -182,6 +185,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                                   f"{convention}; delete {workdir / 'eval'} to rescore")
             done = {r["case"] for r in old}
             todo = [c for c in all_folds[k] if c not in done]
+            parallel.barrier(f"listed {out_dir}")  # every process has read the rows before process 0 adds any
             model = None
             for cid in _bar(todo, f"eval {label} fold {k}", progress):
                 folder, meta, box, full, gt = _case_arrays(cache, cid)
@@ -194,7 +198,8 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                         model = trainer.load(workdir / name / f"fold_{k}", checkpoint)
                     labels = regions_to_labels(_refine(dstage, model, folder, brats.crop(unet_full, box), box, full,
                                                        k, cid))
-                    _write_pred(labels, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
+                    if parallel.is_main():
+                        _write_pred(labels, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
                     # score the label map written, as for the U-Net: its regions are nested (a TC voxel
                     # outside WT counts as WT), which the refiner's per-region flips need not be
                     pred = labels_to_regions(labels)  # = labels.nested(refined)
@@ -202,14 +207,16 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                                           with_lesion_wise=True)
                 for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
                     row.update({k: flips[k] for k in metrics.FLIP_KEYS})
-                _append_rows(csv_path, rows)
+                if parallel.is_main():  # every process scored the case (the sampler runs on all); one writes
+                    _append_rows(csv_path, rows)
+            parallel.barrier(f"scored {out_dir}")
             per_fold.setdefault(label, {})[k] = _read_rows(csv_path)
     _add_other_samplers(workdir, per_fold, names, fold_ids, convention, maps_by, log)
-    summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint)
-    if jax.process_index() == 0:
+    summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint, write=parallel.is_main())
+    if parallel.is_main():
         reports.hd95_by_model_figure(per_fold, workdir / "eval" / "figures" / "hd95_by_model.png")
         _case_figures(workdir, per_fold, scored, fold_ids, all_folds)
-    log((workdir / "eval" / "summary.md").read_text())
+    log(reports.summary_markdown(summary))
     return summary
 
 

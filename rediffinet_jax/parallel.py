@@ -6,6 +6,7 @@ runs on one CPU, several GPUs, or several hosts (after :func:`maybe_initialize_d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -81,3 +82,33 @@ def shared_id() -> str:
         from jax.experimental import multihost_utils
         token = np.asarray(multihost_utils.broadcast_one_to_all(token))
     return token.astype(np.uint8).tobytes().hex()
+
+
+def is_main() -> bool:
+    """Whether this is process 0, the one that writes the files every process shares (records, caches,
+    tables, label maps); the others compute alongside it and read."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Returns once every process has reached the barrier ``name`` (at once with one process). Every
+    process must pass the same barriers in the same order; JAX checks that the names agree."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def main_first(name: str):
+    """Process 0 runs the block first and the others after it (a :func:`barrier` between): for steps that
+    make shared files only if they are missing (phantoms, splits, the cache, stage settings), so that the
+    others find them made and only read them, never write the same files at the same time. Process 0
+    reaches the barrier even if its block raises; the others then run the block and meet the error too."""
+    if not is_main():
+        barrier(name)
+        yield
+        return
+    try:
+        yield
+    finally:
+        barrier(name)

@@ -16,6 +16,7 @@ import jax
 import nibabel as nib
 import numpy as np
 
+from rediffinet_jax import parallel
 from rediffinet_jax.data import brats
 from rediffinet_jax.driver import OOF_RUNS, check_record, load_settings, stale_folds, trained, unet_runs
 from rediffinet_jax.errors import CaseError, ConfigError
@@ -88,8 +89,9 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         log(f"skipped: {err}")
     todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
     log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
+    parallel.barrier(f"listed {out}")  # every process has its list before process 0 writes a label map
     it = todo
-    if progress:
+    if progress and parallel.is_main():
         from tqdm import tqdm
         it = tqdm(todo, desc="predict", unit="case")
     for files in it:
@@ -112,6 +114,8 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
             regions = np.asarray(dstage.variant.finish((mean[..., :3] > 0).astype(np.uint8),
                                                        unet if dstage.with_unet else None))
             uncertainty = mean[..., 3:] if save_uncertainty else None
+        if not parallel.is_main():  # every process computed the case (the models run on all); one writes
+            continue
         reference = files.images[MODALITIES[0]]
         full = brats.paste(regions.astype(np.uint8), case.box, case.full_shape)
         if save_probabilities:
@@ -123,4 +127,5 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         brats.write_label_map(regions_to_labels(full), out / f"{files.case_id}.nii.gz", reference)
         if progress:
             it.set_postfix(case=files.case_id, seconds=f"{time.time() - t0:.1f}")
+    parallel.barrier(f"written {out}")
     return errors

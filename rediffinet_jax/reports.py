@@ -155,15 +155,18 @@ def summary_markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(eval_dir, per_fold: dict, convention: str, checkpoint: str = "latest") -> dict:
-    """Writes summary.json, summary.csv (long: model, fold, region, metric, value) and summary.md."""
+def write_summary(eval_dir, per_fold: dict, convention: str, checkpoint: str = "latest", write: bool = True) -> dict:
+    """Writes summary.json, summary.csv (long: model, fold, region, metric, value) and summary.md (unless
+    ``write`` is false: the other processes of a multi-host run); returns the summary."""
     import csv
     import json
     from pathlib import Path
 
+    s = {**summary_tables(per_fold, convention), "checkpoint": checkpoint}
+    if not write:
+        return s
     eval_dir = Path(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    s = {**summary_tables(per_fold, convention), "checkpoint": checkpoint}
     (eval_dir / "summary.json").write_text(json.dumps(s, indent=1))
     with open(eval_dir / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -1,51 +1,17 @@
 """Two processes on 127.0.0.1 (one CPU device each, gloo collectives) train like one with two devices."""
 
-import os
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import ROOT, env, free_port, wait_all
 
 from rediffinet_jax.data import brats, pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "multihost_worker.py")
 TIMEOUT = 240
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT))
-    return env
-
-
-def _wait_all(procs, deadline):
-    """Waits for every process; if one fails or time runs out, kills the rest (never hangs)."""
-    outs = [None] * len(procs)
-    while any(o is None for o in outs):
-        for i, p in enumerate(procs):
-            if outs[i] is None and p.poll() is not None:
-                outs[i] = p.stdout.read()
-                if p.returncode != 0:
-                    for q in procs:
-                        q.kill()
-        if time.time() > deadline:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"multi-process run did not finish in {TIMEOUT} s")
-        time.sleep(0.1)
-    return outs
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +23,14 @@ def cache(phantom_root, tmp_path_factory):
 
 
 def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
-    one = subprocess.run([sys.executable, WORKER, str(cache), str(tmp_path / "one")], env=_env(2), cwd=ROOT,
+    one = subprocess.run([sys.executable, WORKER, str(cache), str(tmp_path / "one")], env=env(2), cwd=ROOT,
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, WORKER, str(cache), str(tmp_path / "two"), coordinator, "2", str(i)],
-                              env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = _wait_all(procs, time.time() + TIMEOUT)
+    outs = wait_all(procs, time.time() + TIMEOUT, TIMEOUT)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     assert "process 1 of 2: 2 devices" in outs[1]
     import json
@@ -78,13 +44,13 @@ def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
 
 
 def test_a_dead_process_does_not_hang_the_other(cache, tmp_path):
-    coordinator = f"127.0.0.1:{_free_port()}"
+    coordinator = f"127.0.0.1:{free_port()}"
     alive = subprocess.Popen([sys.executable, WORKER, str(cache), str(tmp_path), coordinator, "2", "0"],
-                             env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
-    _wait_all([alive, dead], time.time() + TIMEOUT)
+    wait_all([alive, dead], time.time() + TIMEOUT, TIMEOUT)
     assert dead.returncode == 3
     assert alive.returncode != 0  # killed once its partner died, instead of waiting for it forever
     assert time.time() - t0 < 60

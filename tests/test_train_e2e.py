@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from processes import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "configs/rediffinet.py:smoke"
@@ -31,11 +32,12 @@ def finished(tmp_path_factory):
     proc = _train(workdir)
     elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir, elapsed, proc.stdout + proc.stderr
+    # the scores as the run left them (later tests evaluate this work directory again in other ways)
+    return workdir, elapsed, proc.stdout + proc.stderr, (workdir / "eval" / "summary.json").read_text()
 
 
 def test_two_stage_run(finished):
-    workdir, elapsed, out = finished
+    workdir, elapsed, out, _ = finished
     assert elapsed < 180
     assert "generated phantom" in out
     for stage in ("unet", "rediffinet"):
@@ -343,3 +345,41 @@ def test_predict_new_cases(finished, tmp_path):
     unknown = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}")
     assert unknown.returncode == 2 and "no prediction.json" in unknown.stdout
     assert (out / f"{good[0]}.nii.gz").stat().st_mtime_ns == stamp and not (out / "prediction.json").exists()
+
+
+def _predict_inputs(workdir, folder, n=2):
+    """The first ``n`` phantom cases of ``workdir`` as new cases (no labels) in ``folder``; their ids."""
+    folder.mkdir()
+    ids = sorted(p.name for p in (workdir / "data").iterdir())[:n]
+    for c in ids:
+        shutil.copytree(workdir / "data" / c, folder / c)
+        (folder / c / f"{c}-seg.nii.gz").unlink()
+    return ids
+
+
+def test_two_processes_run_the_pipeline_as_one(finished, tmp_path):
+    """train.py (both stages and the evaluation), evaluate.py and predict.py as two processes of one
+    distributed run, one device each: the scores equal those of one process with two devices (the same
+    global batches and windows), and every shared file is written once (no case scored twice). Before
+    process 0 made the shared files first, two processes wrote the same phantoms at once and one crashed."""
+    import csv
+    import json
+
+    workdir = tmp_path / "run"
+    run_distributed(["train.py", f"--config={SMOKE}", f"--workdir={workdir}"])
+    one = json.loads(finished[3])
+    assert json.loads((workdir / "eval" / "summary.json").read_text()) == one
+    for path in sorted((workdir / "eval").glob("*/fold_*/cases.csv")):
+        rows = list(csv.DictReader(open(path)))
+        assert len(rows) == len({(r["case"], r["region"]) for r in rows}) == 3 * 3, path  # 3 cases × 3 regions
+    shutil.rmtree(workdir / "eval")
+    run_distributed(["evaluate.py", f"--workdir={workdir}"])
+    assert json.loads((workdir / "eval" / "summary.json").read_text()) == one
+    ids = _predict_inputs(workdir, tmp_path / "in")
+    run_distributed(["predict.py", "-i", tmp_path / "in", "-o", tmp_path / "two", f"--workdir={workdir}"])
+    single = _run("predict.py", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "one"), f"--workdir={workdir}")
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([f"{c}.nii.gz" for c in ids] + ["prediction.json"])
+    for c in ids:
+        np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "two" / f"{c}.nii.gz")).dataobj),
+                                      np.asarray(nib.load(str(tmp_path / "one" / f"{c}.nii.gz")).dataobj))

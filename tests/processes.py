@@ -1,0 +1,59 @@
+"""Launching several JAX processes on 127.0.0.1 for the multi-host tests (one CPU device each, gloo)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(devices: int, **extra) -> dict:
+    """The test environment with ``devices`` fake CPU devices and no inherited coordinator settings."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    out.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT), **extra)
+    return out
+
+
+def wait_all(procs, deadline: float, timeout: float) -> list[str]:
+    """Waits for every process; if one fails or time runs out, kills the rest (never hangs). Returns
+    their outputs."""
+    outs = [None] * len(procs)
+    while any(o is None for o in outs):
+        for i, p in enumerate(procs):
+            if outs[i] is None and p.poll() is not None:
+                outs[i] = p.stdout.read()
+                if p.returncode != 0:
+                    for q in procs:
+                        q.kill()
+        if time.time() > deadline:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"multi-process run did not finish in {timeout} s")
+        time.sleep(0.1)
+    return outs
+
+
+def run_distributed(args, n: int = 2, timeout: float = 300) -> list[str]:
+    """``python *args`` as ``n`` processes of one JAX distributed run (the environment variables
+    ``parallel.maybe_initialize_distributed`` reads), one CPU device each; fails the test unless all exit 0."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(n),
+                                      JAX_PROCESS_ID=str(i)))
+             for i in range(n)]
+    outs = wait_all(procs, time.time() + timeout, timeout)
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    return outs
