@@ -87,7 +87,7 @@ def _made_from(done: dict, maps_by: dict, k: int) -> dict:
 def _tie_to_training(out_dir: Path, made_from: dict, log) -> None:
     """Deletes ``out_dir``'s rows and maps unless they were made from ``made_from`` (:func:`_made_from`),
     then records it (``trained.json``). Process 0 does it; every process returns once it is done."""
-    with parallel.main_first(f"tie {out_dir}"):
+    with parallel.main_first(f"tie {out_dir.parent.name}/{out_dir.name}"):
         if not parallel.is_main():
             return
         record = out_dir / "trained.json"
@@ -185,7 +185,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                                   f"{convention}; delete {workdir / 'eval'} to rescore")
             done = {r["case"] for r in old}
             todo = [c for c in all_folds[k] if c not in done]
-            parallel.barrier(f"listed {out_dir}")  # every process has read the rows before process 0 adds any
+            parallel.barrier(f"listed {label}/{k}")  # every process has read the rows before process 0 adds any
             model = None
             for cid in _bar(todo, f"eval {label} fold {k}", progress):
                 folder, meta, box, full, gt = _case_arrays(cache, cid)
@@ -209,7 +209,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                     row.update({k: flips[k] for k in metrics.FLIP_KEYS})
                 if parallel.is_main():  # every process scored the case (the sampler runs on all); one writes
                     _append_rows(csv_path, rows)
-            parallel.barrier(f"scored {out_dir}")
+            parallel.barrier(f"scored {label}/{k}")
             per_fold.setdefault(label, {})[k] = _read_rows(csv_path)
     _add_other_samplers(workdir, per_fold, names, fold_ids, convention, maps_by, log)
     summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint, write=parallel.is_main())

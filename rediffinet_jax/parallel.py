@@ -92,7 +92,8 @@ def is_main() -> bool:
 
 def barrier(name: str) -> None:
     """Returns once every process has reached the barrier ``name`` (at once with one process). Every
-    process must pass the same barriers in the same order; JAX checks that the names agree."""
+    process must pass the same barriers in the same order; JAX checks that the names agree, so a name
+    holds no absolute path (hosts may mount the work directory at different places)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)

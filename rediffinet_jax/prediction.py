@@ -89,7 +89,7 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         log(f"skipped: {err}")
     todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
     log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
-    parallel.barrier(f"listed {out}")  # every process has its list before process 0 writes a label map
+    parallel.barrier("predict: listed")  # every process has its list before process 0 writes a label map
     it = todo
     if progress and parallel.is_main():
         from tqdm import tqdm
@@ -127,5 +127,5 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         brats.write_label_map(regions_to_labels(full), out / f"{files.case_id}.nii.gz", reference)
         if progress:
             it.set_postfix(case=files.case_id, seconds=f"{time.time() - t0:.1f}")
-    parallel.barrier(f"written {out}")
+    parallel.barrier("predict: written")
     return errors

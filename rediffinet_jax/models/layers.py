@@ -90,8 +90,9 @@ def conv3d(x, kernel, stride: int, padding: int, impl: str | None = None):
     moved to channels, which XLA runs 2.6–18× faster forward+backward on the CPU than its 3-D convolution
     (whose strided backward is the slowest), and 1.1–2.1× faster at stride 1 on an H200 (:func:`conv_impl`;
     strided, not yet measured there): a "same" stride-1 kernel through :func:`_depth_taps_on_outputs`,
-    other strides through :func:`_depth_taps_on_inputs`; a 1×1×1 kernel with stride 1 is a matrix product. Both give the same result to float rounding. Compile with
-    :data:`XLA_OPTIONS` (see :func:`jit`) for the fast 2-D convolution.
+    other strides through :func:`_depth_taps_on_inputs`; a 1×1×1 kernel with stride 1 is a matrix product.
+    Both give the same result to float rounding. Compile with :data:`XLA_OPTIONS` (see :func:`jit`) for the
+    fast 2-D convolution.
     """
     impl = impl or conv_impl()
     kd = kernel.shape[0]
