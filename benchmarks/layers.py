@@ -85,14 +85,13 @@ def functions(cin, scale, fn, shapes, size, batch, dtype):
 
 
 def bench(name, cin, scale, fn, shapes, flops_per_voxel, size, batch, dtype, repeats):
-    x, params, y, fwd, train = functions(cin, scale, fn, shapes, size, batch, dtype)  # y: g, y's shape
-    g = y
+    x, params, g, fwd, train = functions(cin, scale, fn, shapes, size, batch, dtype)  # g: the output's shape
     rec = {"bench": "layer", "device": device_name(), "layer": name, "dtype": jnp.dtype(dtype).name,
-           "input": list(x.shape), "output": list(y.shape)}
+           "input": list(x.shape), "output": list(g.shape)}
     for what, f, args in (("forward", fwd, (x, params)), ("train", train, (x, params, g))):
         compile_s, t, _ = timed(f, *args, repeats=repeats)
         rec[f"{what}_ms"], rec[f"{what}_compile_s"] = round(1e3 * t, 3), round(compile_s, 2)
-    voxels = y.size // y.shape[-1]
+    voxels = g.size // g.shape[-1]
     for what, factor in (("forward", 1), ("train", 3)):
         rec[f"{what}_tflops"] = round(factor * flops_per_voxel * voxels / (rec[f"{what}_ms"] / 1e3) / 1e12, 2)
     print(f"{name:22s} {rec['dtype']:8s} forward {rec['forward_ms']:9.2f} ms ({rec['forward_tflops']:7.2f} TFLOP/s)"
