@@ -2,7 +2,8 @@
 
     python tests/multihost_worker.py CACHE OUT [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
-Without coordinator arguments it runs as one process (with the test's two fake CPU devices).
+Without coordinator arguments it takes them from the environment (JAX_COORDINATOR_ADDRESS, ...), and
+without those runs as one process (with the test's two fake CPU devices).
 Process 0 writes the final parameters to OUT/params.npz.
 """
 
@@ -18,6 +19,8 @@ def main(cache, out, coordinator=None, num_processes=None, process_id=None):
     from rediffinet_jax import parallel
     if coordinator:
         parallel.maybe_initialize_distributed(coordinator, int(num_processes), int(process_id))
+    else:  # JAX_COORDINATOR_ADDRESS etc. if set (tests/processes.py run_distributed), else one process
+        parallel.maybe_initialize_distributed()
     from pathlib import Path
 
     import jax

@@ -18,7 +18,7 @@ def _rel(a, b):
     ((1, 9, 10, 7), 1, 3, 1, 3, 5), ((2, 8, 8, 8), 1, 3, 1, 4, 6), ((1, 1, 5, 4), 1, 3, 1, 2, 3),
     ((1, 2, 4, 5), 1, 3, 1, 3, 2), ((1, 7, 6, 5), 1, 3, 0, 3, 4), ((1, 12, 10, 8), 2, 3, 1, 5, 4),
     ((1, 9, 7, 11), 2, 3, 1, 2, 3), ((2, 6, 6, 6), 1, 1, 0, 4, 3)])
-def test_conv3d_cpu_equals_native_with_gradients(shape, stride, k, pad, cin, cout):
+def test_conv3d_2d_equals_native_with_gradients(shape, stride, k, pad, cin, cout):
     kx, kk = jax.random.split(jax.random.key(sum(shape) + stride))
     x = jax.random.normal(kx, shape + (cin,))
     kernel = jax.random.normal(kk, (k, k, k, cin, cout))
@@ -37,7 +37,7 @@ def test_conv3d_cpu_equals_native_with_gradients(shape, stride, k, pad, cin, cou
 
 
 @pytest.mark.parametrize("shape,cin,cout", [((1, 3, 4, 5), 4, 2), ((2, 4, 4, 4), 6, 6)])
-def test_conv_transpose_cpu_equals_native_with_gradients(shape, cin, cout):
+def test_conv_transpose_2d_equals_native_with_gradients(shape, cin, cout):
     x = jax.random.normal(jax.random.key(0), shape + (cin,))
     kernel = jax.random.normal(jax.random.key(1), (2, 2, 2, cin, cout))
     a, b = conv_transpose3d(x, kernel, 2, "2d"), conv_transpose3d(x, kernel, 2, "xla")

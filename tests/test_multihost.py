@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from processes import ROOT, env, free_port, wait_all
+from processes import ROOT, env, free_port, run_distributed, wait_all
 
 from rediffinet_jax.data import brats, pipeline
 
@@ -26,12 +26,7 @@ def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
     one = subprocess.run([sys.executable, WORKER, str(cache), str(tmp_path / "one")], env=env(2), cwd=ROOT,
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([sys.executable, WORKER, str(cache), str(tmp_path / "two"), coordinator, "2", str(i)],
-                              env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    outs = wait_all(procs, time.time() + TIMEOUT, TIMEOUT)
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    outs = run_distributed([WORKER, cache, tmp_path / "two"], 2, TIMEOUT)  # coordinator from the environment
     assert "process 1 of 2: 2 devices" in outs[1]
     import json
     run = json.loads((tmp_path / "two" / "run" / "done.json").read_text())["run"]  # written by process 0

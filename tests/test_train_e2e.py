@@ -301,14 +301,20 @@ def test_retrained_stage_is_rescored(finished, tmp_path):
     assert set(summary["models"]) == {"unet", "rediffinet"}
 
 
+def _predict_inputs(workdir, folder, n=2):
+    """The first ``n`` phantom cases of ``workdir`` as new cases (without labels) in ``folder``; their ids."""
+    folder.mkdir()
+    ids = sorted(p.name for p in (workdir / "data").iterdir())[:n]
+    for c in ids:
+        shutil.copytree(workdir / "data" / c, folder / c)
+        (folder / c / f"{c}-seg.nii.gz").unlink()
+    return ids
+
+
 def test_predict_new_cases(finished, tmp_path):
     workdir = finished[0]
     cases = tmp_path / "in"
-    cases.mkdir()
-    good = sorted(p.name for p in (workdir / "data").iterdir())[:2]
-    for c in good:
-        shutil.copytree(workdir / "data" / c, cases / c)
-        (cases / c / f"{c}-seg.nii.gz").unlink()  # new cases come without labels
+    good = _predict_inputs(workdir, cases)
     shutil.copytree(workdir / "data" / good[0], cases / "BraTS-GLI-99998-000")
     for f in (cases / "BraTS-GLI-99998-000").iterdir():
         f.rename(f.with_name(f.name.replace(good[0], "BraTS-GLI-99998-000")))
@@ -345,16 +351,6 @@ def test_predict_new_cases(finished, tmp_path):
     unknown = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}")
     assert unknown.returncode == 2 and "no prediction.json" in unknown.stdout
     assert (out / f"{good[0]}.nii.gz").stat().st_mtime_ns == stamp and not (out / "prediction.json").exists()
-
-
-def _predict_inputs(workdir, folder, n=2):
-    """The first ``n`` phantom cases of ``workdir`` as new cases (no labels) in ``folder``; their ids."""
-    folder.mkdir()
-    ids = sorted(p.name for p in (workdir / "data").iterdir())[:n]
-    for c in ids:
-        shutil.copytree(workdir / "data" / c, folder / c)
-        (folder / c / f"{c}-seg.nii.gz").unlink()
-    return ids
 
 
 def test_two_processes_run_the_pipeline_as_one(finished, tmp_path):
