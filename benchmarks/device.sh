@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: sampler and train steps at the paper's size (128×192×128, K = 10, S = 10, batch 2),
 # bfloat16 and float32, with only the packages the GPU machines already have (jax, flax, optax, orbax);
-# last, if time is left, each finest-level layer alone in bfloat16 (benchmarks/layers.py).
+# last, if time is left, each finest-level layer alone in bfloat16 (benchmarks/layers.py). The bfloat16
+# sampler and train steps are also profiled once each (benchmarks/hlo_profile.py: PREFIX.trace.json.gz and
+# PREFIX.hlo.txt.gz in $OUT, the tables in device.log, the Re-DiffiNet step's by source printed).
 # The whole script ends within DEADLINE_S seconds (default 470: the 8 minutes): each benchmark
 # gets at most 170 s of what is left, the two that carry the targets run first, and one that no longer
 # fits is skipped and named. Ends with markdown tables (benchmarks/summary.py) and the targets.
@@ -48,13 +50,19 @@ run() {  # one benchmark in its own process; table lines to the terminal, JSON l
   ((rc == 0)) || echo "exit status $rc: $*" | tee -a "$full"
 }
 
-run benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16
-run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage diffusion
-run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage unet
+run benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16 --profile "$out/sampler"
+run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage diffusion --profile "$out/step"
+run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage unet --profile "$out/step"
 run benchmarks/sampler.py "${sampler[@]}" --dtype float32 --chunk "$chunk"
 run benchmarks/train_step.py "${train[@]}" --dtype float32 --stage diffusion
 run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --remat --stage diffusion
 run benchmarks/layers.py "${layer[@]}" --dtype bfloat16
 rm -f "$out/last.out"
 echo "--- ${SECONDS} s in all" | tee -a "$full"
+# where the bfloat16 runs spent their device time: the train step's summary here, all of them in the log
+for prefix in "$out"/step-rediffinet-bfloat16 "$out"/step-unet-bfloat16 "$out"/sampler-bfloat16; do
+  [[ -f $prefix.trace.json.gz ]] || continue
+  "$py" benchmarks/hlo_profile.py "$prefix" --top 30 >> "$full" 2>&1
+done
+[[ -f $out/step-rediffinet-bfloat16.trace.json.gz ]] && "$py" benchmarks/hlo_profile.py "$out/step-rediffinet-bfloat16" --top 10 --by_source
 "$py" benchmarks/summary.py "$log" | tee -a "$full"

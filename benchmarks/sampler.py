@@ -7,7 +7,8 @@
 Prints a table and one JSON line: compile time, median time per window and per DDIM step over
 --repeats runs after warm-up (block_until_ready), voxels/s, the FLOP count from the architecture
 (rediffinet_jax.flops), achieved TFLOP/s and its fraction of the measured matmul peak, peak memory.
-With --compile_only it compiles without running and prints XLA's memory plan (does a size fit?).
+With --compile_only it compiles without running and prints XLA's memory plan (does a size fit?); with
+--profile, one more window runs under the profiler (benchmarks/hlo_profile.py reads it).
 """
 
 import argparse
@@ -22,6 +23,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.common import (compiled_memory, device_name, emit, matmul_peak, peak_memory,  # noqa: E402
                                print_memory, timed)
+from benchmarks.hlo_profile import capture  # noqa: E402
 from rediffinet_jax import diffusion  # noqa: E402
 from rediffinet_jax.flops import diffusion_flops  # noqa: E402
 from rediffinet_jax.models import layers  # noqa: E402
@@ -46,6 +48,8 @@ def main(argv=None):
     p.add_argument("--fusion", default="mean", choices=diffusion.FUSIONS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile_only", action="store_true", help="compile, print XLA's memory plan, do not run")
+    p.add_argument("--profile", default="", metavar="PREFIX",
+                   help="also profile one window: PREFIX-DTYPE.{trace.json.gz,hlo.txt.gz}")
     a = p.parse_args(argv)
 
     variant = diffusion.Variant(a.condition, "discrepancy" if a.condition != "image" else "mask")
@@ -66,6 +70,11 @@ def main(argv=None):
         emit(rec)
         return rec
     compile_s, window_s, _ = timed(run, state, cond, jax.random.key(2), repeats=a.repeats)
+    if a.profile:  # one more window under the profiler, after the timing so that it cannot skew it
+        prefix = f"{a.profile}-{a.dtype}"
+        capture(lambda: jax.block_until_ready(run(state, cond, jax.random.key(3))),
+                run.lower(state, cond, jax.random.key(3)).compile().as_text(), prefix)
+        print(f"profile of one window: {prefix}.trace.json.gz, {prefix}.hlo.txt.gz (benchmarks/hlo_profile.py)")
     fl = diffusion_flops(a.size, variant.cond_channels, 3, a.features)
     total = fl["encoder"] + a.steps * a.samples * fl["denoiser"]
     peak = matmul_peak(DTYPES[a.dtype])

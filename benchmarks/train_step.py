@@ -6,7 +6,8 @@
 
 Compile time, median step time after warm-up, achieved TFLOP/s (3 × the architecture's forward FLOPs
 per sample: forward + backward) and its fraction of the measured matmul peak, peak memory; a table and
-one JSON line per stage; with --compile_only, XLA's memory plan without running. Imports neither grain
+one JSON line per stage; with --compile_only, XLA's memory plan without running; with --profile, one more
+step under the profiler (benchmarks/hlo_profile.py reads it). Imports neither grain
 nor ml_collections (absent on the GPU machines).
 """
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.common import (compiled_memory, device_name, emit, matmul_peak, peak_memory,  # noqa: E402
                                print_memory, timed)
+from benchmarks.hlo_profile import capture  # noqa: E402
 from rediffinet_jax import parallel  # noqa: E402
 from rediffinet_jax.flops import diffusion_flops, unet_flops  # noqa: E402
 from rediffinet_jax.models.denoiser import FEATURES  # noqa: E402
@@ -65,6 +67,11 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
         return m["loss"]
 
     compile_s, step_s, _ = timed(one, gb, repeats=a.repeats)
+    if a.profile:  # one more step under the profiler, after the timing so that it cannot skew it
+        prefix = f"{a.profile}-{stage.name}-{a.dtype}"
+        capture(lambda: jax.block_until_ready(one(gb)),
+                trainer.step.lower(holder["state"], gb, k).compile().as_text(), prefix)
+        print(f"profile of one step: {prefix}.trace.json.gz, {prefix}.hlo.txt.gz (benchmarks/hlo_profile.py)")
     total = 3 * flops_per_sample * batch
     rec = {"bench": f"train_step_{stage.name}", "device": device_name(), "dtype": a.dtype, "remat": a.remat,
            "size": size, "batch": batch, "compile_s": round(compile_s, 3), "step_s": step_s,
@@ -88,6 +95,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="small widths, for a CPU")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile_only", action="store_true", help="compile, print XLA's memory plan, do not run")
+    p.add_argument("--profile", default="", metavar="PREFIX",
+                   help="also profile one step: PREFIX-STAGE-DTYPE.{trace.json.gz,hlo.txt.gz}")
     a = p.parse_args(argv)
     a.filters = (8, 16, 32, 64) if a.tiny else DEFAULT_FILTERS
     a.features = (8, 8, 16, 32, 64, 8) if a.tiny else FEATURES

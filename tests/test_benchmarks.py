@@ -1,6 +1,7 @@
 """benchmarks/device.sh runs its whole sequence (tiny sizes), so it is ready for a GPU machine, and the
 reference formulations of benchmarks/cpu_conv.py compute the convolution they stand for."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import cpu_conv, layers as layer_bench, sampler, summary
+from benchmarks import cpu_conv, hlo_profile, layers as layer_bench, sampler, summary
 from rediffinet_jax.models import layers
 
 
@@ -75,6 +76,12 @@ def test_device_script_smoke(tmp_path):
     strided = [x for x in layer_recs if x["layer"].startswith("conv k3 s2")]
     assert [x["output"] for x in strided] == [[2, 8, 8, 8, 8]] * 2 and [x["input"] for x in strided] == [[2, 16, 16, 16, 4]] * 2
     assert r.stdout.count("\n| conv") == 10 and "| maxpool2 8 | bfloat16 | 2×16×16×16×8 |" in r.stdout
+    # one profile of each bfloat16 sampler and train step: two files each, the reports in the log, the
+    # Re-DiffiNet step's table by source printed, naming the model's convolutions
+    prefixes = ("sampler-bfloat16", "step-rediffinet-bfloat16", "step-unet-bfloat16")
+    assert sorted(p.name for p in tmp_path.glob("*.gz")) == sorted(f"{p}.{e}.gz" for p in prefixes for e in ("hlo.txt", "trace.json"))
+    assert all(f"profile {p}: " in (tmp_path / "device.log").read_text() for p in prefixes)
+    assert "profile step-rediffinet-bfloat16: " in r.stdout and "conv3d" in r.stdout.split("by source")[1]
 
 
 def test_device_script_deadline(tmp_path):
@@ -130,3 +137,50 @@ def test_layer_benchmark_times_forward_and_backward(name):
     assert 2.7 < flops(train, x, params, g) / flops(fwd, x, params) < 3.3
     loss, _ = train(x, params, g)
     assert float(loss) == pytest.approx(float(jnp.sum(fwd(x, params) * g)), rel=1e-4)
+
+
+def _inner(x):
+    return jnp.tanh(x @ x)  # the costly line: a 256² product, forward and twice backward
+
+
+def _middle(x):
+    return jnp.sum(_inner(x) * 2.0)
+
+
+def test_profile_names_the_costly_line(tmp_path):
+    """A traced run on the CPU: the product's instructions come first, attributed to _inner's line with
+    its callers, forward and backward told apart; the stack frames read from XLA's text are the calls."""
+    f = jax.jit(jax.value_and_grad(_middle))
+    x = jax.random.normal(jax.random.key(0), (256, 256))
+    jax.block_until_ready(f(x))
+    hlo_profile.capture(lambda: jax.block_until_ready(f(x)), f.lower(x).compile().as_text(), str(tmp_path / "p"))
+    times, span = hlo_profile.read_trace(str(tmp_path / "p.trace.json.gz"))
+    with gzip.open(tmp_path / "p.hlo.txt.gz", "rt") as fh:
+        hlo = hlo_profile.read_hlo(fh.read())
+    s = hlo_profile.summarize(times, hlo)
+    line = _inner.__code__.co_firstlineno + 1
+    top = s["by_source"][:2]
+    assert {r["direction"] for r in top} == {"fwd", "bwd"} and all(f"test_benchmarks.py:{line} _inner" in r["source"] for r in top)
+    assert "_middle" in top[0]["source"] and sum(r["share"] for r in top) > 0.5
+    assert 0 < s["total_us"] <= 1.05 * span * len(times)
+    report = hlo_profile.report(str(tmp_path / "p"), top=3)
+    assert report.startswith("profile p: ") and report.count(f":{line} _inner") >= 2
+
+
+def test_read_trace_counts_gpu_kernels_once(tmp_path):
+    """A GPU-shaped trace: kernels on Stream threads count; the profiler's XLA Ops line (the same time
+    again) and the host's events do not."""
+    def meta(pid, tid, kind, name):
+        return {"ph": "M", "pid": pid, "tid": tid, "name": kind, "args": {"name": name}}
+
+    def ev(pid, tid, ts, dur, op, name="k"):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": {"hlo_op": op}}
+    events = [meta(1, 0, "process_name", "/host:CPU"), meta(2, 0, "process_name", "/device:GPU:0"),
+              meta(2, 7, "thread_name", "Stream #7(Compute)"), meta(2, 9, "thread_name", "XLA Ops"),
+              ev(2, 7, 100.0, 30.0, "fusion.1"), ev(2, 7, 140.0, 10.0, "fusion.1"), ev(2, 7, 160.0, 5.0, "conv.2"),
+              ev(2, 9, 100.0, 50.0, "fusion.1", "fusion.1"), ev(1, 3, 0.0, 500.0, "fusion.1")]
+    path = tmp_path / "t.trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    times, span = hlo_profile.read_trace(str(path))
+    assert times == {"fusion.1": [30.0, 10.0], "conv.2": [5.0]} and span == 65.0
