@@ -25,11 +25,12 @@ import shutil
 import tempfile
 
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$')
-_META = re.compile(r'metadata=\{op_name="([^"]*)"(?: stack_frame_id=(\d+))?')
+_META = re.compile(r'metadata=\{op_name="([^"]*)"[^}]*?(?:stack_frame_id=(\d+))?\}')
 _OPCODE = re.compile(r' ([a-z][\w\-]*)\(')
 _KINDS = (re.compile(r'custom_call_target="([^"]+)"'), re.compile(r'"kind":"(__[\w$]+)"'), re.compile(r'kind=(k\w+)'))
 _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([\w.\-]+) .*\{$')
 _CALLS = re.compile(r'calls=%([\w.\-]+)')
+_DOTTED = re.compile(r"_(\d+)$")
 _LAYOUT = re.compile(r'\{[^{}]*\}')
 _TABLE_ROW = re.compile(r'^(\d+) (.*)$')
 _FIELD = re.compile(r'(\w+)=(\d+)')
@@ -135,7 +136,9 @@ def read_trace(path: str) -> tuple[dict[str, list[float]], float]:
     Where there are ``/device:…`` processes (a GPU), their kernel events on the ``Stream`` threads that
     name an ``hlo_op``, else the events of their ``XLA Ops`` threads by name (the profiler's per-op line;
     counted only as the fallback, since it repeats the kernels' time); without devices (the CPU), every
-    event naming an ``hlo_op`` (XLA's thunks). The span runs from the first counted event's start to the
+    event naming an ``hlo_op`` (XLA's thunks). A kernel that XLA replayed from a CUDA graph names the
+    graph (``command_buffer_N``) as its op: its own name (``loop_add_fusion_231``, the instruction's with
+    ``_`` for ``.``) is taken instead, and :func:`summarize` maps it back. The span runs from the first counted event's start to the
     last one's end."""
     with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -146,8 +149,9 @@ def read_trace(path: str) -> tuple[dict[str, list[float]], float]:
                for e in meta if e.get("name") == "thread_name" and e["pid"] in devices}
     spans = [e for e in events if e.get("ph") == "X"]
 
-    def hlo_op(e):
-        return e.get("args", {}).get("hlo_op")
+    def hlo_op(e):  # a kernel replayed from a CUDA graph names the graph; its own name is the fusion's
+        op = e.get("args", {}).get("hlo_op")
+        return e.get("name") if op and op.startswith("command_buffer") else op
 
     if devices:
         chosen = [(hlo_op(e), e) for e in spans if e["pid"] in devices and hlo_op(e)
@@ -170,6 +174,8 @@ def read_trace(path: str) -> tuple[dict[str, list[float]], float]:
 def source(info: dict, package: str = "rediffinet_jax", depth: int = 3) -> str:
     """The innermost ``depth`` Python lines of ``package`` that made an instruction ("layers.py:120
     conv3d < …"), else of any file, else its JAX op name's last part, else its (fused) root's opcode."""
+    if not info:
+        return "(not in the HLO)"  # e.g. cuBLAS kernels inside a CUDA graph, named by the kernel alone
     stack = info.get("stack", [])
     ours = [f for f in stack if f"{package}{os.sep}" in f[0]] or stack
     if not ours:
@@ -183,7 +189,7 @@ def summarize(times: dict[str, list[float]], hlo: dict[str, dict], top: int = 25
     total = sum(sum(v) for v in times.values()) or 1.0
     rows, groups = [], collections.defaultdict(lambda: [0.0, 0, set()])
     for op, durs in times.items():
-        info = hlo.get(op, {})
+        info = hlo.get(op) or hlo.get(_DOTTED.sub(r".\1", op), {})
         name = info.get("op_name", "")
         direction = "bwd" if "transpose(" in name else "fwd" if name else "?"
         kind = info.get("kind") or info.get("opcode", "?")

@@ -32,7 +32,9 @@ def base() -> ConfigDict:
         loss_weights=(1.0, 1.0, 1.0), foreground_fraction=0.4,
         augment=ConfigDict(dict(augment, nvidia=False, zoom_p=0.0)),
         val_every=2000, val_cases=0, keep=2, overlap=0.5, batch_windows=1,
-        sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=0)),
+        # chunk: samples denoised at once. 2 of the paper's 10 ran as fast as all 10 on an H200 (bfloat16
+        # window 1.447 s against 1.434 s) in a third of the memory (13.8 GiB against 43.6); README, "On a GPU"
+        sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=2)),
         val_sampler=ConfigDict(dict(steps=10, samples=1)),
     ))
     # checkpoint: each fold's last one. Validation runs on the fold's held-out cases, so "best" would pick

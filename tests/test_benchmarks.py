@@ -184,3 +184,22 @@ def test_read_trace_counts_gpu_kernels_once(tmp_path):
         json.dump({"traceEvents": events}, fh)
     times, span = hlo_profile.read_trace(str(path))
     assert times == {"fusion.1": [30.0, 10.0], "conv.2": [5.0]} and span == 65.0
+
+
+def test_profile_of_the_h200_train_step():
+    """The stored H200 profile of one bfloat16 Re-DiffiNet train step (jax 0.11.2: kernels replayed from
+    CUDA graphs, ``scheduling_name`` in the metadata): its kernels add up to the step time that
+    train_step.py measured separately, nearly all are joined to the HLO, and the 3³ convolutions come
+    first."""
+    prefix = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
+                          "h200-2026-11-27-after-step-rediffinet-bfloat16")
+    times, _ = hlo_profile.read_trace(prefix + ".trace.json.gz")
+    with gzip.open(prefix + ".hlo.txt.gz", "rt") as fh:
+        s = hlo_profile.summarize(times, hlo_profile.read_hlo(fh.read()), top=1000)
+    (step,) = [r for r in summary.read(prefix.replace("step-rediffinet-bfloat16", "device.jsonl"))
+               if r["bench"] == "train_step_rediffinet" and r["dtype"] == "bfloat16"]
+    assert 0.9 < s["total_us"] / 1e6 / step["step_s"] < 1.0
+    unjoined = sum(r["us"] for r in s["by_source"] if r["source"] == "(not in the HLO)")
+    assert unjoined / s["total_us"] < 0.01
+    top = s["by_source"][0]
+    assert top["direction"] == "bwd" and "conv3d" in top["source"] and "__cudnn$convBackwardFilter" in top["kinds"]
