@@ -2,10 +2,12 @@
 summed per HLO instruction and joined with the compiled HLO's metadata (JAX op, forward or backward,
 the Python lines that made it).
 
-    python benchmarks/hlo_profile.py OUT/diffusion-bfloat16 [--top 25]   # reads PREFIX.trace.json.gz, PREFIX.hlo.txt.gz
+    python benchmarks/hlo_profile.py $OUT/step-rediffinet-bfloat16 [--top 25] [--by_source]
+    # reads PREFIX.trace.json.gz and PREFIX.hlo.txt.gz (device.sh writes three such pairs)
 
-The benchmarks call :func:`capture` with ``--profile PREFIX``. On a GPU the times are the kernels' on the
-device (a fusion or a cuDNN call can launch several kernels: summed); on the CPU, XLA's thunks. The
+sampler.py and train_step.py call :func:`capture` with ``--profile PREFIX``. On a GPU the times are the
+kernels' on the device (a fusion or a cuDNN call can launch several kernels: summed; cuBLAS kernels inside
+a CUDA graph name no instruction and show as "(not in the HLO)"); on the CPU, XLA's thunks. The
 first table lists the costliest instructions, the second sums them by source line and direction (``bwd``
 where JAX's op name holds ``transpose(``, i.e. a gradient; ``?`` where XLA made the instruction without
 metadata, such as a weight-gradient convolution), which is what a change to the code moves.
