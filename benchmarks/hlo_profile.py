@@ -135,42 +135,29 @@ def read_hlo(text: str) -> dict[str, dict]:
 def read_trace(path: str) -> tuple[dict[str, list[float]], float]:
     """({HLO instruction: [µs of each event]}, span µs) from a Chrome trace of one run.
 
-    Where there are ``/device:…`` processes (a GPU), their kernel events on the ``Stream`` threads that
-    name an ``hlo_op``, else the events of their ``XLA Ops`` threads by name (the profiler's per-op line;
-    counted only as the fallback, since it repeats the kernels' time); without devices (the CPU), every
-    event naming an ``hlo_op`` (XLA's thunks). A kernel that XLA replayed from a CUDA graph names the
-    graph (``command_buffer_N``) as its op: its own name (``loop_add_fusion_231``, the instruction's with
-    ``_`` for ``.``) is taken instead, and :func:`summarize` maps it back. The span runs from the first counted event's start to the
-    last one's end."""
+    Where there are ``/device:…`` processes (a GPU), the kernel events of their ``Stream`` threads that
+    name an ``hlo_op`` (not the profiler's per-op lines, which repeat the kernels' time); without devices
+    (the CPU), every event naming an ``hlo_op`` (XLA's thunks). A kernel that XLA replayed from a CUDA
+    graph names the graph (``command_buffer_N``) as its op: its own name (``loop_add_fusion_231``, the
+    instruction's with ``_`` for ``.``) is taken instead, and :func:`summarize` maps it back. The span
+    runs from the first counted event's start to the last one's end."""
     with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         events = json.load(f)["traceEvents"]
     meta = [e for e in events if e.get("ph") == "M"]
     devices = {e["pid"] for e in meta if e.get("name") == "process_name"
                and str(e.get("args", {}).get("name", "")).startswith("/device:")}
-    threads = {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", ""))
-               for e in meta if e.get("name") == "thread_name" and e["pid"] in devices}
-    spans = [e for e in events if e.get("ph") == "X"]
-
-    def hlo_op(e):  # a kernel replayed from a CUDA graph names the graph; its own name is the fusion's
+    streams = {(e["pid"], e.get("tid")) for e in meta if e.get("name") == "thread_name" and e["pid"] in devices
+               and str(e.get("args", {}).get("name", "")).startswith("Stream")}
+    times, first, last = collections.defaultdict(list), float("inf"), float("-inf")
+    for e in events:
         op = e.get("args", {}).get("hlo_op")
-        return e.get("name") if op and op.startswith("command_buffer") else op
-
-    if devices:
-        chosen = [(hlo_op(e), e) for e in spans if e["pid"] in devices and hlo_op(e)
-                  and threads.get((e["pid"], e.get("tid")), "").startswith("Stream")]
-        if not chosen:
-            chosen = [(e["name"], e) for e in spans if e["pid"] in devices
-                      and threads.get((e["pid"], e.get("tid")), "") == "XLA Ops"]
-    else:
-        chosen = [(hlo_op(e), e) for e in spans if hlo_op(e)]
-    times = collections.defaultdict(list)
-    for op, e in chosen:
+        if e.get("ph") != "X" or not op or (devices and (e["pid"], e.get("tid")) not in streams):
+            continue
+        if op.startswith("command_buffer"):  # a kernel replayed from a CUDA graph: its own name is the fusion's
+            op = e["name"]
         times[op].append(float(e.get("dur", 0.0)))
-    if not chosen:
-        return {}, 0.0
-    first = min(e["ts"] for _, e in chosen)
-    last = max(e["ts"] + e.get("dur", 0.0) for _, e in chosen)
-    return dict(times), last - first
+        first, last = min(first, e["ts"]), max(last, e["ts"] + e.get("dur", 0.0))
+    return dict(times), (last - first) if times else 0.0
 
 
 def source(info: dict, package: str = "rediffinet_jax", depth: int = 3) -> str:
