@@ -1,5 +1,6 @@
 import nibabel as nib
 import numpy as np
+import pytest
 
 from rediffinet_jax.data import phantoms
 from rediffinet_jax.labels import MODALITIES, labels_to_regions
@@ -58,4 +59,45 @@ def test_command_line(tmp_path, capsys):
     from rediffinet_jax.data.cli import main
     main(["--out", str(tmp_path), "--cases", "2", "--unlabelled", "1", "--shape", "24,24,16"])
     assert "3 cases of shape (24, 24, 16)" in capsys.readouterr().out
-    assert len(list(tmp_path.iterdir())) == 3
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
+
+
+def test_hard_phantoms_add_mimics_and_keep_plain_ones_unchanged():
+    """hard=None is the plain phantom bit for bit; the hard one adds t1c-bright tissue outside the tumour
+    (vessels, plexus) that is not labelled, and keeps the labels nested."""
+    plain = phantoms.generate_case((48, 48, 40), np.random.default_rng([0, 4]))
+    again = phantoms.generate_case((48, 48, 40), np.random.default_rng([0, 4]), None)
+    np.testing.assert_array_equal(plain[0], again[0])
+    bright_outside = []
+    for i in range(4):
+        image, labels = phantoms.generate_case((48, 48, 40), np.random.default_rng([0, i]), np.random.default_rng([0, i, 1]))
+        regions = labels_to_regions(labels)
+        assert np.all(regions[..., 2] <= regions[..., 1]) and np.all(regions[..., 1] <= regions[..., 0])
+        healthy = np.any(image > 0, -1) & (labels == 0)
+        t1c = image[..., 1]
+        et_level = t1c[labels == 3].mean() if (labels == 3).any() else 1.2
+        bright_outside.append(int(np.sum(healthy & (t1c > 0.9 * et_level))))
+    assert min(bright_outside) > 20  # enhancing-looking voxels that are not tumour, in every case
+
+
+def test_record_refuses_other_settings(tmp_path):
+    from rediffinet_jax.errors import ConfigError
+    phantoms.write_dataset(tmp_path, 2, (24, 24, 16), seed=1)
+    with pytest.raises(ConfigError, match="seed 1.*asked: seed 2"):
+        phantoms.write_dataset(tmp_path, 2, (24, 24, 16), seed=2)
+    with pytest.raises(ConfigError, match="shape"):
+        phantoms.write_dataset(tmp_path, 2, (28, 24, 16), seed=1)
+    phantoms.write_dataset(tmp_path, 1, (28, 24, 16), seed=2, overwrite=True)
+    cases = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert cases == [phantoms.case_id(0)]  # the old cases are gone, not mixed in
+    assert nib.load(str(tmp_path / cases[0] / f"{cases[0]}-t1n.nii.gz")).shape == (28, 24, 16)
+
+
+def test_command_line_prints_what_is_on_disk(tmp_path, capsys):
+    from rediffinet_jax.data.cli import main
+    main(["--out", str(tmp_path), "--cases", "1", "--shape", "24,24,16", "--seed", "3"])
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--cases", "1", "--shape", "32,24,16"])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    main(["--out", str(tmp_path), "--cases", "1", "--shape", "32,24,16", "--overwrite"])
+    assert "1 cases of shape (32, 24, 16)" in capsys.readouterr().out

@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from rediffinet_jax.data import brats, phantoms
+from rediffinet_jax.errors import ConfigError
 
 
 def main(argv=None) -> None:
@@ -19,17 +23,33 @@ def main(argv=None) -> None:
     p.add_argument("--unlabelled", type=int, default=0, help="extra cases without -seg")
     p.add_argument("--shape", default="240,240,155", help="D,H,W voxels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hard", action="store_true", help="add vessels, plexus, satellites, broken rims, fading edema")
+    p.add_argument("--tumour_scale", type=float, default=1.0, help="multiplies the lesions' radii")
+    p.add_argument("--overwrite", action="store_true", help="remake a folder of phantoms made with other settings")
     a = p.parse_args(argv)
     shape = tuple(int(s) for s in a.shape.split(","))
-    ids = phantoms.write_dataset(a.out, a.cases, shape, a.seed, a.unlabelled, progress=True)
-    cases = brats.discover_cases(a.out)
-    wt = []
+    try:
+        phantoms.write_dataset(a.out, a.cases, shape, a.seed, a.unlabelled, progress=True, hard=a.hard,
+                               tumour_scale=a.tumour_scale, overwrite=a.overwrite)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(Path(a.out)))
+
+
+def summary(root: Path) -> str:
+    """What is on disk in ``root`` (read back, not what was asked for): cases, shapes, labelled, WT sizes."""
+    cases = brats.discover_cases(root)
+    wt, shapes = [], set()
     for files in cases:
-        if files.seg is not None:
-            case = brats.load_case(files)
+        case = brats.load_case(files)
+        shapes.add(tuple(int(s) for s in case.full_shape))
+        if case.regions is not None:
             wt.append(int(np.asarray(case.regions[..., 0]).sum()))
-    print(f"{len(ids)} cases of shape {shape} in {a.out}: {len(wt)} labelled, "
-          f"WT volume {min(wt) if wt else 0}–{max(wt) if wt else 0} voxels")
+    record = json.loads((root / phantoms.RECORD).read_text()) if (root / phantoms.RECORD).is_file() else {}
+    made = ", ".join(f"{k} {v}" for k, v in record.items() if k != "shape")
+    return (f"{len(cases)} cases of shape {' / '.join(str(s) for s in sorted(shapes))} in {root} ({made}): "
+            f"{len(wt)} labelled, WT volume {min(wt) if wt else 0}–{max(wt) if wt else 0} voxels")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from rediffinet_jax.data import mimics
 from rediffinet_jax.labels import MODALITIES, SEG_SUFFIX
 
 # Mean intensity per tissue, columns in MODALITIES order [t1n, t1c, t2w, t2f].
@@ -61,8 +62,14 @@ def _tumour(coords, centre, radius, rng, shape):
     return ed, core, ncr
 
 
-def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None):
+def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None,
+                  hard: np.random.Generator | None = None, tumour_scale: float = 1.0):
     """One phantom.
+
+    tumour_scale: multiplies every lesion's radii (after they are drawn, so the draws do not change):
+      at a small ``shape`` a larger scale keeps enhancing rims several voxels thick, as in real cases.
+    hard: a generator for the features of :mod:`mimics` (vessels, choroid plexus, satellite lesions,
+      broken rims, fading edema); None makes a plain phantom, identical to one made without the option.
 
     Returns:
       images: ``[D, H, W, 4]`` float32 in MODALITIES order, > 0 on the brain, exactly 0 outside.
@@ -85,21 +92,35 @@ def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None)
         tissue[v < 1] = 0
 
     labels = np.zeros(shape, np.uint8)
+    centres = []
     n_lesions = 0 if rng.uniform() < 0.05 else (2 if rng.uniform() < 0.25 else 1)
     for _ in range(n_lesions):
         centre = rng.uniform(-0.4, 0.4, 3)
-        radius = rng.uniform(0.14, 0.32, 3) / (1.6 if n_lesions == 2 else 1.0)
+        radius = rng.uniform(0.14, 0.32, 3) / (1.6 if n_lesions == 2 else 1.0) * tumour_scale
         ed, core, ncr = _tumour(coords, centre, radius, rng, shape)
         labels[ed & brain & (labels == 0)] = _LABEL_OF["ed"]
         labels[core & brain] = _LABEL_OF["et"]
         labels[ncr & brain] = _LABEL_OF["ncr"]
+        centres.append(centre)
+    if hard is not None:
+        mimics.satellites(coords, labels, brain, centres, hard)
+        mimics.broken_rims(coords, labels, centres, hard)
     for name, value in _LABEL_OF.items():
         tissue[labels == value] = _TISSUES.index(name)
 
+    intensity = _INTENSITY
+    if hard is not None:
+        mimics.vessels(coords, tissue, labels, brain, centres, hard, len(_TISSUES))
+        mimics.plexus(coords, tissue, labels, hard, len(_TISSUES) + 1)
+        intensity = np.concatenate([_INTENSITY, mimics.INTENSITY])
     # Partial volume: blur each tissue's indicator, then mix the tissue intensities.
-    frac = np.stack([ndimage.gaussian_filter((tissue == t).astype(np.float32), 1.0) for t in range(len(_TISSUES))], -1)
+    frac = np.stack([ndimage.gaussian_filter((tissue == t).astype(np.float32), 1.0) for t in range(len(intensity))], -1)
     jitter = 1 + rng.normal(0, 0.05, _INTENSITY.shape).astype(np.float32)
-    image = frac @ (_INTENSITY * jitter)
+    if hard is not None:
+        jitter = np.concatenate([jitter, 1 + hard.normal(0, 0.05, mimics.INTENSITY.shape).astype(np.float32)])
+    image = frac @ (intensity * jitter)
+    if hard is not None:
+        image = mimics.fade_edema(image, labels, intensity[_TISSUES.index("wm")] * jitter[_TISSUES.index("wm")], hard)
     image *= 1 + 0.08 * _smooth_field(shape, rng, scale=5)[..., None]  # tissue texture
     bias = np.exp(0.15 * np.stack([_smooth_field(shape, rng, scale=16) for _ in MODALITIES], -1))
     image = image * bias + rng.normal(0, 0.03, shape + (len(MODALITIES),))
@@ -126,13 +147,27 @@ def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | 
         os.replace(tmp, folder / f"{cid}-{suffix}.nii.gz")
 
 
+RECORD = "phantoms.json"
+
+
 def write_dataset(root: str | os.PathLike, n_cases: int, shape=(240, 240, 155), seed: int = 0,
-                  n_unlabelled: int = 0, progress: bool = False) -> list[str]:
+                  n_unlabelled: int = 0, progress: bool = False, hard: bool = False,
+                  tumour_scale: float = 1.0, overwrite: bool = False) -> list[str]:
     """Writes ``n_cases`` labelled (then ``n_unlabelled`` unlabelled) phantoms under ``root``.
 
-    Cases already complete on disk are kept (so an interrupted generation resumes). Returns the ids.
+    Case ``i`` comes from ``default_rng([seed, i])`` (and, with ``hard``, the mimics from
+    ``default_rng([seed, i, 1])``; see :func:`generate_case` for ``tumour_scale``). ``root/phantoms.json``
+    records seed, shape, ``hard`` and ``tumour_scale``: cases
+    already complete on disk and made with the same ones are kept (an interrupted generation resumes);
+    a folder of phantoms made with others is refused, or emptied of them first with ``overwrite``.
+
+    Raises:
+      ConfigError: ``root`` holds phantoms made with another seed, shape, ``hard`` or ``tumour_scale``.
     """
     root = Path(root)
+    record = {"seed": int(seed), "shape": [int(s) for s in shape], "hard": bool(hard),
+              "tumour_scale": float(tumour_scale)}
+    _check_record(root, record, overwrite)
     ids = []
     indices = range(n_cases + n_unlabelled)
     if progress:
@@ -145,6 +180,32 @@ def write_dataset(root: str | os.PathLike, n_cases: int, shape=(240, 240, 155), 
         suffixes = list(MODALITIES) + ([SEG_SUFFIX] if labelled else [])
         if all((root / cid / f"{cid}-{s}.nii.gz").is_file() for s in suffixes):
             continue
-        images, labels = generate_case(shape, np.random.default_rng([seed, i]))
+        extra = np.random.default_rng([seed, i, 1]) if hard else None
+        images, labels = generate_case(shape, np.random.default_rng([seed, i]), extra, tumour_scale)
         write_case(root / cid, cid, images, labels if labelled else None)
     return ids
+
+
+def _check_record(root: Path, record: dict, overwrite: bool) -> None:
+    """Writes ``root/phantoms.json``, or refuses (``overwrite``: removes) the phantoms of another one."""
+    import json
+    import shutil
+
+    from rediffinet_jax.errors import ConfigError
+
+    path = root / RECORD
+    old = json.loads(path.read_text()) if path.is_file() else None
+    made = sorted(p for p in root.glob("BraTS-GLI-*-000") if p.is_dir()) if root.is_dir() else []
+    if old == record:
+        return
+    if (old is not None or made) and not overwrite:
+        was = ", ".join(f"{k} {old[k]}" for k in record if old.get(k) != record[k]) if old else "no record"
+        asked = ", ".join(f"{k} {v}" for k, v in record.items())
+        raise ConfigError(f"{root} holds phantoms made with other settings ({was}; asked: {asked}); use another "
+                          f"folder or --overwrite")
+    for p in made:
+        shutil.rmtree(p)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
