@@ -27,5 +27,10 @@ def main(argv):
                  {"fusion": FLAGS.fusion, "steps": FLAGS.steps, "samples": FLAGS.samples})
 
 
+def parse_flags(argv):
+    from rediffinet_jax import cli
+    return cli.parse_flags(argv, FLAGS)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -24,5 +24,10 @@ def main(argv):
                 FLAGS.save_probabilities, FLAGS.save_uncertainty)
 
 
+def parse_flags(argv):
+    from rediffinet_jax import cli
+    return cli.parse_flags(argv, FLAGS)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

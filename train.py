@@ -26,12 +26,8 @@ def main(argv):
 
 
 def parse_flags(argv):
-    """absl's parser, but an unknown ``--config.key`` ends with the list of valid keys, not a traceback."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        from rediffinet_jax import cli
-        cli.unknown_config_key(FLAGS["config"].value, argv, e)
+    from rediffinet_jax import cli
+    return cli.parse_flags(argv, FLAGS, "configs/rediffinet.py")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import traceback
 
 from absl import logging as absl_logging
 
@@ -19,23 +22,50 @@ def _log(msg: str) -> None:
 def train(config, workdir, *, fold=None, stage=None, overwrite=False, evaluate=True, stop_after=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
-    from rediffinet_jax import driver
+    from rediffinet_jax import driver, workdir as wd
+    with _guard():
+        driver.check_request(config, fold)
+        with wd.lock(workdir):
+            results = driver.run(config, workdir, fold=fold, stage=stage, overwrite=overwrite,
+                                 stop_after=stop_after, log=_log)
+            n_folds = config.data.n_folds if fold is None else 1
+            finished = all(len(v) == n_folds for v in results.values()) and results
+            _log(f"done: {sum(len(v) for v in results.values())} stage-folds finished in {workdir}")
+            if evaluate and finished and stop_after is None:
+                from rediffinet_jax import evaluation
+                evaluation.evaluate(workdir, log=_log)
+
+
+def _fail(error, status: int = 2) -> None:
+    """A user error: one line ``error: ...`` and exit status 2.
+
+    In a run of several processes, whichever process meets the error prints it (with its index) and
+    leaves at once with ``os._exit``: a normal exit would wait at JAX's shutdown barrier for processes
+    that are themselves waiting in a collective for this one. Its heartbeat then stops, and JAX's
+    coordination service ends the others (``parallel.HEARTBEAT_S``)."""
+    import jax
+    if jax.process_count() > 1:
+        print(f"error (process {jax.process_index()} of {jax.process_count()}): {error}", flush=True)
+        sys.stderr.flush()
+        os._exit(status)
+    print(f"error: {error}", flush=True)
+    sys.exit(status)
+
+
+@contextlib.contextmanager
+def _guard():
+    """User errors end as :func:`_fail` says; in a run of several processes any other exception too
+    (its traceback printed first), so that one failing process never leaves the others waiting."""
+    import jax
     try:
-        results = driver.run(config, workdir, fold=fold, stage=stage, overwrite=overwrite, stop_after=stop_after,
-                             log=_log)
+        yield
     except RediffinetError as e:
-        _log(f"error: {e}")
-        sys.exit(2)
-    n_folds = config.data.n_folds if fold is None else 1
-    finished = all(len(v) == n_folds for v in results.values()) and results
-    _log(f"done: {sum(len(v) for v in results.values())} stage-folds finished in {workdir}")
-    if evaluate and finished and stop_after is None:
-        from rediffinet_jax import evaluation
-        try:
-            evaluation.evaluate(workdir, log=_log)
-        except RediffinetError as e:
-            _log(f"error: {e}")
-            sys.exit(2)
+        _fail(e)
+    except Exception as e:  # noqa: BLE001 - only to stop the other processes; re-raised with one
+        if jax.process_count() <= 1:
+            raise
+        traceback.print_exc()
+        _fail(f"{type(e).__name__}: {e}", status=1)
 
 
 def config_keys(config, prefix: str = "") -> list[str]:
@@ -49,7 +79,6 @@ def config_keys(config, prefix: str = "") -> list[str]:
 def load_config_file(spec: str):
     """``path[:arg]`` -> the ConfigDict of that file's ``get_config(arg)``."""
     import importlib.util
-    import os
 
     path, _, arg = spec.partition(":")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
@@ -66,6 +95,40 @@ def _config_spec(argv, default: str) -> str:
         if a == "--config" and i + 1 < len(argv):
             return argv[i + 1]
     return default
+
+
+def check_config_spec(argv, default_spec: str) -> None:
+    """Exits with one ``error:`` line when the ``--config`` file is missing or its ``get_config(arg)``
+    fails (an unknown variant), rather than with absl's traceback."""
+    spec = _config_spec(argv, default_spec)
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        print(f"error: config file {path} not found (from --config={spec})", file=sys.stderr)
+        sys.exit(2)
+    try:
+        load_config_file(spec)
+    except Exception as e:  # noqa: BLE001 - whatever the config file raises is the user's message
+        print(f"error: config {spec}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_flags(argv, flag_values, default_spec: str | None = None):
+    """absl's parser, but every bad command line ends with one ``error:`` line and exit status 2: a
+    missing config file or unknown variant, an unknown ``--config.key`` (with the list of valid keys), a
+    bad flag value."""
+    from absl import flags
+
+    if default_spec is not None:
+        check_config_spec(argv, default_spec)
+    try:
+        return flag_values(argv)
+    except (AttributeError, KeyError) as e:
+        if default_spec is None:
+            raise
+        unknown_config_key(flag_values["config"].value, argv, e, default_spec)
+    except flags.Error as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
 
 
 def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffinet.py") -> None:
@@ -85,13 +148,10 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
 def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
-    from rediffinet_jax import evaluation
-    try:
+    from rediffinet_jax import evaluation, workdir as wd
+    with _guard(), wd.lock(workdir, "evaluate.py", create=False):
         evaluation.evaluate(workdir, models or None, [int(f) for f in folds] if folds else None, checkpoint,
                             convention, sampler, log=_log)
-    except RediffinetError as e:
-        _log(f"error: {e}")
-        sys.exit(2)
 
 
 def predict(input_dir, output_dir, workdir, model="rediffinet", folds=None, checkpoint="best",
@@ -99,12 +159,9 @@ def predict(input_dir, output_dir, workdir, model="rediffinet", folds=None, chec
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
     from rediffinet_jax import prediction
-    try:
+    with _guard():
         errors = prediction.predict_folder(input_dir, output_dir, workdir, model, folds, checkpoint,
                                            save_probabilities, save_uncertainty, log=_log)
-    except RediffinetError as e:
-        _log(f"error: {e}")
-        sys.exit(2)
     if errors:
         _log(f"{len(errors)} case(s) failed:\n  " + "\n  ".join(str(e) for e in errors))
         sys.exit(1)

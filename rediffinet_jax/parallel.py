@@ -15,6 +15,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+# A process that stops answering (one that failed and left) ends the others after this long; JAX's
+# default (100 s) kept a failed run's other processes waiting for minutes.
+HEARTBEAT_S = 30
 _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -29,14 +32,14 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     coordinator = coordinator or env["JAX_COORDINATOR_ADDRESS"]
     if not coordinator:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # JAX reads the rest from Slurm's environment
-            jax.distributed.initialize()
+            jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_S)
             return True
         return False
     num_processes = num_processes if num_processes is not None else int(env["JAX_NUM_PROCESSES"] or 1)
     process_id = process_id if process_id is not None else int(env["JAX_PROCESS_ID"] or 0)
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=HEARTBEAT_S)
     return True
 
 

@@ -49,3 +49,26 @@ def test_a_dead_process_does_not_hang_the_other(cache, tmp_path):
     assert dead.returncode == 3
     assert alive.returncode != 0  # killed once its partner died, instead of waiting for it forever
     assert time.time() - t0 < 60
+
+
+def test_one_failing_process_stops_every_process_within_a_minute():
+    """Process 1 meets a bad case while process 0 waits for it in a collective: both must end within a
+    minute (JAX's heartbeat, parallel.HEARTBEAT_S), non-zero, and process 1's message names the case."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    t0 = time.time()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "failing_worker.py")], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+                                      JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, 60 - (time.time() - t0)))[0])
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.time() - t0 < 60, outs
+    assert all(p.returncode not in (0, None) for p in procs), outs
+    assert "error (process 1 of 2): cannot read NIfTI (test) (case BraTS-GLI-00042-000" in outs[1]
+    assert "passed a barrier" not in outs[0]
