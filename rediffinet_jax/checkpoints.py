@@ -48,21 +48,48 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict | None, 
     mgr.wait_until_finished()
 
 
-def restore(mgr: ocp.CheckpointManager, template, step: int | str = "latest", sharding=None):
+def restore(mgr: ocp.CheckpointManager, template, step: int | str = "latest", sharding=None, log=print):
     """Restores ``(state, data_state, step)``; ``template`` is a freshly built state (for structure).
 
-    step: an int, "latest" or "best". Returns None when there is no checkpoint.
+    step: an int, "latest" or "best". Returns None when there is no checkpoint. A "latest" or "best" step
+    that cannot be restored (a missing or damaged file) is moved aside to ``<step>.broken`` (never
+    deleted), logged with the reason, and the next one (the previous kept step, or the next best) is
+    tried instead; an explicit int step is not replaced.
     """
-    if step == "latest":
-        step = mgr.latest_step()
-    elif step == "best":
-        step = mgr.best_step()
-    if step is None:
-        return None
+    while True:
+        chosen = mgr.latest_step() if step == "latest" else mgr.best_step() if step == "best" else step
+        if chosen is None:
+            return None
+        try:
+            return _restore_step(mgr, template, int(chosen), sharding)
+        except Exception as e:  # noqa: BLE001 - any failure of a damaged step: Orbax raises many kinds
+            if step not in ("latest", "best"):
+                raise
+            _set_aside(mgr, int(chosen), e, log)
+
+
+def _restore_step(mgr, template, step: int, sharding):
     flat = _flatten(template)
     abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding) for k, v in flat.items()}
     items = {"state": ocp.args.StandardRestore(abstract)}
     if (Path(mgr.directory) / str(step) / "data").exists():
         items["data"] = ocp.args.JsonRestore()
     out = mgr.restore(step, args=ocp.args.Composite(**items))
-    return _unflatten(template, out["state"]), out.get("data"), int(step)
+    return _unflatten(template, out["state"]), out.get("data"), step
+
+
+def _set_aside(mgr, step: int, error: Exception, log) -> None:
+    """Moves a step that failed to restore to ``<step>.broken`` (process 0), then reloads the manager."""
+    from rediffinet_jax import parallel
+
+    folder = Path(mgr.directory)
+    broken = folder / f"{step}.broken"
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    log(f"checkpoint step {step} in {folder} cannot be restored ({reason}); moved to {broken.name}, "
+        f"trying the step before it")
+    with parallel.main_first(f"set aside {folder.parent.name}/{step}"):
+        if parallel.is_main() and (folder / str(step)).exists():
+            if broken.exists():
+                broken = folder / f"{step}.broken.{len(list(folder.glob(f'{step}.broken*')))}"
+            os.rename(folder / str(step), broken)
+    mgr.reload()

@@ -22,6 +22,7 @@ from rediffinet_jax.driver import OOF_RUNS, check_record, load_settings, stale_f
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.labels import MODALITIES, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
+from rediffinet_jax.workdir import lock
 
 
 def _trainings(workdir: Path, name: str, folds) -> list[dict]:
@@ -47,26 +48,16 @@ def _write_volume(volume: np.ndarray, path: Path, reference: Path) -> None:
     tmp.replace(path)
 
 
-def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", folds=None, checkpoint: str = "best",
-                   save_probabilities: bool = False, save_uncertainty: bool = False, progress: bool = True,
-                   log=print) -> list[CaseError]:
-    """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
-
-    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the trainings of the
-    folds (their done.json); a later call with any of these different is refused before anything is
-    written, so one folder never mixes two models' label maps. A folder holding label maps without that
-    record is refused too.
-
-    Returns the errors of the cases that failed (each names its case and file); the others are done.
-    """
-    workdir, out = Path(workdir), Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _plan(workdir: Path, model: str, folds, checkpoint: str):
+    """What a prediction will use, checked before anything is written: (U-Net settings, U-Net stage,
+    diffusion stage or None, folds, the record that ``prediction.json`` keeps)."""
     unet_settings = load_settings(workdir / "unet")
     n_folds = unet_settings.data.n_folds
     folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
-    ustage = UNetStage(unet_settings.unet)
+    if bad := [k for k in folds if not 0 <= k < n_folds]:
+        raise ConfigError(f"--folds {bad} outside 0..{n_folds - 1}")
     record = {"model": model, "folds": folds, "checkpoint": checkpoint, "unet": _trainings(workdir, "unet", folds)}
-    dstage, refiners = None, []
+    dstage = None
     if model != "unet":
         settings = load_settings(workdir / model)
         if OOF_RUNS in settings:  # conditioned on U(I): only with the U-Nets whose maps it was trained on
@@ -76,56 +67,91 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         dstage = DiffusionStage(settings.diffusion)
         record[model] = _trainings(workdir, model, folds)
         record["sampler"] = {k: dstage.cfg.sampler[k] for k in ("fusion", "steps", "samples")}
+    return unet_settings, UNetStage(unet_settings.unet), dstage, folds, record
+
+
+def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", folds=None, checkpoint: str = "best",
+                   save_probabilities: bool = False, save_uncertainty: bool = False, progress: bool = True,
+                   log=print) -> list[CaseError]:
+    """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
+
+    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the trainings of the
+    folds (their done.json); a later call with any of these different is refused before anything is
+    written, so one folder never mixes two models' label maps. A folder holding label maps without that
+    record is refused too. ``output_dir`` is made only once everything has been checked, and is locked
+    (:func:`workdir.lock`) while cases are written. The cases' ``-seg`` files, if any, are never read.
+
+    Returns the errors of the cases that failed (each names its case and file); the others are done.
+    Ends with one line: cases written, skipped (already there), failed, and the time.
+    """
+    t_start = time.time()
+    workdir, out = Path(workdir), Path(output_dir)
+    unet_settings, ustage, dstage, folds, record = _plan(workdir, model, folds, checkpoint)
     if not (out / "prediction.json").is_file() and (maps := sorted(p.name for p in out.glob("*.nii.gz"))):
         raise ConfigError(f"{out} holds label maps ({maps[0]}, ...) but no prediction.json saying what made them "
                           f"(an older version, or by hand): use another -o, or delete them")
-    check_record(out / "prediction.json", record, "use another -o, or delete its label maps and prediction.json")
-    unets = _fold_models(workdir, "unet", ustage, folds, checkpoint)
-    if dstage is not None:
-        refiners = _fold_models(workdir, model, dstage, folds, checkpoint)
     errors: list[CaseError] = []
     cases = brats.discover_cases(input_dir, errors=errors)
     for err in errors:
         log(f"skipped: {err}")
-    todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
-    log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
-    parallel.barrier("predict: listed")  # every process has its list before process 0 writes a label map
-    it = todo
+    with lock(out, "predict.py"):
+        check_record(out / "prediction.json", record, "use another -o, or delete its label maps and prediction.json")
+        todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
+        log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
+        parallel.barrier("predict: listed")  # every process has its list before process 0 writes a label map
+        unets = _fold_models(workdir, "unet", ustage, folds, checkpoint)
+        refiners = _fold_models(workdir, model, dstage, folds, checkpoint) if dstage is not None else []
+        failed = len(errors)
+        for files in _bar(todo, progress):
+            try:
+                case = brats.load_case(files, unet_settings.data.normalization, unet_settings.data.old_brats,
+                                       read_labels=False,
+                                       allow_empty_modality=unet_settings.data.get("allow_empty_modality", False))
+            except CaseError as e:
+                errors.append(e)
+                log(f"failed: {e}")
+                continue
+            regions, probs, uncertainty = _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty)
+            if parallel.is_main():  # every process computed the case (the models run on all); one writes
+                _write_case(out, files, case, regions, probs if save_probabilities else None, uncertainty)
+        parallel.barrier("predict: written")
+    written = len(todo) - (len(errors) - failed)
+    log(f"predict: {written} written, {len(cases) - len(todo)} skipped (already in {out}), {len(errors)} failed, "
+        f"{time.time() - t_start:.1f} s")
+    return errors
+
+
+def _bar(items, progress: bool):
     if progress and parallel.is_main():
         from tqdm import tqdm
-        it = tqdm(todo, desc="predict", unit="case")
-    for files in it:
-        t0 = time.time()
-        try:
-            case = brats.load_case(files, unet_settings.data.normalization, unet_settings.data.old_brats)
-        except CaseError as e:
-            errors.append(e)
-            log(f"failed: {e}")
-            continue
-        probs = np.mean([ustage.probabilities(m, case.image) for m in unets], 0)
-        unet = (probs > 0.5).astype(np.uint8)
-        regions, uncertainty = unet, None
-        if dstage is not None:
-            s = dstage.cfg.sampler
-            outs = [dstage.fused(m, case.image, unet if dstage.with_unet else None, jax.random.key(k), s.steps,
-                                 s.samples, s.fusion, s.chunk or None, uncertainty=save_uncertainty)
-                    for k, m in zip(folds, refiners)]
-            mean = np.mean(outs, 0)
-            regions = np.asarray(dstage.variant.finish((mean[..., :3] > 0).astype(np.uint8),
-                                                       unet if dstage.with_unet else None))
-            uncertainty = mean[..., 3:] if save_uncertainty else None
-        if not parallel.is_main():  # every process computed the case (the models run on all); one writes
-            continue
-        reference = files.images[MODALITIES[0]]
-        full = brats.paste(regions.astype(np.uint8), case.box, case.full_shape)
-        if save_probabilities:
-            _write_volume(brats.paste(probs, case.box, case.full_shape), out / f"{files.case_id}_probabilities.nii.gz",
-                          reference)
-        if uncertainty is not None:
-            _write_volume(brats.paste(uncertainty, case.box, case.full_shape),
-                          out / f"{files.case_id}_uncertainty.nii.gz", reference)
-        brats.write_label_map(regions_to_labels(full), out / f"{files.case_id}.nii.gz", reference)
-        if progress:
-            it.set_postfix(case=files.case_id, seconds=f"{time.time() - t0:.1f}")
-    parallel.barrier("predict: written")
-    return errors
+        return tqdm(items, desc="predict", unit="case")
+    return items
+
+
+def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool):
+    """(regions, U-Net probabilities, uncertainty or None) of one loaded case, cropped, channels-last."""
+    probs = np.mean([ustage.probabilities(m, case.image) for m in unets], 0)
+    unet = (probs > 0.5).astype(np.uint8)
+    if dstage is None:
+        return unet, probs, None
+    s = dstage.cfg.sampler
+    outs = [dstage.fused(m, case.image, unet if dstage.with_unet else None, jax.random.key(k), s.steps,
+                         s.samples, s.fusion, s.chunk or None, uncertainty=save_uncertainty)
+            for k, m in zip(folds, refiners)]
+    mean = np.mean(outs, 0)
+    regions = np.asarray(dstage.variant.finish((mean[..., :3] > 0).astype(np.uint8),
+                                               unet if dstage.with_unet else None))
+    return regions, probs, (mean[..., 3:] if save_uncertainty else None)
+
+
+def _write_case(out: Path, files, case, regions, probs, uncertainty) -> None:
+    """The label map (and the optional volumes) of one case on its full grid, with its t1n's geometry."""
+    reference = files.images[MODALITIES[0]]
+    full = brats.paste(regions.astype(np.uint8), case.box, case.full_shape)
+    if probs is not None:
+        _write_volume(brats.paste(probs, case.box, case.full_shape), out / f"{files.case_id}_probabilities.nii.gz",
+                      reference)
+    if uncertainty is not None:
+        _write_volume(brats.paste(uncertainty, case.box, case.full_shape), out / f"{files.case_id}_uncertainty.nii.gz",
+                      reference)
+    brats.write_label_map(regions_to_labels(full), out / f"{files.case_id}.nii.gz", reference)

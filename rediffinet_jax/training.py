@@ -155,10 +155,18 @@ class DiffusionStage:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops the records of steps after ``step`` (they are redone after a resume)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    """Drops the records of steps after ``step`` (they are redone after a resume), and a last line cut off
+    by a kill."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 class Trainer:
@@ -206,7 +214,7 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         mgr = checkpoints.manager(folder / "checkpoints", c.keep)
         state = self.init_state(seed)
-        restored = checkpoints.restore(mgr, state, "latest", sharding=self.replicated)
+        restored = checkpoints.restore(mgr, state, "latest", sharding=self.replicated, log=log)
         local_batch = parallel.per_process_batch(c.batch)
         ds = pipeline.train_dataset(
             refs, c.patch, local_batch, seed, foreground_fraction=c.foreground_fraction, with_unet=self.stage.with_unet,
@@ -219,6 +227,7 @@ class Trainer:
             if data_state is not None:
                 it.set_state(data_state)
             log(f"{self.stage.name} {folder.name}: resuming from step {start}")
+        if jax.process_index() == 0:  # steps after the checkpoint (all of them without one) are redone
             _truncate_metrics(folder / "metrics.jsonl", start)
         root = jax.random.key(seed)
         key, val_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
@@ -274,10 +283,10 @@ class Trainer:
             (folder / "done.json").write_text(json.dumps(done))
         return done
 
-    def load(self, folder: Path, which: str = "best", seed: int = 0):
-        """The trained model of ``folder`` (its best or latest checkpoint)."""
+    def load(self, folder: Path, which: str = "best", seed: int = 0, log: Callable[[str], None] = print):
+        """The trained model of ``folder`` (its best or latest checkpoint; a broken one falls back)."""
         mgr = checkpoints.manager(folder / "checkpoints", self.stage.cfg.keep)
-        restored = checkpoints.restore(mgr, self.init_state(seed), which, sharding=self.replicated)
+        restored = checkpoints.restore(mgr, self.init_state(seed), which, sharding=self.replicated, log=log)
         if restored is None:
             raise RediffinetError(f"no checkpoint in {folder / 'checkpoints'}")
         return self.model(restored[0]["params"])

@@ -126,6 +126,16 @@ def _broken(tmp_path, phantom_root, how):
         else:
             affine[0, 3] += 5
         nib.save(nib.Nifti1Image(data, affine), str(f))
+    elif how in ("zeros", "constant"):
+        img = nib.load(str(f))
+        data = np.full(img.shape, 0 if how == "zeros" else 7, np.int16)
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), str(f))
+    elif how == "half":  # a seg saved as float with values between labels
+        s = folder / f"{cid}-seg.nii.gz"
+        img = nib.load(str(s))
+        data = np.asarray(img.dataobj).astype(np.float32)
+        data[np.argwhere(data == 1)[:3].T.tolist()] = 0.5
+        nib.save(nib.Nifti1Image(data, img.affine), str(s))
     elif how in ("label5", "label4"):
         s = folder / f"{cid}-seg.nii.gz"
         img = nib.load(str(s))
@@ -138,7 +148,9 @@ def _broken(tmp_path, phantom_root, how):
 
 @pytest.mark.parametrize("how,match", [
     ("missing", "missing modality t1c"), ("truncated", "cannot read"), ("corrupt", "cannot read"),
-    ("shape", "shape"), ("nan", "NaN"), ("affine", "affine"), ("label5", "outside"), ("label4", "old_brats")])
+    ("shape", "shape"), ("nan", "NaN"), ("affine", "affine"), ("label5", "outside"), ("label4", "old_brats"),
+    ("half", r"non-integer label values \[0.5\]"), ("zeros", "modality t1c is constant .every voxel 0"),
+    ("constant", "modality t1c is constant .every voxel 7")])
 def test_bad_input_names_case_and_file(tmp_path, phantom_root, how, match):
     root, cid, f = _broken(tmp_path, phantom_root, how)
     with pytest.raises(CaseError, match=match) as err:
@@ -177,3 +189,34 @@ def test_gzip_read_is_checked(tmp_path):
         g.write(b"\0" * 400)
     with pytest.raises(CaseError, match="cannot read"):
         brats.read_nifti(f, "c")
+
+
+def test_empty_modality_allowed_when_asked(tmp_path, phantom_root):
+    root, cid, _ = _broken(tmp_path, phantom_root, "zeros")
+    case = brats.load_case(brats.discover_cases(root)[0], allow_empty_modality=True)
+    assert np.all(case.image[..., 1] == 0) and case.image[..., 0].any()
+
+
+def test_prediction_reads_no_labels(tmp_path, phantom_root):
+    """A bad -seg beside good images does not stop a case from being loaded for prediction."""
+    root, cid, _ = _broken(tmp_path, phantom_root, "label5")
+    files = brats.discover_cases(root)[0]
+    with pytest.raises(CaseError, match="outside"):
+        brats.load_case(files)
+    assert brats.load_case(files, read_labels=False).regions is None
+
+
+def test_folder_named_for_another_case_is_reported(tmp_path, phantom_root):
+    root = tmp_path / "d"
+    root.mkdir()
+    _copy_case(phantom_root, root, "BraTS-GLI-00001-000")
+    shutil.copytree(phantom_root / "BraTS-GLI-00000-000", root / "BraTS-GLI-00009-000")  # files say 00000
+    with pytest.raises(CaseError, match="not named <folder name>-<modality>") as err:
+        brats.discover_cases(root)
+    assert err.value.case == "BraTS-GLI-00009-000" and "BraTS-GLI-00000-000-" in str(err.value)
+    errors = []
+    assert [c.case_id for c in brats.discover_cases(root, errors=errors)] == ["BraTS-GLI-00001-000"]
+    assert len(errors) == 1 and errors[0].case == "BraTS-GLI-00009-000"
+    (root / "figures").mkdir()  # a folder without NIfTI files is not a case and not an error
+    (root / "figures" / "a.png").write_bytes(b"")
+    assert len(brats.discover_cases(root, errors=[])) == 1

@@ -1,5 +1,7 @@
 """Exact resume and data-parallel equivalence of the train step, on tiny phantoms in-process."""
 
+import json
+
 import jax
 import numpy as np
 import optax
@@ -7,7 +9,9 @@ import pytest
 from jax.sharding import Mesh
 
 from configs import common
-from rediffinet_jax import parallel
+from flax import nnx
+
+from rediffinet_jax import checkpoints, parallel
 from rediffinet_jax.data import brats, pipeline
 from rediffinet_jax.driver import ValCase
 from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage, lr_schedule
@@ -130,3 +134,34 @@ def test_diffusion_validation_scores_the_refined_segmentation():
     case = ValCase("c", np.zeros((16, 16, 16, 4), np.float32), gt, gt.copy())
     got = stage.validate(None, [case], jax.random.key(0))
     assert got == pytest.approx((2 * 990 / 1990 + 1 + 1) / 3, abs=1e-12)
+
+
+def test_killed_before_first_checkpoint_logs_each_step_once(data, tmp_path):
+    """A run killed before its first checkpoint left steps 1-3 (the last one cut off) in metrics.jsonl; the
+    restart begins from scratch and must not append after them."""
+    refs, val = data
+    folder = tmp_path / "k"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 2, "loss": 9}\n{"step": 3, "lo')
+    Trainer(UNetStage(_unet_cfg(4)), progress=False).fit(folder, refs, val, seed=0, log=lambda m: None)
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4] and json.loads(lines[0])["loss"] != 9
+
+
+def test_broken_newest_checkpoint_falls_back_to_the_previous(data, tmp_path):
+    refs, val = data
+    trainer = Trainer(UNetStage(_unet_cfg()), progress=False)
+    trainer.fit(tmp_path, refs, val, seed=0, log=lambda m: None)
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["3", "6"]
+    for f in (ckpt / "6" / "state").rglob("manifest.ocdbt"):
+        f.unlink()
+    logs = []
+    model = trainer.load(tmp_path, "latest", log=logs.append)
+    assert (ckpt / "6.broken").is_dir() and not (ckpt / "6").exists()  # moved aside, never deleted
+    assert any("step 6" in m and "6.broken" in m for m in logs), logs
+    mgr = checkpoints.manager(ckpt, 2)
+    step3 = checkpoints.restore(mgr, trainer.init_state(0), 3)[0]["params"]
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(step3)):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+    assert mgr.latest_step() == 3  # the broken folder is not taken for a step

@@ -77,17 +77,26 @@ def discover_cases(root: str | os.PathLike, require_labels: bool = False,
     ``root`` itself; ``.nii`` works like ``.nii.gz``. The segmentation ``<case>-seg`` is optional.
 
     Raises:
-      CaseError: root missing or holding no case, a case missing a modality, or (``require_labels``)
-        no labelled case. With an ``errors`` list, a case missing a modality is appended there and
-        left out instead (so that the other cases can still be processed).
+      CaseError: root missing or holding no case, a case missing a modality, a folder whose NIfTI files
+        are named for another case, or (``require_labels``) no labelled case. With an ``errors`` list,
+        such a case is appended there and left out instead (so that the other cases can still be
+        processed).
     """
     root = Path(root)
     if not root.is_dir():
         raise CaseError("data folder does not exist", path=str(root))
     groups: dict[str, Path] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if any(_strip_ext(f.name) for f in sub.iterdir() if f.name.startswith(sub.name + "-")):
+        nifti = sorted(f.name for f in sub.iterdir() if _strip_ext(f.name))
+        if any(name.startswith(sub.name + "-") for name in nifti):
             groups[sub.name] = sub
+        elif nifti:  # a case folder renamed, or files copied into the wrong one: never skipped silently
+            err = CaseError(f"the folder's NIfTI files are not named <folder name>-<modality> ({', '.join(nifti[:3])}"
+                            f"{', ...' if len(nifti) > 3 else ''}); rename the folder or the files",
+                            case=sub.name, path=str(sub))
+            if errors is None:
+                raise err
+            errors.append(err)
     for f in sorted(root.iterdir()):
         stem = _strip_ext(f.name) if f.is_file() else None
         if stem and "-" in stem and stem.rsplit("-", 1)[1] in (*MODALITIES, SEG_SUFFIX):
@@ -176,17 +185,25 @@ def paste(array: np.ndarray, box: Box, full_shape: tuple[int, ...], fill=0) -> n
 
 
 def load_case(files: CaseFiles, normalization: str = "zscore_rescale", old_brats: bool = False,
-              require_labels: bool = False) -> Case:
+              require_labels: bool = False, read_labels: bool = True, allow_empty_modality: bool = False) -> Case:
     """Reads, checks, normalizes and crops one case (see :class:`Case`).
 
+    read_labels: False ignores the seg file altogether (prediction: ``regions`` is None).
+    allow_empty_modality: accept a modality whose voxels are all equal (all 0: a missing sequence
+      saved as zeros); it then normalizes to 0 everywhere.
+
     Raises:
-      CaseError: unreadable or truncated file, NaN/inf voxels, modalities of different shapes or
-        affines, a seg of another shape, label values outside {0,1,2,3} (4 only with ``old_brats``),
-        or no seg when ``require_labels``.
+      CaseError: unreadable or truncated file, NaN/inf voxels, a constant modality (unless allowed),
+        modalities of different shapes or affines, a seg of another shape, non-integer label values,
+        label values outside {0,1,2,3} (4 only with ``old_brats``), or no seg when ``require_labels``.
     """
     vols, ref = [], None
     for m in MODALITIES:
         data, img = read_nifti(files.images[m], files.case_id)
+        if not allow_empty_modality and data.size and data.min() == data.max():
+            raise CaseError(f"modality {m} is constant (every voxel {data.flat[0]:g}): an empty or failed export? "
+                            f"(data.allow_empty_modality=True accepts it)", case=files.case_id,
+                            path=str(files.images[m]))
         if ref is None:
             ref = img
         elif data.shape != ref.shape:
@@ -197,10 +214,14 @@ def load_case(files: CaseFiles, normalization: str = "zscore_rescale", old_brats
         vols.append(data)
     image = np.stack(vols, axis=-1)
     regions = None
-    if files.seg is not None:
+    if files.seg is not None and read_labels:
         seg, seg_img = read_nifti(files.seg, files.case_id)
         if seg.shape != ref.shape:
             raise CaseError(f"seg shape {seg.shape} differs from the images' {ref.shape}",
+                            case=files.case_id, path=str(files.seg))
+        if not np.array_equal(seg, np.rint(seg)):
+            odd = np.unique(seg[seg != np.rint(seg)])[:5].tolist()
+            raise CaseError(f"non-integer label values {odd} (a resampled or float-saved seg?)",
                             case=files.case_id, path=str(files.seg))
         try:
             regions = labels_to_regions(check_labels(np.rint(seg), old_brats))
@@ -236,10 +257,11 @@ def write_label_map(labels: np.ndarray, path: str | os.PathLike, reference: str 
 # ----------------------------------------------------------------------------- cache
 
 
-def _source_key(files: CaseFiles, normalization: str, old_brats: bool) -> dict:
+def _source_key(files: CaseFiles, normalization: str, old_brats: bool, allow_empty: bool) -> dict:
     paths = [files.images[m] for m in MODALITIES] + ([files.seg] if files.seg else [])
     stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    return {"version": _CACHE_VERSION, "normalization": normalization, "old_brats": old_brats, "sources": stats}
+    return {"version": _CACHE_VERSION, "normalization": normalization, "old_brats": old_brats,
+            "allow_empty_modality": allow_empty, "sources": stats}
 
 
 def cached_meta(folder: str | os.PathLike) -> dict:
@@ -253,17 +275,17 @@ def cached_meta(folder: str | os.PathLike) -> dict:
 
 
 def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: str = "zscore_rescale",
-                old_brats: bool = False, require_labels: bool = False) -> Case:
+                old_brats: bool = False, require_labels: bool = False, allow_empty_modality: bool = False) -> Case:
     """Like :func:`load_case`, through a cache of ``.npy`` files opened memory-mapped.
 
     The entry ``cache_dir/<case>/`` is rebuilt when a source file (size or mtime) or an option changes.
     It is built in a temporary folder and renamed into place, so an interrupted build leaves nothing.
     """
     folder = Path(cache_dir) / files.case_id
-    key = _source_key(files, normalization, old_brats)
+    key = _source_key(files, normalization, old_brats, allow_empty_modality)
     meta = cached_meta(folder) if (folder / "meta.json").is_file() else None
     if meta is None or meta["key"] != key:
-        case = load_case(files, normalization, old_brats, require_labels)
+        case = load_case(files, normalization, old_brats, require_labels, allow_empty_modality=allow_empty_modality)
         tmp = folder.with_name(f".{files.case_id}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -48,7 +48,7 @@ class CaseRef:
 
 
 def prepare_cache(cases: list[brats.CaseFiles], cache_dir: str | os.PathLike, normalization: str,
-                  old_brats: bool = False, progress: bool = True) -> list[CaseRef]:
+                  old_brats: bool = False, progress: bool = True, allow_empty_modality: bool = False) -> list[CaseRef]:
     """Builds (or reuses) the cache of every case, labels required; returns the pipeline's references."""
     it = cases
     if progress:
@@ -56,7 +56,8 @@ def prepare_cache(cases: list[brats.CaseFiles], cache_dir: str | os.PathLike, no
         it = tqdm(cases, desc="cache", unit="case", leave=False)
     refs = []
     for files in it:
-        brats.cached_case(files, cache_dir, normalization, old_brats, require_labels=True)
+        brats.cached_case(files, cache_dir, normalization, old_brats, require_labels=True,
+                          allow_empty_modality=allow_empty_modality)
         refs.append(CaseRef(files.case_id, str(Path(cache_dir) / files.case_id)))
     return refs
 
