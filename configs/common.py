@@ -12,8 +12,8 @@ def base() -> ConfigDict:
     c.seed = 0
     c.data = ConfigDict(dict(
         root="",  # empty: generate phantoms into <workdir>/data
-        normalization="zscore_rescale", old_brats=False, n_folds=5, split_seed=0, num_workers=2,
-        phantoms=ConfigDict(dict(n_cases=50, shape=(240, 240, 155), seed=0)),
+        normalization="zscore_rescale", old_brats=False, allow_empty_modality=False, n_folds=5, split_seed=0, num_workers=2,
+        phantoms=ConfigDict(dict(n_cases=50, shape=(240, 240, 155), seed=0, hard=False, tumour_scale=1.0)),
     ))
     augment = dict(flip_p=0.5, scale_shift=0.1, nvidia=True, nvidia_p=0.15, zoom_p=0.15, zoom_max=1.4)
     c.unet = ConfigDict(dict(
@@ -58,6 +58,18 @@ def demo(c: ConfigDict) -> ConfigDict:
     return c
 
 
+def bench(c: ConfigDict) -> ConfigDict:
+    """The phantom benchmark (benchmarks/refinement.py): a strong stage 1 on hard phantoms (vessels,
+    choroid plexus, satellites, broken rims, fading edema: ``data/mimics.py``), 5 folds, both stages and
+    the evaluation within 45 minutes on a 2-core CPU."""
+    c = demo(c)
+    c.data.phantoms.update(n_cases=25, shape=(64, 64, 48), hard=True, tumour_scale=1.5)
+    c.unet.update(steps=700, val_every=700)
+    c.diffusion.update(steps=1000, val_every=1000)
+    c.diffusion.sampler.update(steps=3, samples=4)
+    return c
+
+
 def smoke(c: ConfigDict) -> ConfigDict:
     """The tiny run of the tests: 6 phantoms, 2 folds, a few steps."""
     c = demo(c)
@@ -72,11 +84,13 @@ def smoke(c: ConfigDict) -> ConfigDict:
 
 
 def with_variant(arg: str | None, c: ConfigDict) -> ConfigDict:
-    """Applies a ``demo`` or ``smoke`` argument (after the file's own choices)."""
+    """Applies a ``demo``, ``bench`` or ``smoke`` argument (after the file's own choices)."""
     if not arg:
         return c
     if arg == "demo":
         return demo(c)
     if arg == "smoke":
         return smoke(c)
-    raise ValueError(f"unknown config argument {arg!r}; use demo or smoke")
+    if arg == "bench":
+        return bench(c)
+    raise ValueError(f"unknown config argument {arg!r}; use demo, bench or smoke")

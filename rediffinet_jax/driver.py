@@ -190,8 +190,10 @@ def resolve_data(config, workdir: Path, log=print) -> Path:
         return Path(config.data.root)
     p = config.data.phantoms
     root = workdir / "data"
-    log(f"No data.root given: using {p.n_cases} generated phantom cases of shape {tuple(p.shape)} in {root}")
-    phantoms.write_dataset(root, p.n_cases, tuple(p.shape), p.seed, progress=jax.process_index() == 0)
+    kind = "hard " if p.get("hard") else ""
+    log(f"No data.root given: using {p.n_cases} generated {kind}phantom cases of shape {tuple(p.shape)} in {root}")
+    phantoms.write_dataset(root, p.n_cases, tuple(p.shape), p.seed, progress=jax.process_index() == 0,
+                           hard=bool(p.get("hard", False)), tumour_scale=float(p.get("tumour_scale", 1.0)))
     return root
 
 
@@ -257,9 +259,21 @@ def _progress(items, desc):
     return tqdm(items, desc=desc, unit="case", leave=False)
 
 
+def check_request(config, fold: int | None) -> None:
+    """What can be refused before any work (phantoms, cache, splits) is done.
+
+    Raises:
+      ConfigError: a fold outside ``0..n_folds-1``.
+    """
+    n = config.data.n_folds
+    if fold is not None and not 0 <= fold < n:
+        raise ConfigError(f"--fold {fold} is outside 0..{n - 1} (data.n_folds = {n})")
+
+
 def run(config, workdir, *, fold: int | None = None, stage: str | None = None, overwrite: bool = False,
         stop_after: int | None = None, progress: bool = True, log=print) -> dict:
     """Runs what is missing of the two-stage pipeline; returns {stage: {fold: done.json}}."""
+    check_request(config, fold)
     workdir = Path(workdir)
     d = config.data
     # several processes: process 0 writes the shared files first, the others then find them made
@@ -271,10 +285,9 @@ def run(config, workdir, *, fold: int | None = None, stage: str | None = None, o
         cases = [c for c in brats.discover_cases(root, require_labels=True) if c.seg is not None]
         folds = splits.load_or_create(workdir, [c.case_id for c in cases], d.n_folds, d.split_seed)
         refs = pipeline.prepare_cache(cases, workdir / "cache", d.normalization, d.old_brats,
-                                      progress=progress and parallel.is_main())
+                                      progress=progress and parallel.is_main(),
+                                      allow_empty_modality=d.get("allow_empty_modality", False))
     fold_ids = list(range(d.n_folds)) if fold is None else [fold]
-    if any(not 0 <= k < d.n_folds for k in fold_ids):
-        raise ConfigError(f"fold {fold} is outside 0..{d.n_folds - 1}")
     refs_by_id = {r.case_id: r for r in refs}
     files_by_id = {c.case_id: c for c in cases}
     data_settings = config.data.to_dict()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 import zlib
 from pathlib import Path
 
@@ -31,8 +32,10 @@ from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 from rediffinet_jax.training import DiffusionStage, Trainer
 
 BASELINE = "unet"
+# seconds: the model's prediction of the case (sliding window and sampler); empty for the U-Net, whose
+# rows come from its out-of-fold maps
 CASE_COLUMNS = ("case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "tp", "fp", "fn",
-                *metrics.FLIP_KEYS, "convention")
+                *metrics.FLIP_KEYS, "seconds", "convention")
 
 
 def trained_models(workdir: Path) -> list[str]:
@@ -43,7 +46,7 @@ def trained_models(workdir: Path) -> list[str]:
     return [BASELINE] + [n for n in names if n != BASELINE]
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     """The rows of ``eval/<model>/fold_k/cases.csv``; refuses one with other columns (an older version's)."""
     if not path.is_file():
         return []
@@ -54,7 +57,7 @@ def _read_rows(path: Path) -> list[dict]:
         raise ConfigError(f"{path} has the columns {reader.fieldnames}, not {list(CASE_COLUMNS)} (an older "
                           f"version wrote it); delete {path.parents[2]} to rescore")
     for r in rows:
-        for k in ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95"):
+        for k in ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "seconds"):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
         for k in metrics.FLIP_KEYS:
             r[k] = int(r[k])
@@ -179,7 +182,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
             out_dir = workdir / "eval" / label / f"fold_{k}"
             _tie_to_training(out_dir, _made_from(done, maps_by, k), log)
             csv_path = out_dir / "cases.csv"
-            old = _read_rows(csv_path)
+            old = read_rows(csv_path)
             if any(r["convention"] != convention for r in old):
                 raise ConfigError(f"{csv_path} was scored with HD95 convention {old[0]['convention']}, not "
                                   f"{convention}; delete {workdir / 'eval'} to rescore")
@@ -190,14 +193,17 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
             for cid in _bar(todo, f"eval {label} fold {k}", progress):
                 folder, meta, box, full, gt = _case_arrays(cache, cid)
                 unet_full = labels_to_regions(np.asarray(brats.read_nifti(oof / f"{cid}.nii.gz", cid)[0], np.uint8))
+                seconds = float("nan")
                 if dstage is None:
                     pred = unet_full
                 else:
                     if model is None:
                         trainer = trainer or Trainer(dstage, progress=False)
                         model = trainer.load(workdir / name / f"fold_{k}", checkpoint)
+                    t0 = time.perf_counter()
                     labels = regions_to_labels(_refine(dstage, model, folder, brats.crop(unet_full, box), box, full,
                                                        k, cid))
+                    seconds = time.perf_counter() - t0
                     if parallel.is_main():
                         _write_pred(labels, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
                     # score the label map written, as for the U-Net: its regions are nested (a TC voxel
@@ -206,11 +212,13 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
                 rows = metrics.score_case(pred, gt, meta["spacing"], cid, convention,
                                           with_lesion_wise=True)
                 for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
-                    row.update({k: flips[k] for k in metrics.FLIP_KEYS})
+                    row.update({k: flips[k] for k in metrics.FLIP_KEYS}, seconds=f"{seconds:.4f}")
                 if parallel.is_main():  # every process scored the case (the sampler runs on all); one writes
                     _append_rows(csv_path, rows)
             parallel.barrier(f"scored {label}/{k}")
-            per_fold.setdefault(label, {})[k] = _read_rows(csv_path)
+            per_fold.setdefault(label, {})[k] = read_rows(csv_path)
+    if not any(rows for folds in per_fold.values() for rows in folds.values()):
+        raise ConfigError(f"nothing was scored in {workdir}: no trained fold among folds {fold_ids}")
     _add_other_samplers(workdir, per_fold, names, fold_ids, convention, maps_by, log)
     summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint, write=parallel.is_main())
     if parallel.is_main():
@@ -231,7 +239,7 @@ def _add_other_samplers(workdir: Path, per_fold: dict, names, fold_ids, conventi
             continue
         name = max(owners, key=len)
         for k in fold_ids:
-            rows = _read_rows(folder / f"fold_{k}" / "cases.csv")
+            rows = read_rows(folder / f"fold_{k}" / "cases.csv")
             if not rows or any(r["convention"] != convention for r in rows):
                 continue
             record = folder / f"fold_{k}" / "trained.json"

@@ -223,7 +223,7 @@ def test_evaluate_writes_tables(finished):
             with open(workdir / "eval" / model / f"fold_{k}" / "cases.csv") as f:
                 rows = list(csv.DictReader(f))
             assert list(rows[0]) == ["case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95",
-                                     "tp", "fp", "fn", "unet_errors", "flipped", "fixed", "convention"]
+                                     "tp", "fp", "fn", "unet_errors", "flipped", "fixed", "seconds", "convention"]
             assert len(rows) == 3 * 3  # 3 held-out cases × [WT, TC, ET]
             if model == "rediffinet":  # the scores and flips are those of the label maps written, recomputed
                 wt_net += _check_scores_against_files(workdir, k, rows)

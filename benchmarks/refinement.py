@@ -1,0 +1,212 @@
+"""The phantom benchmark over seeds: does the refiner make a strong U-Net better?
+
+    python benchmarks/refinement.py                       # 3 seeds of configs/rediffinet.py:bench
+    python benchmarks/refinement.py --variants            # + Diff-U-Net and UA-Diffusion concat
+    python benchmarks/refinement.py --seeds 5 --root runs/bench --set diffusion.steps=3000
+
+Seed ``s`` changes ``seed``, ``data.phantoms.seed`` and ``data.split_seed`` (new phantoms, new folds, new
+initialisation) and runs ``train.py`` (both stages on every fold, then the evaluation) in
+``<root>/seed_<s>``; a seed interrupted at any moment continues where it was when the command is run
+again (train.py resumes), a finished one is only re-read. The table is recomputed from the per-case rows
+(``eval/<model>/fold_k/cases.csv``) of every seed and written to ``<root>/refinement.{md,csv,json}``:
+per seed and mean ± std over seeds, each model's Dice and HD95 per region and averaged, the HD95 change
+against the seed's U-Net, the flips pooled over every held-out case, and the targets' verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from rediffinet_jax import reports  # noqa: E402
+from rediffinet_jax.evaluation import BASELINE, read_rows  # noqa: E402
+from rediffinet_jax.labels import REGIONS  # noqa: E402
+
+VARIANTS = ("configs/diff_unet.py:{v}", "configs/ua_diffusion.py:concat,{v}")
+COLS = (*REGIONS, "avg")
+# Targets (mean over seeds and in every seed): HD95 avg at least 10 % below the U-Net's, Dice avg at most
+# 0.5 points below it, no region with more wrong voxels after refinement (pooled over held-out cases).
+HD95_GAIN, DICE_LOSS = 10.0, 0.5
+
+
+def seed_overrides(seed: int) -> list[str]:
+    return [f"--config.seed={seed}", f"--config.data.phantoms.seed={seed}", f"--config.data.split_seed={seed}"]
+
+
+def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log=print) -> float:
+    """Runs (or resumes) train.py for each config in ``workdir``; returns the seconds this call took,
+    added to ``workdir/bench_time.json`` (summed over interrupted calls)."""
+    t0 = time.time()
+    for spec in configs:
+        cmd = [sys.executable, str(ROOT / "train.py"), f"--config={spec}", f"--workdir={workdir}",
+               *seed_overrides(seed), *extra]
+        log(f"seed {seed}: {' '.join(cmd[1:])}")
+        done = subprocess.run(cmd, cwd=ROOT)
+        if done.returncode:
+            raise SystemExit(f"error: train.py failed (exit {done.returncode}) for seed {seed}: {' '.join(cmd)}")
+    spent = time.time() - t0
+    record = workdir / "bench_time.json"
+    total = json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
+    record.write_text(json.dumps({"seconds": total + spent}))
+    return total + spent
+
+
+def seed_rows(workdir: Path) -> dict:
+    """``{model: {fold: rows}}`` of a finished seed, read from its cases.csv files (no other sampler)."""
+    eval_dir = workdir / "eval"
+    n_folds = len(json.loads((workdir / "splits.json").read_text())["folds"])
+    per_fold = {}
+    for folder in sorted(p for p in eval_dir.iterdir() if (p / "settings.json").is_file()):
+        if folder.name != BASELINE and "-k" in folder.name:  # another sampler's evaluation
+            continue
+        rows = {k: read_rows(folder / f"fold_{k}" / "cases.csv") for k in range(n_folds)}
+        per_fold[folder.name] = {k: r for k, r in rows.items() if r}
+    return {BASELINE: per_fold.pop(BASELINE), **per_fold}
+
+
+def seed_table(per_fold: dict) -> dict:
+    """Per model: Dice (%) and HD95 (mm) per region and avg (mean over folds of the per-fold case means),
+    the HD95 change in % against the U-Net (negative = better) and the pooled flips."""
+    s = reports.summary_tables(per_fold, "")
+    base = s["models"][BASELINE]["mean"]
+    out = {}
+    for name, m in s["models"].items():
+        row = {"dice": {c: 100 * m["mean"][c]["dice"] for c in COLS}, "hd95": {c: m["mean"][c]["hd95"] for c in COLS},
+               "n_cases": m["n_cases"], "n_folds": m["n_folds"]}
+        row["hd95_change_percent"] = {c: 100 * (m["mean"][c]["hd95"] - base[c]["hd95"]) / base[c]["hd95"]
+                                      if base[c]["hd95"] else float("nan") for c in COLS}
+        row["dice_change_points"] = {c: 100 * (m["mean"][c]["dice"] - base[c]["dice"]) for c in COLS}
+        if name in s["flips"]:
+            row["flips"] = s["flips"][name]
+        out[name] = row
+    return out
+
+
+def verdict(row: dict) -> dict:
+    """The three targets for one refined model in one seed (or the means over seeds)."""
+    net = {r: row["flips"][r]["net_error_change"] for r in REGIONS} if "flips" in row else {}
+    return {"hd95_avg_10pct_lower": row["hd95_change_percent"]["avg"] <= -HD95_GAIN,
+            "dice_avg_within_0.5": row["dice_change_points"]["avg"] >= -DICE_LOSS,
+            "no_region_more_wrong": bool(net) and all(v <= 0 for v in net.values())}
+
+
+def combine(tables: dict) -> dict:
+    """``{seed: seed_table}`` -> the benchmark's JSON: per seed, mean ± std over seeds, verdicts."""
+    models = list(next(iter(tables.values())))
+    mean, std = {}, {}
+    for name in models:
+        rows = [t[name] for t in tables.values() if name in t]
+        mean[name], std[name] = {}, {}
+        for key in ("dice", "hd95", "hd95_change_percent", "dice_change_points"):
+            vals = np.array([[r[key][c] for c in COLS] for r in rows])
+            mean[name][key] = dict(zip(COLS, vals.mean(0).tolist()))
+            std[name][key] = dict(zip(COLS, vals.std(0).tolist()))
+        if all("flips" in r for r in rows) and rows and "flips" in rows[0]:
+            mean[name]["flips"] = {reg: _pooled([r["flips"][reg] for r in rows]) for reg in REGIONS}
+    verdicts = {name: {"per_seed": {s: verdict(t[name]) for s, t in tables.items()}, "mean": verdict(mean[name])}
+                for name in models if name != BASELINE}
+    for v in verdicts.values():
+        v["all_met"] = all(all(x.values()) for x in [v["mean"], *v["per_seed"].values()])
+    return {"seeds": tables, "mean": mean, "std": std, "verdicts": verdicts}
+
+
+def _pooled(flips: list[dict]) -> dict:
+    err, flip, fixed = (sum(f[k] for f in flips) for k in ("unet_errors", "flipped", "fixed"))
+    return {"unet_errors": err, "flipped": flip, "fixed": fixed, "precision": fixed / flip if flip else float("nan"),
+            "recall": fixed / err if err else float("nan"), "net_error_change": flip - 2 * fixed}
+
+
+def markdown(result: dict, header: str = "") -> str:
+    cols = " | ".join(f"Dice {c}" for c in COLS) + " | " + " | ".join(f"HD95 {c}" for c in COLS)
+    lines = [header, "", f"| seed | model | {cols} | HD95 avg change |", "|" + "---|" * (3 + 2 * len(COLS))]
+
+    def fmt(row, sd=None):
+        cell = (lambda k, c, p: f"{row[k][c]:.{p}f}" + (f" ± {sd[k][c]:.{p}f}" if sd else ""))
+        return (" | ".join(cell("dice", c, 2) for c in COLS) + " | " + " | ".join(cell("hd95", c, 2) for c in COLS)
+                + " | " + cell("hd95_change_percent", "avg", 1) + " %")
+
+    for seed, table in result["seeds"].items():
+        for name, row in table.items():
+            lines.append(f"| {seed} | {name} | {fmt(row)} |")
+    n = len(result["seeds"])
+    for name in result["mean"]:
+        lines.append(f"| mean ± std ({n} seeds) | {name} | {fmt(result['mean'][name], result['std'][name])} |")
+    lines += ["", "Flips, all held-out cases of every fold pooled (net: change in wrong voxels, negative = fewer):",
+              "", "| seed | model | region | U-Net errors | flipped | fixed | precision | recall | net |",
+              "|" + "---|" * 9]
+    flip_rows = [(s, name, r["flips"]) for s, t in result["seeds"].items() for name, r in t.items() if "flips" in r]
+    flip_rows += [(f"all {n} seeds", name, m["flips"]) for name, m in result["mean"].items() if "flips" in m]
+    for seed, name, flips in flip_rows:
+        for reg, f in flips.items():
+            lines.append(f"| {seed} | {name} | {reg} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} | "
+                         f"{100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |")
+    lines += ["", "Targets (HD95 avg ≥ 10 % lower, Dice avg ≥ −0.5 points, no region with more wrong voxels):", ""]
+    for name, v in result["verdicts"].items():
+        seeds = "; ".join(f"seed {s}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in x.items())
+                          for s, x in v["per_seed"].items())
+        mean = ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in v["mean"].items())
+        lines.append(f"* {name}: {'all met' if v['all_met'] else 'NOT all met'} — mean: {mean}; {seeds}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(root: Path, result: dict, header: str) -> None:
+    import csv
+
+    (root / "refinement.json").write_text(json.dumps(result, indent=1))
+    (root / "refinement.md").write_text(markdown(result, header))
+    with open(root / "refinement.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "model", "metric", "region", "value"])
+        entries = [(s, t) for s, t in result["seeds"].items()] + [("mean", result["mean"]), ("std", result["std"])]
+        for seed, table in entries:
+            for name, row in table.items():
+                for metric in ("dice", "hd95", "hd95_change_percent", "dice_change_points"):
+                    for c in COLS:
+                        w.writerow([seed, name, metric, c, f"{row[metric][c]:.6g}"])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/rediffinet.py:bench", help="the refiner's config (path:variant)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--root", default="runs/bench", help="one work directory per seed under it")
+    p.add_argument("--variants", action="store_true", help="also Diff-U-Net and UA-Diffusion concat")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config value for every model of every seed (repeatable)")
+    p.add_argument("--table_only", action="store_true", help="only rewrite the table from finished seeds")
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    root.mkdir(parents=True, exist_ok=True)
+    variant = a.config.partition(":")[2] or "bench"
+    configs = [a.config] + ([v.format(v=variant) for v in VARIANTS] if a.variants else [])
+    extra = [f"--config.{kv}" for kv in a.set]
+    tables, seconds = {}, {}
+    for seed in range(a.seeds):
+        workdir = root / f"seed_{seed}"
+        if not a.table_only:
+            seconds[seed] = run_seed(workdir, configs, seed, extra)
+        if (workdir / "eval").is_dir():
+            tables[str(seed)] = seed_table(seed_rows(workdir))
+    if not tables:
+        raise SystemExit("error: no finished seed to tabulate")
+    result = combine(tables)
+    result["seconds"] = {str(k): v for k, v in seconds.items()}
+    result["command"] = " ".join(["python benchmarks/refinement.py", *(argv if argv is not None else sys.argv[1:])])
+    header = (f"Phantom benchmark: {', '.join(configs)}, {len(tables)} seed(s), HD95 in mm (brats2023 "
+              f"convention), Dice in %; {result['command']}")
+    write_outputs(root, result, header)
+    print(markdown(result, header))
+
+
+if __name__ == "__main__":
+    main()
