@@ -64,7 +64,7 @@ def bench(c: ConfigDict) -> ConfigDict:
     the evaluation within 45 minutes on a 2-core CPU."""
     c = demo(c)
     c.data.phantoms.update(n_cases=25, shape=(64, 64, 48), hard=True, tumour_scale=1.5)
-    c.unet.update(steps=700, val_every=700)
+    c.unet.update(steps=1000, val_every=1000)
     c.diffusion.update(steps=1000, val_every=1000)
     c.diffusion.sampler.update(steps=3, samples=4)
     return c

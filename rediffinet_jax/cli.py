@@ -89,12 +89,14 @@ def load_config_file(spec: str):
 
 
 def _config_spec(argv, default: str) -> str:
+    """The ``--config`` value absl will use (the last one given), else ``default``."""
+    spec = default
     for i, a in enumerate(argv):
         if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return default
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
 
 
 def check_config_spec(argv, default_spec: str) -> None:

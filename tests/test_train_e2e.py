@@ -379,3 +379,38 @@ def test_two_processes_run_the_pipeline_as_one(finished, tmp_path):
     for c in ids:
         np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "two" / f"{c}.nii.gz")).dataobj),
                                       np.asarray(nib.load(str(tmp_path / "one" / f"{c}.nii.gz")).dataobj))
+
+
+def test_user_errors_are_one_line_and_do_no_work(finished, tmp_path):
+    """Bad config files, variants, folds and folders end with one 'error:' line and status 2, before any
+    file is made; a work directory held by another command is refused naming the holder."""
+    from rediffinet_jax import workdir as wd
+    w = tmp_path / "w"
+    for args, msg in [(["--config=configs/nonexist.py"], "error: config file configs/nonexist.py not found"),
+                      ([f"--config={SMOKE[:-1]}"], "error: config configs/rediffinet.py:smok: unknown config argument"),
+                      (["--fold=7"], "error: --fold 7 is outside 0..1"), (["--fold=x"], "error: flag --fold=x")]:
+        proc = _train(w, *args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and msg in out and "Traceback" not in out, out[-2000:]
+        assert not w.exists()
+    (tmp_path / "file").write_text("")
+    proc = _train(tmp_path / "file" / "w")
+    assert proc.returncode == 2 and "error: cannot write to" in proc.stdout and "Traceback" not in proc.stdout
+    with wd.lock(w, "a test holding the lock"):
+        proc = _train(w)
+    assert proc.returncode == 2 and "in use by a test holding the lock" in proc.stdout and f"pid {os.getpid()}" in proc.stdout
+    assert sorted(p.name for p in w.iterdir()) == [wd.LOCK_FILE]  # nothing else was made
+
+
+def test_evaluate_and_predict_refuse_before_writing(finished, tmp_path):
+    """evaluate.py with nothing to score exits non-zero; predict.py without a model makes no -o folder."""
+    src = finished[0]
+    w = tmp_path / "w"
+    shutil.copytree(src, w, ignore=shutil.ignore_patterns("eval", "cache", "data"))
+    for done in w.glob("*/fold_*/done.json"):
+        done.unlink()
+    proc = _run("evaluate.py", f"--workdir={w}")
+    assert proc.returncode == 2 and "nothing was scored" in proc.stdout, proc.stdout[-2000:]
+    out = tmp_path / "out"
+    proc = _run("predict.py", "-i", str(src / "data"), "-o", str(out), f"--workdir={w}")
+    assert proc.returncode == 2 and "not trained" in proc.stdout and not out.exists(), proc.stdout[-2000:]

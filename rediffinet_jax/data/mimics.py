@@ -83,10 +83,10 @@ def _tube(coords, rng, through=None) -> np.ndarray:
 
 
 def vessels(coords, tissue, labels, brain, centres, rng, vessel_index: int) -> None:
-    """Marks 3–6 vessels (radius 0.9–1.6 voxels) as tissue ``vessel_index`` outside the tumour; with
+    """Marks 2–4 vessels (radius 0.9–1.6 voxels) as tissue ``vessel_index`` outside the tumour; with
     probability 0.5 one of them passes within a few voxels of the first lesion."""
     vox = float(_voxel(coords).mean())
-    n = rng.integers(3, 7)
+    n = rng.integers(2, 5)
     for i in range(n):
         through = None
         if i == 0 and centres and rng.uniform() < 0.5:

@@ -94,6 +94,8 @@ def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None,
     labels = np.zeros(shape, np.uint8)
     centres = []
     n_lesions = 0 if rng.uniform() < 0.05 else (2 if rng.uniform() < 0.25 else 1)
+    if hard is not None:  # every BraTS case has a tumour
+        n_lesions = max(n_lesions, 1)
     for _ in range(n_lesions):
         centre = rng.uniform(-0.4, 0.4, 3)
         radius = rng.uniform(0.14, 0.32, 3) / (1.6 if n_lesions == 2 else 1.0) * tumour_scale
