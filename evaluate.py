@@ -7,12 +7,14 @@
 
 from absl import app, flags
 
+from rediffinet_jax.diffusion import FUSIONS
+
 flags.DEFINE_string("workdir", None, "Work directory of train.py.", required=True)
 flags.DEFINE_list("models", None, "Models to score besides the U-Net baseline (default: all trained).")
 flags.DEFINE_list("folds", None, "Folds to score (default: all).")
 flags.DEFINE_enum("checkpoint", None, ["best", "latest"],
                   "Which checkpoint of each fold (default: the run's eval.checkpoint, else latest).")
-flags.DEFINE_enum("fusion", None, ["mean", "suf"], "Sampler fusion (default: each model's diffusion.sampler).")
+flags.DEFINE_enum("fusion", None, list(FUSIONS), "Sampler fusion (default: each model's diffusion.sampler).")
 flags.DEFINE_integer("steps", None, "DDIM steps K (default: each model's).", lower_bound=1)
 flags.DEFINE_integer("samples", None, "Samples S per window (default: each model's).", lower_bound=1)
 flags.DEFINE_enum("convention", None, ["brats2023", "monai", "medpy"],

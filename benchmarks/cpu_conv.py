@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from rediffinet_jax import compiling  # noqa: E402
 from rediffinet_jax.models import layers  # noqa: E402
 
 
@@ -79,9 +80,9 @@ def jax_layer_times(kind, cin, cout, size, stride, fn, repeats):
         x = x[:, : size // 2, : size // 2, : size // 2]
         w = jax.random.normal(jax.random.key(1), (2, 2, 2, cin, cout)) * 0.05
         layer = fn
-    # layers.jit (XLA_OPTIONS) only at the top level: JAX refuses compiler options on a nested jit
-    f = layers.jit(layer)
-    g = layers.jit(jax.grad(lambda x, w: jnp.sum(layer(x, w) ** 2), argnums=(0, 1)))
+    # compiling.jit (XLA_OPTIONS) only at the top level: JAX refuses compiler options on a nested jit
+    f = compiling.jit(layer)
+    g = compiling.jit(jax.grad(lambda x, w: jnp.sum(layer(x, w) ** 2), argnums=(0, 1)))
     return (best_of(lambda: jax.block_until_ready(f(x, w)), repeats),
             best_of(lambda: jax.block_until_ready(g(x, w)), repeats))
 
@@ -127,23 +128,23 @@ def model_times(size, repeats, impl, tiny):
 def _model_times(size, repeats, tiny):
     from flax import nnx
 
+    from rediffinet_jax.losses import soft_dice_bce
     from rediffinet_jax.models.denoiser import FEATURES, DiffusionNet
     from rediffinet_jax.models.unet import UNet
-    from rediffinet_jax.training import soft_dice_bce
     feats = (8, 8, 16, 32, 64, 8) if tiny else FEATURES
     filters = (8, 16, 32, 64) if tiny else (32, 64, 128, 256, 320)
     net = DiffusionNet(7, 3, feats, rngs=nnx.Rngs(0))
     gd, st = nnx.split(net)
     cond = jax.random.normal(jax.random.key(0), (1, size, size, size, 7))
     x = jax.random.normal(jax.random.key(1), (1, size, size, size, 3))
-    den = layers.jit(lambda st, c, x: nnx.merge(gd, st)(c, x, jnp.array([500])))
+    den = compiling.jit(lambda st, c, x: nnx.merge(gd, st)(c, x, jnp.array([500])))
     t_den = best_of(lambda: jax.block_until_ready(den(st, cond, x)), repeats)
     unet = UNet(5, filters, deep_supervision=1, rngs=nnx.Rngs(0))
     ugd, ust = nnx.split(unet)
     img = jax.random.normal(jax.random.key(2), (1, size, size, size, 5))
     tgt = (jax.random.uniform(jax.random.key(3), (1, size, size, size, 3)) > 0.9).astype(jnp.float32)
 
-    @layers.jit
+    @compiling.jit
     def step(st, img, tgt):
         def loss(p):
             return sum(soft_dice_bce(o, tgt) for o in nnx.merge(ugd, p)(img, train=True))
@@ -253,7 +254,7 @@ def main():
         if kind == "conv":
             forms = CONV_FORMULATIONS if a.all_formulations else {k: CONV_FORMULATIONS[k] for k in ("xla", "2d (package)")}
         else:
-            forms = {impl: (lambda impl: lambda x, w: layers.conv_transpose3d(x, w, 2, impl))(impl)
+            forms = {impl: (lambda impl: lambda x, w: layers.conv_transpose3d(x, w, 2, impl))(impl)  # noqa: B023
                      for impl in layers.CONV_IMPLS}
         for label, fn in forms.items():
             rows.append((name, label, *jax_layer_times(kind, cin, cout, a.size, stride, fn, a.repeats), ref))

@@ -21,12 +21,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import (compiled_memory, device_name, emit, matmul_peak, peak_memory,  # noqa: E402
-                               print_memory, timed)
+from benchmarks.common import compiled_memory, device_name, emit, matmul_peak, peak_memory, print_memory, timed  # noqa: E402
 from benchmarks.hlo_profile import capture  # noqa: E402
-from rediffinet_jax import diffusion  # noqa: E402
+from rediffinet_jax import (
+    compiling,  # noqa: E402
+    diffusion,  # noqa: E402
+)
 from rediffinet_jax.flops import diffusion_flops  # noqa: E402
-from rediffinet_jax.models import layers  # noqa: E402
 from rediffinet_jax.models.denoiser import FEATURES, DiffusionNet  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -45,7 +46,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--features", type=ints, default=FEATURES)
     p.add_argument("--condition", default="concat", choices=diffusion.CONDITIONS)
-    p.add_argument("--fusion", default="mean", choices=diffusion.FUSIONS)
+    p.add_argument("--fusion", default="mean", choices=sorted(diffusion.FUSIONS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile_only", action="store_true", help="compile, print XLA's memory plan, do not run")
     p.add_argument("--profile", default="", metavar="PREFIX",
@@ -58,7 +59,7 @@ def main(argv=None):
     graphdef, state = nnx.split(model)
     cond = jax.random.uniform(jax.random.key(1), (1, *a.size, variant.cond_channels))
 
-    @layers.jit
+    @compiling.jit
     def run(state, cond, key):
         return diffusion.sample(nnx.merge(graphdef, state), cond, key, a.steps, a.samples, a.fusion,
                                 a.chunk or None)["y"]

@@ -90,8 +90,9 @@ def main(argv=None) -> None:
     p.add_argument("--fusions", default="mean,suf")
     a = p.parse_args(argv)
 
-    from rediffinet_jax import evaluation, workdir as wd
-    from rediffinet_jax.driver import load_settings
+    from rediffinet_jax import evaluation
+    from rediffinet_jax import workdir as wd
+    from rediffinet_jax.workdir import load_settings
 
     workdir, folds = Path(a.workdir), _ints(a.folds)
     own = load_settings(workdir / a.model).diffusion.sampler

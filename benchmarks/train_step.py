@@ -21,14 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import (compiled_memory, device_name, emit, matmul_peak, peak_memory,  # noqa: E402
-                               print_memory, timed)
+from benchmarks.common import compiled_memory, device_name, emit, matmul_peak, peak_memory, print_memory, timed  # noqa: E402
 from benchmarks.hlo_profile import capture  # noqa: E402
 from rediffinet_jax import parallel  # noqa: E402
 from rediffinet_jax.flops import diffusion_flops, unet_flops  # noqa: E402
 from rediffinet_jax.models.denoiser import FEATURES  # noqa: E402
 from rediffinet_jax.models.unet import DEFAULT_FILTERS  # noqa: E402
-from rediffinet_jax.training import DTYPES, DiffusionStage, Trainer, UNetStage  # noqa: E402
+from rediffinet_jax.stages import DTYPES, DiffusionStage, UNetStage  # noqa: E402
+from rediffinet_jax.training import Trainer  # noqa: E402
 
 
 def ints(s):
@@ -41,7 +41,7 @@ def unet_cfg(a):
 
 
 def diff_cfg(a):
-    return SimpleNamespace(model="rediffinet", condition="concat", target="discrepancy", features=a.features,
+    return SimpleNamespace(model="rediffinet", features=a.features,
                            dtype=a.dtype, remat=a.remat, lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
                            warmup_frac=0.15, steps=1000, clip_norm=0.0, loss_weights=(1.0, 1.0, 1.0))
 

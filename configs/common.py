@@ -23,7 +23,7 @@ def base() -> ConfigDict:
         val_every=1000, val_cases=0, keep=2, overlap=0.5, batch_windows=1,
     ))
     c.diffusion = ConfigDict(dict(
-        model="rediffinet", condition="concat", target="discrepancy",
+        model="rediffinet",  # one of stages.VARIANTS: what is conditioned on and learned
         features=(64, 64, 128, 256, 512, 64), dtype="float32", remat=False,
         patch=(128, 192, 128), batch=4, steps=50_000,
         lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_frac=0.15, clip_norm=0.0,

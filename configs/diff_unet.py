@@ -8,5 +8,5 @@ from configs import common
 
 def get_config(arg: str | None = None):
     c = common.base()
-    c.diffusion.update(model="diff_unet", condition="image", target="mask")
+    c.diffusion.update(model="diff_unet")  # I -> GT (stages.VARIANTS)
     return common.with_variant(arg, c)

@@ -9,5 +9,5 @@ from configs import common
 
 def get_config(arg: str | None = None):
     c = common.base()
-    c.diffusion.update(model="rediffinet", condition="concat", target="discrepancy")
+    c.diffusion.update(model="rediffinet")  # [I, U(I)] -> Δ (stages.VARIANTS)
     return common.with_variant(arg, c)

@@ -15,5 +15,5 @@ def get_config(arg: str | None = None):
     if which not in INPUTS:
         raise ValueError(f"ua_diffusion input must be one of {INPUTS}, got {which!r}")
     c = common.base()
-    c.diffusion.update(model=f"ua_{which}", condition=which, target="mask")
+    c.diffusion.update(model=f"ua_{which}")  # U(I), [I, U(I)] or I ∘ M′ -> GT (stages.VARIANTS)
     return common.with_variant(rest, c)

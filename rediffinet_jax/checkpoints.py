@@ -56,12 +56,32 @@ def restore(mgr: ocp.CheckpointManager, template, step: int | str = "latest", sh
     deleted), logged with the reason, and the next one (the previous kept step, or the next best) is
     tried instead; an explicit int step is not replaced.
     """
+    return _with_fallback(mgr, step, log, lambda s: _restore_step(mgr, template, s, sharding))
+
+
+def restore_params(mgr: ocp.CheckpointManager, params_template, step: int | str = "best", sharding=None,
+                   log=print):
+    """``(params, step)`` of a checkpoint, reading the parameters alone (no optimizer state, no data
+    iterator); ``params_template`` has the structure of ``state["params"]``. Falls back as :func:`restore`
+    does; None when there is no checkpoint."""
+    def read(s):
+        flat = _flatten({"params": params_template})
+        abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding) for k, v in flat.items()}
+        args = ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
+            sharding=sharding), abstract), partial_restore=True)
+        out = mgr.restore(s, args=ocp.args.Composite(state=args))
+        return _unflatten({"params": params_template}, out["state"])["params"], s
+
+    return _with_fallback(mgr, step, log, read)
+
+
+def _with_fallback(mgr, step, log, read):
     while True:
         chosen = mgr.latest_step() if step == "latest" else mgr.best_step() if step == "best" else step
         if chosen is None:
             return None
         try:
-            return _restore_step(mgr, template, int(chosen), sharding)
+            return read(int(chosen))
         except Exception as e:  # noqa: BLE001 - any failure of a damaged step: Orbax raises many kinds
             if step not in ("latest", "best"):
                 raise

@@ -22,7 +22,8 @@ def _log(msg: str) -> None:
 def train(config, workdir, *, fold=None, stage=None, overwrite=False, evaluate=True, stop_after=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
-    from rediffinet_jax import driver, workdir as wd
+    from rediffinet_jax import driver
+    from rediffinet_jax import workdir as wd
     with _guard():
         driver.check_request(config, fold)
         with wd.lock(workdir):
@@ -150,7 +151,8 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
 def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
-    from rediffinet_jax import evaluation, workdir as wd
+    from rediffinet_jax import evaluation
+    from rediffinet_jax import workdir as wd
     with _guard(), wd.lock(workdir, "evaluate.py", create=False):
         evaluation.evaluate(workdir, models or None, [int(f) for f in folds] if folds else None, checkpoint,
                             convention, sampler, log=_log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,14 +17,13 @@ import numpy as np
 NUM_TIMESTEPS = 1000
 CONDITIONS = ("image", "unet", "concat", "mask")
 TARGETS = ("mask", "discrepancy")
-FUSIONS = ("mean", "suf")
 MASK_BACKGROUND_WEIGHT = 0.2  # M′ outside the U-Net masks, for the `mask` condition
 
 
 # ----------------------------------------------------------------------------- schedule
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """ᾱ_t = Π_{s≤t}(1 − β_s), betas linear from beta_start to beta_end, computed in float64, float32 out."""
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
@@ -115,31 +115,7 @@ def refine(unet: jax.Array, delta: jax.Array) -> jax.Array:
     return jnp.bitwise_xor(unet.astype(jnp.uint8), delta.astype(jnp.uint8))
 
 
-# ----------------------------------------------------------------------------- loss
-
-
-def bce_with_logits(z: jax.Array, m: jax.Array) -> jax.Array:
-    """Elementwise binary cross-entropy of logits ``z`` against targets ``m``: log(1 + e^z) − z·m, stable."""
-    return jnp.maximum(z, 0) - z * m + jnp.log1p(jnp.exp(-jnp.abs(z)))
-
-
-def diffusion_loss(logits: jax.Array, m: jax.Array, weights=(1.0, 1.0, 1.0), smooth: float = 1e-5):
-    """Dice(sigmoid z, m) + BCE-with-logits(z, m) + MSE(sigmoid z, m), weighted; returns (loss, terms).
-
-    logits, m: ``[B, ..., C]``. Dice is per sample and channel over space (smooth in numerator and
-    denominator), 1 − its mean is the Dice loss; BCE and MSE are means over every element.
-    """
-    z, m = logits.astype(jnp.float32), m.astype(jnp.float32)
-    p = jax.nn.sigmoid(z)
-    axes = tuple(range(1, z.ndim - 1))
-    dice = (2 * jnp.sum(p * m, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(m, axes) + smooth)
-    terms = {
-        "dice": 1.0 - jnp.mean(dice),
-        "bce": jnp.mean(bce_with_logits(z, m)),
-        "mse": jnp.mean(jnp.square(p - m)),
-    }
-    loss = weights[0] * terms["dice"] + weights[1] * terms["bce"] + weights[2] * terms["mse"]
-    return loss, terms
+# ----------------------------------------------------------------------------- training inputs
 
 
 def training_inputs(variant: Variant, batch: dict, key: jax.Array):
@@ -167,18 +143,39 @@ def suf_weights(mean_logits: jax.Array, num_steps: int) -> jax.Array:
     return jnp.exp(jax.nn.sigmoid((k + 1) / num_steps) * (1.0 - u))
 
 
-def fuse(x0_sum: jax.Array, logit_sum: jax.Array | None, samples: int, fusion: str) -> tuple[jax.Array, jax.Array]:
-    """Fuses S samples; returns (Y, Y normalised to [−1, 1]); mask = Y > 0.
+def _fuse_mean(x0_sum: jax.Array, logit_sum, samples: int):
+    """x0_sum ``[1, ...]`` = Σ_s x̂0 of the last step; Y = x0_sum / S (the released Re-DiffiNet test)."""
+    y = x0_sum[-1] / samples
+    return y, y
 
-    ``mean``: x0_sum ``[1, ...]`` = Σ_s x̂0 of the last step; Y = x0_sum / S.
-    ``suf``: x0_sum, logit_sum ``[K, ...]`` = Σ_s over samples per step; Y = Σ_k w_k·Σ_s x̂0_{s,k}.
-    """
-    if fusion == "mean":
-        y = x0_sum[-1] / samples
-        return y, y
+
+def _fuse_suf(x0_sum: jax.Array, logit_sum: jax.Array, samples: int):
+    """x0_sum, logit_sum ``[K, ...]`` = Σ_s over samples per step; Y = Σ_k w_k·Σ_s x̂0_{s,k} (Diff-UNet's
+    step-uncertainty fusion, :func:`suf_weights`)."""
     w = suf_weights(logit_sum / samples, x0_sum.shape[0])
     y = jnp.sum(w * x0_sum, 0)
     return y, y / (samples * jnp.sum(w, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    """How S samples become one fused value Y (mask = Y > 0).
+
+    per_step: whether it needs every step's sums over the samples (x̂0 and raw logits), or only the last x̂0.
+    fuse: ``(x0_sum, logit_sum or None, S) -> (Y, Y normalised to [−1, 1])``.
+    """
+
+    per_step: bool
+    fuse: Callable
+
+
+#: The fusions by name; the command lines offer exactly these.
+FUSIONS = {"mean": Fusion(False, _fuse_mean), "suf": Fusion(True, _fuse_suf)}
+
+
+def fuse(x0_sum: jax.Array, logit_sum: jax.Array | None, samples: int, fusion: str) -> tuple[jax.Array, jax.Array]:
+    """Fuses S samples with the fusion named ``fusion`` (:data:`FUSIONS`); returns (Y, Y normalised to [−1, 1])."""
+    return FUSIONS[fusion].fuse(x0_sum, logit_sum, samples)
 
 
 def ddim(model_fn, x_T: jax.Array, timesteps, per_step: bool = False, return_steps: bool = False) -> dict:
@@ -235,7 +232,7 @@ def check_sampler_args(steps: int, samples: int, fusion: str, chunk: int | None)
     if samples < 1:
         raise ValueError(f"number of samples S must be >= 1, got {samples}")
     if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+        raise ValueError(f"unknown fusion {fusion!r}; choose one of {sorted(FUSIONS)}")
     chunk = samples if not chunk else min(chunk, samples)
     if samples % chunk:
         raise ValueError(f"sample chunk {chunk} must divide the number of samples {samples}")
@@ -268,7 +265,7 @@ def sample(model, cond: jax.Array, key: jax.Array, steps: int = 10, samples: int
         z = model.denoise(cond_c, flat, jnp.full((chunk * b,), t, jnp.int32), feats_c)
         return z.reshape(x.shape)
 
-    per_step = fusion == "suf"
+    per_step = FUSIONS[fusion].per_step
 
     def run_chunk(k):
         x_T = jax.random.normal(k, (chunk,) + out_shape, jnp.float32)

@@ -1,4 +1,4 @@
-"""Scores saved folds on their held-out cases, on the full original grid (SPEC §6).
+"""Scores saved folds on their held-out cases, on the full original grid (docs/evaluation.md).
 
 For every model and fold: the baseline U-Net is scored from its out-of-fold label maps (made by the
 fold's own U-Net); a diffusion model is restored from its checkpoint, run by sliding window on the
@@ -14,8 +14,8 @@ done.json) and that of the U-Net whose out-of-fold maps they used: a fold traine
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -23,27 +23,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import metrics, parallel, reports
+from rediffinet_jax import inference, metrics, parallel, progress, reports, stages
+from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import (OOF_KEY, OOF_RUNS, check_record, load_settings, oof_record, stale_folds,
-                                   trained)
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import labels_to_regions, regions_to_labels
-from rediffinet_jax.training import DiffusionStage, Trainer
 
-BASELINE = "unet"
+BASELINE = wd.BASELINE
 # seconds: the model's prediction of the case (sliding window and sampler); empty for the U-Net, whose
 # rows come from its out-of-fold maps
 CASE_COLUMNS = ("case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "tp", "fp", "fn",
                 *metrics.FLIP_KEYS, "seconds", "convention")
-
-
-def trained_models(workdir: Path) -> list[str]:
-    """The stage folders of a work directory: the baseline first, then diffusion models by name."""
-    names = [p.name for p in sorted(workdir.iterdir()) if (p / "settings.json").is_file()]
-    if BASELINE not in names:
-        raise ConfigError(f"{workdir} has no trained U-Net (unet/settings.json); run train.py first")
-    return [BASELINE] + [n for n in names if n != BASELINE]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -73,33 +63,44 @@ def _append_rows(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _case_arrays(cache: Path, cid: str):
-    folder = cache / cid
-    meta = brats.cached_meta(folder)
-    box, full = meta["box"], meta["full_shape"]
-    gt = brats.paste(np.load(folder / "regions.npy"), box, full)
-    return folder, meta, box, full, gt
+@dataclasses.dataclass
+class Run:
+    """What an evaluation scores: the work directory, its folds, the options resolved against its config."""
+
+    layout: wd.Layout
+    all_folds: list
+    fold_ids: list
+    convention: str
+    checkpoint: str
+    oof_checkpoint: str
+    maps_by: dict  # which training of each U-Net fold made its out-of-fold maps
+    names: list = dataclasses.field(default_factory=list)  # the stage folders asked for
 
 
-def _made_from(done: dict, maps_by: dict, k: int) -> dict:
-    """What a fold's rows are made from: the model's training (its done.json) and the training of the
-    U-Net fold whose out-of-fold maps it was scored against (U(I), the flips)."""
-    return {"training": done, "unet_maps": maps_by.get(str(k))}
+@dataclasses.dataclass
+class Model:
+    """One row of the tables: its eval/ label, its stage folder, and (diffusion) the stage to run."""
+
+    label: str
+    name: str
+    stage: object = None
+    settings: dict = dataclasses.field(default_factory=dict)
 
 
-def _tie_to_training(out_dir: Path, made_from: dict, log) -> None:
-    """Deletes ``out_dir``'s rows and maps unless they were made from ``made_from`` (:func:`_made_from`),
-    then records it (``trained.json``). Process 0 does it; every process returns once it is done."""
-    with parallel.main_first(f"tie {out_dir.parent.name}/{out_dir.name}"):
-        if not parallel.is_main():
-            return
-        record = out_dir / "trained.json"
-        if out_dir.is_dir() and (not record.is_file() or json.loads(record.read_text()) != made_from):
-            log(f"{out_dir}: scored before the fold or its U-Net maps were made again (or by an older version); "
-                f"rescoring it")
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(made_from))
+def _open_run(workdir, folds, checkpoint, convention) -> Run:
+    layout = wd.Layout(workdir)
+    if not layout.splits.is_file():
+        raise ConfigError(f"{layout.root} has no splits.json; run train.py first")
+    all_folds = json.loads(layout.splits.read_text())["folds"]
+    fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
+    if bad := [k for k in fold_ids if not 0 <= k < len(all_folds)]:
+        raise ConfigError(f"--folds {bad} outside 0..{len(all_folds) - 1}")
+    saved = wd.read_json(layout.config, {}).get("eval", {})
+    convention = convention or saved.get("convention", "brats2023")
+    if convention not in metrics.CONVENTIONS:
+        raise ConfigError(f"unknown HD95 convention {convention!r}; choose one of {metrics.CONVENTIONS}")
+    return Run(layout, all_folds, fold_ids, convention, checkpoint or saved.get("checkpoint", "latest"),
+               wd.load_settings(layout.stage(BASELINE)).get(wd.OOF_KEY), wd.oof_record(layout))
 
 
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
@@ -110,6 +111,34 @@ def _sampler_label(name: str, sampler, override: dict | None) -> str:
         return name
     sampler.update(override)
     return f"{name}-{sampler.fusion}-k{sampler.steps}-s{sampler.samples}"
+
+
+def _models(run: Run, models, sampler, log) -> list[Model]:
+    """The models to score (the baseline first), leaving out refiners trained on out-of-fold maps other
+    than the current ones. Sets ``run.names``: the stage folders asked for."""
+    names = wd.trained_stages(run.layout)
+    if models:
+        if unknown := sorted(set(models) - set(names)):
+            raise ConfigError(f"no trained model {unknown} in {run.layout.root}; found {names}")
+        names = [BASELINE] + [n for n in names if n in models and n != BASELINE]
+    run.names = names
+    out = [Model(BASELINE, BASELINE, None, {wd.OOF_KEY: run.oof_checkpoint})]
+    for name in names[1:]:
+        settings = wd.load_settings(run.layout.stage(name))
+        if settings.get(wd.OOF_KEY) != run.oof_checkpoint:
+            log(f"{name}: trained on out-of-fold maps from the {settings.get(wd.OOF_KEY)} checkpoints, which "
+                f"are now made from the {run.oof_checkpoint} ones; skipped (retrain it: train.py --overwrite)")
+            continue
+        if wd.OOF_RUNS in settings and (stale := wd.stale_folds(settings[wd.OOF_RUNS].to_dict(), run.maps_by)):
+            log(f"{name}: trained on out-of-fold maps of U-Net fold(s) {stale} that were trained again since; "
+                f"skipped (retrain it: train.py --overwrite)")
+            continue
+        cfg = settings.diffusion
+        label = _sampler_label(name, cfg.sampler, sampler)
+        out.append(Model(label, name, stages.make("diffusion", cfg), {
+            "checkpoint": run.checkpoint, "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},
+            wd.OOF_KEY: run.oof_checkpoint}))
+    return out
 
 
 def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, convention: str | None = None,
@@ -124,176 +153,145 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
     then go to ``eval/<model>-<fusion>-k<K>-s<S>/``. A folder's rows made with another checkpoint or
     sampler, or from other out-of-fold maps, are refused.
     Returns the summary dict (see :func:`reports.summary_tables`).
+
+    Raises:
+      ConfigError: nothing could be scored (no trained fold among ``folds``), or a refused folder.
     """
-    workdir = Path(workdir)
-    splits_path = workdir / "splits.json"
-    if not splits_path.is_file():
-        raise ConfigError(f"{workdir} has no splits.json; run train.py first")
-    all_folds = json.loads(splits_path.read_text())["folds"]
-    names = trained_models(workdir)
-    if models:
-        unknown = sorted(set(models) - set(names))
-        if unknown:
-            raise ConfigError(f"no trained model {unknown} in {workdir}; found {names}")
-        names = [BASELINE] + [n for n in names if n in models and n != BASELINE]
-    fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
-    run_config = workdir / "config.json"
-    saved = json.loads(run_config.read_text()).get("eval", {}) if run_config.is_file() else {}
-    convention = convention or saved.get("convention", "brats2023")
-    checkpoint = checkpoint or saved.get("checkpoint", "latest")
-    if convention not in metrics.CONVENTIONS:
-        raise ConfigError(f"unknown HD95 convention {convention!r}; choose one of {metrics.CONVENTIONS}")
-    cache, oof = workdir / "cache", workdir / BASELINE / "oof"
+    run = _open_run(workdir, folds, checkpoint, convention)
     per_fold: dict = {}
-    scored = []  # eval/ folder names, in order
-    oof_checkpoint = load_settings(workdir / BASELINE).get(OOF_KEY)
-    maps_by = oof_record(workdir / BASELINE)  # which training of each U-Net fold made its out-of-fold maps
-    for name in names:
-        if name == BASELINE:
-            label, dstage, settings = name, None, {OOF_KEY: oof_checkpoint}
-        else:
-            stage_settings = load_settings(workdir / name)
-            if stage_settings.get(OOF_KEY) != oof_checkpoint:
-                log(f"{name}: trained on out-of-fold maps from the {stage_settings.get(OOF_KEY)} checkpoints, which "
-                    f"are now made from the {oof_checkpoint} ones; skipped (retrain it: train.py --overwrite)")
-                continue
-            if OOF_RUNS in stage_settings and (stale := stale_folds(stage_settings[OOF_RUNS].to_dict(), maps_by)):
-                log(f"{name}: trained on out-of-fold maps of U-Net fold(s) {stale} that were trained again since; "
-                    f"skipped (retrain it: train.py --overwrite)")
-                continue
-            cfg = stage_settings.diffusion
-            label = _sampler_label(name, cfg.sampler, sampler)
-            dstage = DiffusionStage(cfg)
-            settings = {"checkpoint": checkpoint, "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},
-                        OOF_KEY: oof_checkpoint}
+    scored = []  # eval/ labels, in order
+    for model in _models(run, models, sampler, log):
         # what its rows are made with (checkpoint, sampler, the checkpoints of the out-of-fold maps)
-        check_record(workdir / "eval" / label / "settings.json", settings, "delete it to rescore")
-        scored.append(label)
-        trainer = None
-        for k in fold_ids:
-            done = trained(workdir / name / f"fold_{k}")
-            if done is None:
-                log(f"{name} fold {k}: not trained, skipped")
-                continue
-            if name == BASELINE and stale_folds({str(k): done.get("run")}, maps_by):
-                log(f"unet fold {k}: trained again since its out-of-fold maps were made; skipped (train.py --stage "
-                    f"unet remakes them)")
-                continue
-            out_dir = workdir / "eval" / label / f"fold_{k}"
-            _tie_to_training(out_dir, _made_from(done, maps_by, k), log)
-            csv_path = out_dir / "cases.csv"
-            old = read_rows(csv_path)
-            if any(r["convention"] != convention for r in old):
-                raise ConfigError(f"{csv_path} was scored with HD95 convention {old[0]['convention']}, not "
-                                  f"{convention}; delete {workdir / 'eval'} to rescore")
-            done = {r["case"] for r in old}
-            todo = [c for c in all_folds[k] if c not in done]
-            parallel.barrier(f"listed {label}/{k}")  # every process has read the rows before process 0 adds any
-            model = None
-            for cid in _bar(todo, f"eval {label} fold {k}", progress):
-                folder, meta, box, full, gt = _case_arrays(cache, cid)
-                unet_full = labels_to_regions(np.asarray(brats.read_nifti(oof / f"{cid}.nii.gz", cid)[0], np.uint8))
-                seconds = float("nan")
-                if dstage is None:
-                    pred = unet_full
-                else:
-                    if model is None:
-                        trainer = trainer or Trainer(dstage, progress=False)
-                        model = trainer.load(workdir / name / f"fold_{k}", checkpoint)
-                    t0 = time.perf_counter()
-                    labels = regions_to_labels(_refine(dstage, model, folder, brats.crop(unet_full, box), box, full,
-                                                       k, cid))
-                    seconds = time.perf_counter() - t0
-                    if parallel.is_main():
-                        _write_pred(labels, out_dir / "pred" / f"{cid}.nii.gz", workdir, cid)
-                    # score the label map written, as for the U-Net: its regions are nested (a TC voxel
-                    # outside WT counts as WT), which the refiner's per-region flips need not be
-                    pred = labels_to_regions(labels)  # = labels.nested(refined)
-                rows = metrics.score_case(pred, gt, meta["spacing"], cid, convention,
-                                          with_lesion_wise=True)
-                for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
-                    row.update({k: flips[k] for k in metrics.FLIP_KEYS}, seconds=f"{seconds:.4f}")
-                if parallel.is_main():  # every process scored the case (the sampler runs on all); one writes
-                    _append_rows(csv_path, rows)
-            parallel.barrier(f"scored {label}/{k}")
-            per_fold.setdefault(label, {})[k] = read_rows(csv_path)
-    if not any(rows for folds in per_fold.values() for rows in folds.values()):
-        raise ConfigError(f"nothing was scored in {workdir}: no trained fold among folds {fold_ids}")
-    _add_other_samplers(workdir, per_fold, names, fold_ids, convention, maps_by, log)
-    summary = reports.write_summary(workdir / "eval", per_fold, convention, checkpoint, write=parallel.is_main())
+        wd.check_record(run.layout.eval_settings(model.label), model.settings, "delete it to rescore")
+        scored.append(model.label)
+        for k in run.fold_ids:
+            rows = _score_fold(run, model, k, progress, log)
+            if rows is not None:
+                per_fold.setdefault(model.label, {})[k] = rows
+    if not any(rows for folds_ in per_fold.values() for rows in folds_.values()):
+        raise ConfigError(f"nothing was scored in {run.layout.root}: no trained fold among folds {run.fold_ids}")
+    _add_other_samplers(run, per_fold, log)
+    summary = reports.write_summary(run.layout.eval, per_fold, run.convention, run.checkpoint,
+                                    write=parallel.is_main())
     if parallel.is_main():
-        reports.hd95_by_model_figure(per_fold, workdir / "eval" / "figures" / "hd95_by_model.png")
-        _case_figures(workdir, per_fold, scored, fold_ids, all_folds)
+        reports.hd95_by_model_figure(per_fold, run.layout.figure("hd95_by_model.png"))
+        _case_figures(run, per_fold, scored)
     log(reports.summary_markdown(summary))
     return summary
 
 
-def _add_other_samplers(workdir: Path, per_fold: dict, names, fold_ids, convention: str, maps_by: dict,
-                        log) -> None:
-    """Adds to ``per_fold`` the rows of earlier evaluations of these models with another sampler (their own,
-    or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention, same training of the fold and of its
-    U-Net maps), so that the summary compares them."""
-    for folder in sorted((workdir / "eval").iterdir()):
-        owners = [n for n in names if n != BASELINE and (folder.name == n or folder.name.startswith(f"{n}-"))]
-        if folder.name in per_fold or not (folder / "settings.json").is_file() or not owners:
+def _score_fold(run: Run, model: Model, k: int, progress_bar: bool, log) -> list[dict] | None:
+    """Scores the fold's held-out cases not scored yet; returns all its rows (None: fold not trained)."""
+    done = wd.trained(run.layout.fold(model.name, k))
+    if done is None:
+        log(f"{model.name} fold {k}: not trained, skipped")
+        return None
+    if model.stage is None and wd.stale_folds({str(k): done.get("run")}, run.maps_by):
+        log(f"unet fold {k}: trained again since its out-of-fold maps were made; skipped (train.py --stage "
+            f"unet remakes them)")
+        return None
+    out_dir = run.layout.eval_fold(model.label, k)
+    wd.tie_to_training(out_dir, wd.made_from(done, run.maps_by, k), log)
+    csv_path = run.layout.cases_csv(model.label, k)
+    old = read_rows(csv_path)
+    if any(r["convention"] != run.convention for r in old):
+        raise ConfigError(f"{csv_path} was scored with HD95 convention {old[0]['convention']}, not "
+                          f"{run.convention}; delete {run.layout.eval} to rescore")
+    todo = [c for c in run.all_folds[k] if c not in {r["case"] for r in old}]
+    parallel.barrier(f"listed {model.label}/{k}")  # every process has read the rows before process 0 adds any
+    net = None
+    for cid in progress.bar(todo, f"eval {model.label} fold {k}", enabled=progress_bar):
+        if model.stage is not None and net is None:
+            net = inference.load_model(model.stage, run.layout.fold(model.name, k), run.checkpoint, log=log)
+        rows = _score_case(run, model, net, k, cid)
+        if parallel.is_main():  # every process scored the case (the sampler runs on all); one writes
+            _append_rows(csv_path, rows)
+    parallel.barrier(f"scored {model.label}/{k}")
+    return read_rows(csv_path)
+
+
+def _score_case(run: Run, model: Model, net, k: int, cid: str) -> list[dict]:
+    """The rows of one case: its label map (the U-Net's out-of-fold one, or the model's, written to pred/)
+    scored against the ground truth, with the flips against the U-Net and the seconds of the prediction."""
+    folder = run.layout.cache / cid
+    meta = brats.cached_meta(folder)
+    box, full = meta["box"], meta["full_shape"]
+    gt = brats.paste(np.load(folder / "regions.npy"), box, full)
+    unet_full = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
+    seconds, pred = float("nan"), unet_full
+    if model.stage is not None:
+        t0 = time.perf_counter()
+        labels = regions_to_labels(_refine(model.stage, net, folder, brats.crop(unet_full, box), box, full, k, cid))
+        seconds = time.perf_counter() - t0
+        if parallel.is_main():
+            _write_pred(labels, run.layout.pred_map(model.label, k, cid), run.layout, cid)
+        # score the label map written, as for the U-Net: its regions are nested (a TC voxel outside WT
+        # counts as WT), which the refiner's per-region flips need not be
+        pred = labels_to_regions(labels)  # = labels.nested(refined)
+    rows = metrics.score_case(pred, gt, meta["spacing"], cid, run.convention, with_lesion_wise=True)
+    for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
+        row.update({k: flips[k] for k in metrics.FLIP_KEYS}, seconds=f"{seconds:.4f}")
+    return rows
+
+
+def _refine(stage, model, folder, unet_crop, box, full, fold, cid):
+    s = stage.cfg.sampler
+    key = jax.random.fold_in(jax.random.key(fold), zlib.crc32(cid.encode()) % (1 << 31))  # stable per case
+    unet = unet_crop if stage.with_unet else None
+    y = inference.diffusion_fused(stage, model, np.load(folder / "image.npy", mmap_mode="r"), unet, key, s.steps,
+                                  s.samples, s.fusion, s.chunk or None)
+    return brats.paste(inference.finish(stage, y, unet).astype(np.uint8), box, full)
+
+
+def _write_pred(labels, path: Path, layout: wd.Layout, cid: str) -> None:
+    # the geometry: a phantom's own file; real data: the out-of-fold map, written with the source's
+    src = layout.source_image(cid) or layout.oof_map(cid)
+    brats.write_label_map(labels, path, src)
+
+
+def _add_other_samplers(run: Run, per_fold: dict, log) -> None:
+    """Adds to ``per_fold`` the rows of earlier evaluations of the scored models with another sampler
+    (their own, or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention, same training of the fold
+    and of its U-Net maps), so that the summary compares them."""
+    names = [n for n in run.names if n != BASELINE]
+    for folder in sorted(run.layout.eval.iterdir()):
+        owners = [n for n in names if folder.name == n or folder.name.startswith(f"{n}-")]
+        if folder.name in per_fold or not run.layout.eval_settings(folder.name).is_file() or not owners:
             continue
         name = max(owners, key=len)
-        for k in fold_ids:
-            rows = read_rows(folder / f"fold_{k}" / "cases.csv")
-            if not rows or any(r["convention"] != convention for r in rows):
+        for k in run.fold_ids:
+            rows = read_rows(run.layout.cases_csv(folder.name, k))
+            if not rows or any(r["convention"] != run.convention for r in rows):
                 continue
-            record = folder / f"fold_{k}" / "trained.json"
-            now = _made_from(trained(workdir / name / f"fold_{k}"), maps_by, k)
-            if not record.is_file() or json.loads(record.read_text()) != now:
-                log(f"{folder / f'fold_{k}'}: scored before {name} fold {k} or its U-Net maps were made again; left "
-                    f"out of the summary (score it again with its evaluate.py options)")
+            now = wd.made_from(wd.trained(run.layout.fold(name, k)), run.maps_by, k)
+            if wd.scored_from(run.layout.eval_fold(folder.name, k)) != now:
+                log(f"{run.layout.eval_fold(folder.name, k)}: scored before {name} fold {k} or its U-Net maps were "
+                    f"made again; left out of the summary (score it again with its evaluate.py options)")
                 continue
             per_fold.setdefault(folder.name, {})[k] = rows
 
 
-def _refine(dstage, model, folder, unet_crop, box, full, fold, cid):
-    s = dstage.cfg.sampler
-    key = jax.random.fold_in(jax.random.key(fold), zlib.crc32(cid.encode()) % (1 << 31))  # stable per case
-    unet = unet_crop if dstage.with_unet else None
-    y = dstage.fused(model, np.load(folder / "image.npy", mmap_mode="r"), unet, key, s.steps, s.samples, s.fusion,
-                     s.chunk or None)
-    fused = np.asarray(dstage.variant.finish((y > 0).astype(np.uint8), unet))
-    return brats.paste(fused.astype(np.uint8), box, full)
-
-
-def _write_pred(labels, path: Path, workdir: Path, cid: str) -> None:
-    src = next((workdir / "data" / cid).glob(f"{cid}-t1n.nii*"), None) if (workdir / "data" / cid).is_dir() else None
-    if src is None:  # real data: the reference geometry is the out-of-fold map, written from the source
-        src = workdir / BASELINE / "oof" / f"{cid}.nii.gz"
-    brats.write_label_map(labels, path, src)
-
-
-def _bar(items, desc, progress):
-    if not progress or jax.process_index() != 0:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="case", leave=False)
-
-
-def _case_figures(workdir: Path, per_fold, names, fold_ids, all_folds, n: int = 2) -> None:
+def _case_figures(run: Run, per_fold, labels, n: int = 2) -> None:
     """Figure-2-style PNGs for the cases where the first diffusion model changed HD95 the most."""
-    refined = next((n_ for n_ in names if n_ != BASELINE), None)
+    refined = next((x for x in labels if x != BASELINE), None)
     if refined is None:
         return
     gains = []
-    for k in fold_ids:
+    for k in run.fold_ids:
         base = {(r["case"], r["region"]): r["hd95"] for r in per_fold.get(BASELINE, {}).get(k, [])}
         for r in per_fold.get(refined, {}).get(k, []):
             if (r["case"], r["region"]) in base and r["region"] == "WT":
                 gains.append((base[(r["case"], r["region"])] - r["hd95"], r["case"], k))
     for _, cid, k in sorted(gains, reverse=True)[:n]:
-        folder, meta, box, full, gt = _case_arrays(workdir / "cache", cid)
-        image = brats.paste(np.load(folder / "image.npy"), box, full)
-        unet = labels_to_regions(np.asarray(brats.read_nifti(workdir / BASELINE / "oof" / f"{cid}.nii.gz", cid)[0],
-                                            np.uint8))
-        pred_path = workdir / "eval" / refined / f"fold_{k}" / "pred" / f"{cid}.nii.gz"
+        pred_path = run.layout.pred_map(refined, k, cid)
         if not pred_path.is_file():
             continue
+        folder = run.layout.cache / cid
+        meta = brats.cached_meta(folder)
+        box, full = meta["box"], meta["full_shape"]
+        image = brats.paste(np.load(folder / "image.npy"), box, full)
+        gt = brats.paste(np.load(folder / "regions.npy"), box, full)
+        unet = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
         ref = labels_to_regions(np.asarray(brats.read_nifti(pred_path, cid)[0], np.uint8))
-        reports.refinement_figure(image, gt, unet, ref, workdir / "eval" / "figures" / f"{cid}_{refined}.png",
+        reports.refinement_figure(image, gt, unet, ref, run.layout.figure(f"{cid}_{refined}.png"),
                                   f"{cid} (fold {k}): {refined}")

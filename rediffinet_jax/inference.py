@@ -1,4 +1,8 @@
-"""Sliding-window prediction for both stages, with Gaussian blending.
+"""Prediction for both stages: trained parameters restored alone, sliding windows with Gaussian blending.
+
+:func:`load_model` reads a fold's parameters (no optimizer state, no train step). The U-Net gives sigmoid
+probabilities (:func:`unet_probabilities`); a diffusion model gives its fused value Y
+(:func:`diffusion_fused`, mask = Y > 0), which :func:`finish` turns into the final region masks.
 
 Windows of the training patch size overlap by ``overlap`` (0.5) and are blended with Gaussian
 importance weights (σ = window/8 per axis); a volume smaller than the window is zero-padded. Every
@@ -10,15 +14,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rediffinet_jax import diffusion, parallel
-from rediffinet_jax.models import layers
+from rediffinet_jax import compiling, diffusion, parallel
+from rediffinet_jax.progress import bar
 
 
 def window_starts(size: int, window: int, overlap: float = 0.5) -> list[int]:
@@ -59,11 +63,7 @@ def sliding_window(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, w
     g = gaussian_weights(window)[..., None]
     acc = np.zeros(padded + (out_channels,), np.float32)
     norm = np.zeros(padded + (1,), np.float32)
-    batches = range(0, len(starts), batch_windows)
-    if progress:
-        from tqdm import tqdm
-        batches = tqdm(batches, desc="windows", unit="batch", leave=False)
-    for b0 in batches:
+    for b0 in bar(range(0, len(starts), batch_windows), "windows", "batch", enabled=progress):
         chunk = starts[b0: b0 + batch_windows]
         x = np.zeros((batch_windows,) + window + vol.shape[3:], vol.dtype)
         for i, s in enumerate(chunk):
@@ -76,12 +76,12 @@ def sliding_window(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, w
     return (acc / norm)[: shape[0], : shape[1], : shape[2]]
 
 
-@functools.partial(layers.jit, static_argnums=0)
+@functools.partial(compiling.jit, static_argnums=0)
 def _unet_probabilities(graphdef, state, x):
     return jax.nn.sigmoid(nnx.merge(graphdef, state)(x))
 
 
-@functools.partial(layers.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+@functools.partial(compiling.jit, static_argnums=(0, 4, 5, 6, 7, 8))
 def _fused(graphdef, state, x, key, steps, samples, fusion, chunk, uncertainty):
     out = diffusion.sample(nnx.merge(graphdef, state), x, key, steps, samples, fusion, chunk, uncertainty=uncertainty)
     return jnp.concatenate([out["y"], out["uncertainty"]], -1) if uncertainty else out["y"]
@@ -106,6 +106,57 @@ def diffusion_predictor(model, key: jax.Array, steps: int, samples: int, fusion:
     counter = iter(range(1 << 62))
     return lambda x: _fused(graphdef, state, jnp.asarray(x), jax.random.fold_in(key, next(counter)), steps, samples,
                             fusion, chunk, uncertainty)
+
+
+def load_model(stage, folder, which: str = "best", mesh=None, log=print):
+    """The model of a trained fold ``folder`` (its ``best`` or ``latest`` checkpoint; a broken one falls back
+    to the one before), parameters replicated over ``mesh`` (default: every device).
+
+    Raises:
+      RediffinetError: the fold has no checkpoint.
+    """
+    from pathlib import Path
+
+    from rediffinet_jax import checkpoints
+    from rediffinet_jax.errors import RediffinetError
+
+    abstract = nnx.eval_shape(lambda: stage.build(0))
+    graphdef, params = nnx.split(abstract)[0], nnx.state(abstract, nnx.Param)
+    mgr = checkpoints.manager(Path(folder) / "checkpoints", stage.cfg.keep)
+    sharding = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
+    restored = checkpoints.restore_params(mgr, params, which, sharding=sharding, log=log)
+    if restored is None:
+        raise RediffinetError(f"no checkpoint in {Path(folder) / 'checkpoints'}")
+    return nnx.merge(graphdef, restored[0])
+
+
+def unet_inputs(cfg, image):
+    """The U-Net's input: the modalities ``[..., 4]``, plus the foreground channel when
+    ``cfg.foreground_channel``."""
+    return foreground_channel(image) if cfg.foreground_channel else image
+
+
+def unet_probabilities(cfg, model, image: np.ndarray) -> np.ndarray:
+    """Whole-case sigmoid probabilities ``[D, H, W, 3]`` float32 of image ``[D, H, W, 4]`` by sliding window
+    (``cfg``: the config's ``unet`` block)."""
+    vol = unet_inputs(cfg, np.asarray(image))
+    return sliding_window(unet_predictor(model), vol, cfg.patch, cfg.overlap, cfg.batch_windows)
+
+
+def diffusion_fused(stage, model, image, unet, key, steps, samples, fusion="mean", chunk=None,
+                    uncertainty=False) -> np.ndarray:
+    """Whole-case fused value Y ``[D, H, W, 3]`` float32 (+ 3 uncertainty channels when asked) by sliding
+    window. image ``[D, H, W, 4]``; unet ``[D, H, W, 3]`` U(I) (None for a variant without it)."""
+    c = stage.cfg
+    cond = np.asarray(stage.variant.condition_image(jnp.asarray(image), None if unet is None else jnp.asarray(unet)))
+    fn = diffusion_predictor(model, key, steps, samples, fusion, chunk or None, uncertainty)
+    return sliding_window(fn, cond, c.patch, c.overlap, c.batch_windows, 6 if uncertainty else 3)
+
+
+def finish(stage, y: np.ndarray, unet) -> np.ndarray:
+    """The final region masks ``[..., 3]`` uint8 from the fused value Y: Y > 0, XOR-ed with U(I) for a
+    discrepancy variant."""
+    return np.asarray(stage.variant.finish((np.asarray(y) > 0).astype(np.uint8), unet))
 
 
 def foreground_channel(image):

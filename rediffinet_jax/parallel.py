@@ -12,7 +12,8 @@ import uuid
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 # A process that stops answering (one that failed and left) ends the others after this long; JAX's

@@ -16,62 +16,62 @@ import jax
 import nibabel as nib
 import numpy as np
 
-from rediffinet_jax import parallel
+from rediffinet_jax import inference, parallel, progress, stages
+from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
-from rediffinet_jax.driver import OOF_RUNS, check_record, load_settings, stale_folds, trained, unet_runs
 from rediffinet_jax.errors import CaseError, ConfigError
+from rediffinet_jax.files import atomic_path
 from rediffinet_jax.labels import MODALITIES, regions_to_labels
-from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage
-from rediffinet_jax.workdir import lock
+
+RECORD = "prediction.json"  # in the output folder: what made its label maps (model, folds, trainings)
 
 
-def _trainings(workdir: Path, name: str, folds) -> list[dict]:
+def _trainings(layout: wd.Layout, name: str, folds) -> list[dict]:
     """done.json of each fold of ``name`` (which training made it); refuses a fold not trained."""
-    done = [trained(workdir / name / f"fold_{k}") for k in folds]
+    done = [wd.trained(layout.fold(name, k)) for k in folds]
     for k, d in zip(folds, done):
         if d is None:
-            raise ConfigError(f"{name} fold {k} is not trained in {workdir}")
+            raise ConfigError(f"{name} fold {k} is not trained in {layout.root}")
     return done
 
 
-def _fold_models(workdir: Path, name: str, stage, folds, checkpoint: str):
-    trainer = Trainer(stage, progress=False)
-    return [trainer.load(workdir / name / f"fold_{k}", checkpoint) for k in folds]
+def _fold_models(layout: wd.Layout, stage, folds, checkpoint: str, log):
+    return [inference.load_model(stage, layout.fold(stage.name, k), checkpoint, log=log) for k in folds]
 
 
 def _write_volume(volume: np.ndarray, path: Path, reference: Path) -> None:
     ref = nib.load(str(reference))
     header = ref.header.copy()
     header.set_data_dtype(np.float32)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(nib.Nifti1Image(volume.astype(np.float32), ref.affine, header), str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), ref.affine, header), str(tmp))
 
 
-def _plan(workdir: Path, model: str, folds, checkpoint: str):
+def _plan(layout: wd.Layout, model: str, folds, checkpoint: str):
     """What a prediction will use, checked before anything is written: (U-Net settings, U-Net stage,
     diffusion stage or None, folds, the record that ``prediction.json`` keeps)."""
-    unet_settings = load_settings(workdir / "unet")
+    unet_settings = wd.load_settings(layout.stage(wd.BASELINE))
     n_folds = unet_settings.data.n_folds
     folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
     if bad := [k for k in folds if not 0 <= k < n_folds]:
         raise ConfigError(f"--folds {bad} outside 0..{n_folds - 1}")
-    record = {"model": model, "folds": folds, "checkpoint": checkpoint, "unet": _trainings(workdir, "unet", folds)}
+    record = {"model": model, "folds": folds, "checkpoint": checkpoint,
+              "unet": _trainings(layout, wd.BASELINE, folds)}
     dstage = None
-    if model != "unet":
-        settings = load_settings(workdir / model)
-        if OOF_RUNS in settings:  # conditioned on U(I): only with the U-Nets whose maps it was trained on
-            if stale := stale_folds(settings[OOF_RUNS].to_dict(), unet_runs(workdir / "unet", n_folds)):
+    if model != wd.BASELINE:
+        settings = wd.load_settings(layout.stage(model))
+        if wd.OOF_RUNS in settings:  # conditioned on U(I): only with the U-Nets whose maps it was trained on
+            if stale := wd.stale_folds(settings[wd.OOF_RUNS].to_dict(), wd.unet_runs(layout, n_folds)):
                 raise ConfigError(f"{model} was trained on the maps of U-Net fold(s) {stale} before they were "
                                   f"trained again; retrain it (train.py --overwrite) or predict with --model=unet")
-        dstage = DiffusionStage(settings.diffusion)
-        record[model] = _trainings(workdir, model, folds)
+        dstage = stages.make("diffusion", settings.diffusion)
+        record[model] = _trainings(layout, model, folds)
         record["sampler"] = {k: dstage.cfg.sampler[k] for k in ("fusion", "steps", "samples")}
-    return unet_settings, UNetStage(unet_settings.unet), dstage, folds, record
+    return unet_settings, stages.make("unet", unet_settings.unet), dstage, folds, record
 
 
 def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", folds=None, checkpoint: str = "best",
-                   save_probabilities: bool = False, save_uncertainty: bool = False, progress: bool = True,
+                   save_probabilities: bool = False, save_uncertainty: bool = False, show_progress: bool = True,
                    log=print) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
 
@@ -85,24 +85,24 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
     Ends with one line: cases written, skipped (already there), failed, and the time.
     """
     t_start = time.time()
-    workdir, out = Path(workdir), Path(output_dir)
-    unet_settings, ustage, dstage, folds, record = _plan(workdir, model, folds, checkpoint)
-    if not (out / "prediction.json").is_file() and (maps := sorted(p.name for p in out.glob("*.nii.gz"))):
+    layout, out = wd.Layout(workdir), Path(output_dir)
+    unet_settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint)
+    if not (out / RECORD).is_file() and (maps := sorted(p.name for p in out.glob("*.nii.gz"))):
         raise ConfigError(f"{out} holds label maps ({maps[0]}, ...) but no prediction.json saying what made them "
                           f"(an older version, or by hand): use another -o, or delete them")
     errors: list[CaseError] = []
     cases = brats.discover_cases(input_dir, errors=errors)
     for err in errors:
         log(f"skipped: {err}")
-    with lock(out, "predict.py"):
-        check_record(out / "prediction.json", record, "use another -o, or delete its label maps and prediction.json")
+    with wd.lock(out, "predict.py"):
+        wd.check_record(out / RECORD, record, "use another -o, or delete its label maps and prediction.json")
         todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
         log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
         parallel.barrier("predict: listed")  # every process has its list before process 0 writes a label map
-        unets = _fold_models(workdir, "unet", ustage, folds, checkpoint)
-        refiners = _fold_models(workdir, model, dstage, folds, checkpoint) if dstage is not None else []
+        unets = _fold_models(layout, ustage, folds, checkpoint, log)
+        refiners = _fold_models(layout, dstage, folds, checkpoint, log) if dstage is not None else []
         failed = len(errors)
-        for files in _bar(todo, progress):
+        for files in progress.bar(todo, "predict", enabled=show_progress, leave=True):
             try:
                 case = brats.load_case(files, unet_settings.data.normalization, unet_settings.data.old_brats,
                                        read_labels=False,
@@ -121,26 +121,19 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
     return errors
 
 
-def _bar(items, progress: bool):
-    if progress and parallel.is_main():
-        from tqdm import tqdm
-        return tqdm(items, desc="predict", unit="case")
-    return items
-
-
 def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool):
     """(regions, U-Net probabilities, uncertainty or None) of one loaded case, cropped, channels-last."""
-    probs = np.mean([ustage.probabilities(m, case.image) for m in unets], 0)
+    probs = np.mean([inference.unet_probabilities(ustage.cfg, m, case.image) for m in unets], 0)
     unet = (probs > 0.5).astype(np.uint8)
     if dstage is None:
         return unet, probs, None
     s = dstage.cfg.sampler
-    outs = [dstage.fused(m, case.image, unet if dstage.with_unet else None, jax.random.key(k), s.steps,
-                         s.samples, s.fusion, s.chunk or None, uncertainty=save_uncertainty)
+    given = unet if dstage.with_unet else None
+    outs = [inference.diffusion_fused(dstage, m, case.image, given, jax.random.key(k), s.steps, s.samples, s.fusion,
+                                      s.chunk or None, uncertainty=save_uncertainty)
             for k, m in zip(folds, refiners)]
     mean = np.mean(outs, 0)
-    regions = np.asarray(dstage.variant.finish((mean[..., :3] > 0).astype(np.uint8),
-                                               unet if dstage.with_unet else None))
+    regions = inference.finish(dstage, mean[..., :3], given)
     return regions, probs, (mean[..., 3:] if save_uncertainty else None)
 
 

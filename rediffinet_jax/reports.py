@@ -38,7 +38,7 @@ def case_figure(image: np.ndarray, labels: np.ndarray | None, path: str | os.Pat
     views = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
     fig, axes = plt.subplots(3, len(MODALITIES) + 1, figsize=(2.2 * (len(MODALITIES) + 1), 6.6))
     for row, (name, axis) in enumerate(views):
-        take = lambda a: np.take(a, centre[axis], axis=axis)  # noqa: E731
+        take = lambda a, axis=axis: np.take(a, centre[axis], axis=axis)
         for col, m in enumerate(MODALITIES):
             _overlay(axes[row, col], take(image[..., col]), np.zeros_like(take(labels)))
             if row == 0:
@@ -188,8 +188,9 @@ def hd95_by_model_figure(per_fold: dict, path) -> None:
     """Per-case HD95 (average of the three regions) by model: one dot per case, the mean as a bar."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     names = list(per_fold)
@@ -219,8 +220,9 @@ def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
     """
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     z = int(np.argmax(gt[..., 0].sum((0, 1)))) if gt[..., 0].any() else image.shape[2] // 2

@@ -29,7 +29,8 @@ def main(cache, out, coordinator=None, num_processes=None, process_id=None):
     from configs import common
     from rediffinet_jax.data.pipeline import CaseRef
     from rediffinet_jax.driver import ValCase
-    from rediffinet_jax.training import Trainer, UNetStage
+    from rediffinet_jax.stages import UNetStage
+    from rediffinet_jax.training import Trainer
 
     refs = [CaseRef(p.name, str(p)) for p in sorted(Path(cache).iterdir()) if (p / "regions.npy").is_file()]
     val = [ValCase(refs[0].case_id, np.load(f"{refs[0].folder}/image.npy"), np.load(f"{refs[0].folder}/regions.npy"))]

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import cpu_conv, hlo_profile, layers as layer_bench, sampler, summary
+from benchmarks import cpu_conv, hlo_profile, sampler, summary
+from benchmarks import layers as layer_bench
 from rediffinet_jax.models import layers
 
 

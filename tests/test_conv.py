@@ -71,11 +71,11 @@ _YNN_SIZED = (jnp.ones((1, 16, 16, 16, 8)), jnp.ones((3, 3, 3, 8, 8)))
 
 
 def test_jit_compiles_convolutions_with_eigen_not_ynnpack():
-    # layers.jit passes XLA_OPTIONS: the 2-D convolutions of the CPU path stay XLA's own (Eigen), measured
+    # compiling.jit passes XLA_OPTIONS: the 2-D convolutions of the CPU path stay XLA's own (Eigen), measured
     # 1.4-2x faster here than YNNPACK's, which XLA picks by default
-    from rediffinet_jax.models import layers
+    from rediffinet_jax import compiling
     x, w = _YNN_SIZED
-    text = layers.jit(lambda x, w: conv3d(x, w, 1, 1, "2d")).lower(x, w).compile().as_text()
+    text = compiling.jit(lambda x, w: conv3d(x, w, 1, 1, "2d")).lower(x, w).compile().as_text()
     assert "convolution(" in text and "__ynn_fusion" not in text
     # and without the options XLA does give this convolution to YNNPACK (else the check above is empty)
     assert "__ynn_fusion" in jax.jit(lambda x, w: conv3d(x, w, 1, 1, "2d")).lower(x, w).compile().as_text()
@@ -84,9 +84,9 @@ def test_jit_compiles_convolutions_with_eigen_not_ynnpack():
 def test_jit_passes_the_cpu_options_on_the_cpu_only(monkeypatch):
     # another backend gets no XLA_OPTIONS (its XLA may not know the CPU field): with the backend reported
     # as "gpu" the same CPU compile keeps XLA's default, which gives the 2-D convolutions to YNNPACK
-    from rediffinet_jax.models import layers
+    from rediffinet_jax import compiling
     x, w = _YNN_SIZED
-    f = layers.jit(lambda x, w: conv3d(x, w, 1, 1, "2d"))
-    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    f = compiling.jit(lambda x, w: conv3d(x, w, 1, 1, "2d"))
+    monkeypatch.setattr(compiling.jax, "default_backend", lambda: "gpu")
     assert "__ynn_fusion" in f.lower(x, w).compile().as_text()
     assert f(x, w).shape == (1, 16, 16, 16, 8)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from rediffinet_jax import diffusion as D
+from rediffinet_jax import losses
 from rediffinet_jax.models.denoiser import DiffusionNet
 
 SMALL_FEATURES = (8, 8, 16, 16, 32, 8)
@@ -110,12 +111,12 @@ def test_loss_by_hand():
     dice = 1 - (2 * p1 + 1e-5) / (0.5 + p1 + 1 + 1e-5)
     bce = (math.log(2) + math.log(1 + math.exp(-2))) / 2
     mse = (0.25 + (1 - p1) ** 2) / 2
-    loss, terms = D.diffusion_loss(z, m)
+    loss, terms = losses.diffusion_loss(z, m)
     assert float(terms["dice"]) == pytest.approx(dice, rel=1e-5)
     assert float(terms["bce"]) == pytest.approx(bce, rel=1e-5)
     assert float(terms["mse"]) == pytest.approx(mse, rel=1e-5)
     assert float(loss) == pytest.approx(dice + bce + mse, rel=1e-5)
-    loss2, _ = D.diffusion_loss(z, m, weights=(1.0, 1.0, 0.0))
+    loss2, _ = losses.diffusion_loss(z, m, weights=(1.0, 1.0, 0.0))
     assert float(loss2) == pytest.approx(dice + bce, rel=1e-5)
 
 
@@ -180,7 +181,7 @@ def test_variant_trains_and_samples(condition, target, tiny_batch):
     def step(model, opt, batch, key):
         def loss_fn(m):
             cond, x_t, t, mask = D.training_inputs(v, batch, key)
-            return D.diffusion_loss(m(cond, x_t, t), mask)[0]
+            return losses.diffusion_loss(m(cond, x_t, t), mask)[0]
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         opt.update(model, grads)

@@ -7,7 +7,7 @@ from rediffinet_jax import metrics as M
 
 def _cube(shape=(40, 40, 40), lo=(10, 10, 10), size=10):
     a = np.zeros(shape, bool)
-    a[tuple(slice(l, l + size) for l in lo)] = True
+    a[tuple(slice(s, s + size) for s in lo)] = True
     return a
 
 

@@ -6,15 +6,15 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 
 from configs import common
-from flax import nnx
-
 from rediffinet_jax import checkpoints, parallel
 from rediffinet_jax.data import brats, pipeline
 from rediffinet_jax.driver import ValCase
-from rediffinet_jax.training import DiffusionStage, Trainer, UNetStage, lr_schedule
+from rediffinet_jax.stages import DiffusionStage, UNetStage, lr_schedule
+from rediffinet_jax.training import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +113,13 @@ def test_sharded_step_equals_single_device(data):
 def test_diffusion_stage_step_runs_sharded(data, tmp_path):
     refs, val = data
     c = common.smoke(common.base()).diffusion
-    c.update(condition="image", target="mask", model="diff_unet", steps=2, val_every=2)
+    c.update(model="diff_unet", steps=2, val_every=2)
     trainer = Trainer(DiffusionStage(c), progress=False)
     done = trainer.fit(tmp_path, refs, val, seed=1, log=lambda m: None)
     assert done["latest_step"] == 2 and (tmp_path / "metrics.jsonl").is_file()
 
 
-def test_diffusion_validation_scores_the_refined_segmentation():
+def test_diffusion_validation_scores_the_refined_segmentation(monkeypatch):
     """U(I) = GT (nothing to fix). Δ̂ flips 10 WT voxels outside TC and 8 inside it: the segmentation loses the
     10 (WT Dice 2·990/1990) and keeps the 8 (inside TC, the label map still says WT); TC and ET are exact.
     Scoring Δ̂ against Δ (empty) instead would give WT Dice 0."""
@@ -130,7 +130,8 @@ def test_diffusion_validation_scores_the_refined_segmentation():
     y[3, 3, 3:13, 0] = 1  # 10 WT voxels outside TC
     y[6, 6:10, 6:8, 0] = 1  # 8 inside TC
     stage = DiffusionStage(common.smoke(common.base()).diffusion)
-    stage.fused = lambda *args, **kwargs: y
+    from rediffinet_jax import inference
+    monkeypatch.setattr(inference, "diffusion_fused", lambda *args, **kwargs: y)
     case = ValCase("c", np.zeros((16, 16, 16, 4), np.float32), gt, gt.copy())
     got = stage.validate(None, [case], jax.random.key(0))
     assert got == pytest.approx((2 * 990 / 1990 + 1 + 1) / 3, abs=1e-12)

@@ -11,7 +11,6 @@ import dataclasses
 import gzip
 import json
 import os
-import shutil
 import zlib
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from rediffinet_jax.errors import CaseError
+from rediffinet_jax.files import atomic_path
 from rediffinet_jax.labels import MODALITIES, SEG_SUFFIX, check_labels, labels_to_regions
 
 NORMALIZATIONS = ("zscore", "zscore_rescale")
@@ -85,18 +85,7 @@ def discover_cases(root: str | os.PathLike, require_labels: bool = False,
     root = Path(root)
     if not root.is_dir():
         raise CaseError("data folder does not exist", path=str(root))
-    groups: dict[str, Path] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        nifti = sorted(f.name for f in sub.iterdir() if _strip_ext(f.name))
-        if any(name.startswith(sub.name + "-") for name in nifti):
-            groups[sub.name] = sub
-        elif nifti:  # a case folder renamed, or files copied into the wrong one: never skipped silently
-            err = CaseError(f"the folder's NIfTI files are not named <folder name>-<modality> ({', '.join(nifti[:3])}"
-                            f"{', ...' if len(nifti) > 3 else ''}); rename the folder or the files",
-                            case=sub.name, path=str(sub))
-            if errors is None:
-                raise err
-            errors.append(err)
+    groups = _case_folders(root, errors)
     for f in sorted(root.iterdir()):
         stem = _strip_ext(f.name) if f.is_file() else None
         if stem and "-" in stem and stem.rsplit("-", 1)[1] in (*MODALITIES, SEG_SUFFIX):
@@ -120,6 +109,25 @@ def discover_cases(root: str | os.PathLike, require_labels: bool = False,
     if require_labels and not any(c.seg for c in cases):
         raise CaseError("no labelled case (no <case>-seg.nii.gz) where labels are needed", path=str(root))
     return cases
+
+
+def _case_folders(root: Path, errors: list | None) -> dict[str, Path]:
+    """``{case id: folder}`` of the sub-folders holding ``<folder name>-*.nii[.gz]`` files. A folder whose
+    NIfTI files are named for another case (renamed, or files copied into the wrong one) is an error, never
+    skipped silently; with an ``errors`` list it is appended there instead of raised."""
+    groups: dict[str, Path] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        nifti = sorted(f.name for f in sub.iterdir() if _strip_ext(f.name))
+        if any(name.startswith(sub.name + "-") for name in nifti):
+            groups[sub.name] = sub
+        elif nifti:
+            err = CaseError(f"the folder's NIfTI files are not named <folder name>-<modality> ({', '.join(nifti[:3])}"
+                            f"{', ...' if len(nifti) > 3 else ''}); rename the folder or the files",
+                            case=sub.name, path=str(sub))
+            if errors is None:
+                raise err
+            errors.append(err)
+    return groups
 
 
 def read_nifti(path: Path, case_id: str) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -247,11 +255,8 @@ def write_label_map(labels: np.ndarray, path: str | os.PathLike, reference: str 
     header = ref.header.copy()
     header.set_data_dtype(np.uint8)
     img = nib.Nifti1Image(labels.astype(np.uint8), ref.affine, header)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}" + "".join(path.suffixes))
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
 
 
 # ----------------------------------------------------------------------------- cache
@@ -286,17 +291,14 @@ def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: s
     meta = cached_meta(folder) if (folder / "meta.json").is_file() else None
     if meta is None or meta["key"] != key:
         case = load_case(files, normalization, old_brats, require_labels, allow_empty_modality=allow_empty_modality)
-        tmp = folder.with_name(f".{files.case_id}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "image.npy", case.image)
-        if case.regions is not None:
-            np.save(tmp / "regions.npy", case.regions)
         meta = {"key": key, "spacing": case.spacing, "affine": case.affine.tolist(), "box": case.box,
                 "full_shape": case.full_shape, "labelled": case.regions is not None}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            np.save(tmp / "image.npy", case.image)
+            if case.regions is not None:
+                np.save(tmp / "regions.npy", case.regions)
+            (tmp / "meta.json").write_text(json.dumps(meta))
     if require_labels and not meta["labelled"]:
         raise CaseError("no segmentation (-seg) where labels are needed", case=files.case_id)
     regions = np.load(folder / "regions.npy", mmap_mode="r") if meta["labelled"] else None

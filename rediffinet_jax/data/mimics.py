@@ -4,7 +4,8 @@ A U-Net trained on plain phantoms learns "bright on t1c = ET" and "bright on t2f
 break those rules, and these features break them the same way, so that a strong segmenter is left with
 the kind of error a strong segmenter makes on BraTS:
 
-* **vessels**: thin curved tubes brighter on t1c than enhancing tumour (partial volume dims them to about its level) but not on t2f, outside the tumour,
+* **vessels**: thin curved tubes brighter on t1c than enhancing tumour (partial volume dims them to about
+  its level) but not on t2f, outside the tumour,
   some passing close to it;
 * **choroid plexus**: a t1c-bright blob inside each ventricle;
 * **satellite lesions**: small enhancing nodules with a thin edema halo near the main tumour (labelled);

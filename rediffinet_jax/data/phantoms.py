@@ -20,7 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 from rediffinet_jax.data import mimics
+from rediffinet_jax.files import atomic_path, write_text
 from rediffinet_jax.labels import MODALITIES, SEG_SUFFIX
+from rediffinet_jax.progress import bar
 
 # Mean intensity per tissue, columns in MODALITIES order [t1n, t1c, t2w, t2f].
 _TISSUES = ("csf", "gm", "wm", "ed", "et", "ncr")
@@ -78,11 +80,19 @@ def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None,
     rng = rng if rng is not None else np.random.default_rng(0)
     shape = tuple(int(s) for s in shape)
     coords = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
+    brain, tissue = _anatomy(coords, shape, rng)
+    labels, centres = _lesions(coords, brain, shape, rng, hard, tumour_scale)
+    for name, value in _LABEL_OF.items():
+        tissue[labels == value] = _TISSUES.index(name)
+    return _render(coords, brain, tissue, labels, centres, shape, rng, hard), labels
+
+
+def _anatomy(coords, shape, rng):
+    """(brain mask, tissue index map): a head-shaped brain of grey and white matter, CSF rim, ventricles."""
     radii = rng.uniform([0.78, 0.82, 0.75], [0.88, 0.92, 0.85])
     r = np.sqrt(sum((c / a) ** 2 for c, a in zip(coords, radii)))
     r = r * (1 + 0.04 * _smooth_field(shape, rng, scale=8))
     brain = r < 1.0
-
     tissue = np.zeros(shape, np.int8)  # index into _TISSUES
     texture = _smooth_field(shape, rng, scale=3, sigma=0.7)
     tissue[:] = np.where(texture > rng.uniform(-0.3, 0.3), 2, 1)  # wm / gm
@@ -90,7 +100,12 @@ def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None,
     for side in (-1, 1):  # ventricles
         v = ((coords[0] - side * 0.12) / 0.08) ** 2 + (coords[1] / 0.25) ** 2 + (coords[2] / 0.12) ** 2
         tissue[v < 1] = 0
+    return brain, tissue
 
+
+def _lesions(coords, brain, shape, rng, hard, tumour_scale):
+    """(labels ``[D, H, W]`` uint8, lesion centres): none (5 %), one or two nested lesions, plus the hard
+    cases' satellites and broken rims."""
     labels = np.zeros(shape, np.uint8)
     centres = []
     n_lesions = 0 if rng.uniform() < 0.05 else (2 if rng.uniform() < 0.25 else 1)
@@ -107,9 +122,11 @@ def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None,
     if hard is not None:
         mimics.satellites(coords, labels, brain, centres, hard)
         mimics.broken_rims(coords, labels, centres, hard)
-    for name, value in _LABEL_OF.items():
-        tissue[labels == value] = _TISSUES.index(name)
+    return labels, centres
 
+
+def _render(coords, brain, tissue, labels, centres, shape, rng, hard) -> np.ndarray:
+    """The four contrasts ``[D, H, W, 4]`` float32: partial volume, tissue texture, bias field, noise."""
     intensity = _INTENSITY
     if hard is not None:
         mimics.vessels(coords, tissue, labels, brain, centres, hard, len(_TISSUES))
@@ -127,7 +144,7 @@ def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None,
     bias = np.exp(0.15 * np.stack([_smooth_field(shape, rng, scale=16) for _ in MODALITIES], -1))
     image = image * bias + rng.normal(0, 0.03, shape + (len(MODALITIES),))
     image = np.clip(image, 0.01, None) * brain[..., None]
-    return image.astype(np.float32), labels
+    return image.astype(np.float32)
 
 
 def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | None) -> None:
@@ -144,9 +161,8 @@ def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | 
         img = nib.Nifti1Image(v, affine)
         img.header.set_zooms((1.0, 1.0, 1.0))
         img.header.set_xyzt_units("mm", "sec")
-        tmp = folder / f".{cid}-{suffix}.tmp.nii.gz"
-        nib.save(img, str(tmp))
-        os.replace(tmp, folder / f"{cid}-{suffix}.nii.gz")
+        with atomic_path(folder / f"{cid}-{suffix}.nii.gz") as tmp:
+            nib.save(img, str(tmp))
 
 
 RECORD = "phantoms.json"
@@ -171,11 +187,7 @@ def write_dataset(root: str | os.PathLike, n_cases: int, shape=(240, 240, 155), 
               "tumour_scale": float(tumour_scale)}
     _check_record(root, record, overwrite)
     ids = []
-    indices = range(n_cases + n_unlabelled)
-    if progress:
-        from tqdm import tqdm
-        indices = tqdm(indices, desc="phantoms", unit="case")
-    for i in indices:
+    for i in bar(range(n_cases + n_unlabelled), "phantoms", enabled=progress, leave=True):
         cid = case_id(i)
         ids.append(cid)
         labelled = i < n_cases
@@ -208,6 +220,4 @@ def _check_record(root: Path, record: dict, overwrite: bool) -> None:
     for p in made:
         shutil.rmtree(p)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record))

@@ -20,7 +20,9 @@ from scipy import ndimage
 
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import CaseError
+from rediffinet_jax.files import atomic_path
 from rediffinet_jax.labels import labels_to_regions
+from rediffinet_jax.progress import bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +52,8 @@ class CaseRef:
 def prepare_cache(cases: list[brats.CaseFiles], cache_dir: str | os.PathLike, normalization: str,
                   old_brats: bool = False, progress: bool = True, allow_empty_modality: bool = False) -> list[CaseRef]:
     """Builds (or reuses) the cache of every case, labels required; returns the pipeline's references."""
-    it = cases
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(cases, desc="cache", unit="case", leave=False)
     refs = []
-    for files in it:
+    for files in bar(cases, "cache", enabled=progress):
         brats.cached_case(files, cache_dir, normalization, old_brats, require_labels=True,
                           allow_empty_modality=allow_empty_modality)
         refs.append(CaseRef(files.case_id, str(Path(cache_dir) / files.case_id)))
@@ -80,9 +78,8 @@ def attach_unet_masks(refs: list[CaseRef], oof_dir: str | os.PathLike) -> None:
             continue
         labels, _ = brats.read_nifti(src, ref.case_id)
         box = brats.cached_meta(ref.folder)["box"]
-        tmp = dst.with_name(f".unet.tmp{os.getpid()}.npy")
-        np.save(tmp, brats.crop(labels_to_regions(np.rint(labels).astype(np.uint8)), box))
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            np.save(tmp, brats.crop(labels_to_regions(np.rint(labels).astype(np.uint8)), box))
         stamp.write_text(key)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from rediffinet_jax.errors import ConfigError
+from rediffinet_jax.files import write_text
 
 SPLITS_FILE = "splits.json"
 
@@ -54,8 +55,5 @@ def load_or_create(workdir: str | os.PathLike, case_ids: list[str], n_folds: int
             raise ConfigError(f"{path} has {len(folds)} folds, the config asks for {n_folds}")
         return folds
     folds = make_folds(case_ids, n_folds, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"seed": seed, "n_folds": n_folds, "folds": folds}, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"seed": seed, "n_folds": n_folds, "folds": folds}, indent=1))
     return folds

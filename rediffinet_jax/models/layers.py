@@ -9,7 +9,6 @@ PyTorch's fan_in is out_channels · kernel volume, and so it is here).
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -21,48 +20,6 @@ from flax import nnx
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS2 = ("NHWC", "HWIO", "NHWC")
 CONV_IMPLS = ("xla", "2d")
-
-
-#: Compile options for the jitted functions of this package on the CPU. XLA's CPU backend hands 2-D
-#: convolutions to YNNPACK by default, which runs the 2-D convolutions of :func:`conv3d` 1.4–2× slower than
-#: XLA's Eigen convolution on a 2-core AVX-512 machine; this keeps YNNPACK for matrix products only. It is
-#: a field of XLA's DebugOptions that only the CPU compiler reads, so :func:`jit` passes it on the CPU
-#: only: an XLA that lacked the (experimental) field would refuse it, and a GPU run must not risk that.
-XLA_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
-class _Jit:
-    """``jax.jit(fun, **kwargs)``, made at the first use, with :data:`XLA_OPTIONS` when the default backend
-    is the CPU. Deferred because asking for the backend initializes it, which must not happen at import
-    (``jax.distributed.initialize`` comes first). Calls, ``lower``, ``trace``… go to the jitted function."""
-
-    def __init__(self, fun, kwargs):
-        self._fun, self._kwargs, self._jitted = fun, kwargs, None
-        functools.update_wrapper(self, fun)
-
-    def _get(self):
-        if self._jitted is None:
-            options = XLA_OPTIONS if jax.default_backend() == "cpu" else None
-            self._jitted = jax.jit(self._fun, **{"compiler_options": options, **self._kwargs})
-        return self._jitted
-
-    def __call__(self, *args, **kwargs):
-        return self._get()(*args, **kwargs)
-
-    def __getattr__(self, name):
-        if name.startswith("_"):  # not the jitted function's (and no recursion while half-made, e.g. in copy)
-            raise AttributeError(name)
-        return getattr(self._get(), name)
-
-
-def jit(fun=None, **kwargs):
-    """``jax.jit`` with :data:`XLA_OPTIONS` on the CPU (as ``@jit``, ``jit(f, ...)`` or
-    ``partial(jit, ...)``); an explicit ``compiler_options`` wins.
-
-    For top-level functions only: JAX refuses compiler options on a jit called inside another trace, so
-    a function called from jitted code is left plain and the caller's ``jit`` carries the options.
-    """
-    return functools.partial(jit, **kwargs) if fun is None else _Jit(fun, kwargs)
 
 
 def conv_impl() -> str:
