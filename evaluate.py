@@ -1,8 +1,8 @@
 """Scores the held-out folds of a work directory and writes the paper's tables and figures.
 
-    python evaluate.py --workdir runs/demo
-    python evaluate.py --workdir runs/rd --models rediffinet --folds 0,1 --checkpoint latest
-    python evaluate.py --workdir runs/rd --fusion suf --samples 4    # Diff-UNet's fusion, beside the default
+python evaluate.py --workdir runs/demo
+python evaluate.py --workdir runs/rd --models rediffinet --folds 0,1 --checkpoint latest
+python evaluate.py --workdir runs/rd --fusion suf --samples 4    # Diff-UNet's fusion, beside the default
 """
 
 from absl import app, flags
@@ -12,25 +12,41 @@ from rediffinet_jax.diffusion import FUSIONS
 flags.DEFINE_string("workdir", None, "Work directory of train.py.", required=True)
 flags.DEFINE_list("models", None, "Models to score besides the U-Net baseline (default: all trained).")
 flags.DEFINE_list("folds", None, "Folds to score (default: all).")
-flags.DEFINE_enum("checkpoint", None, ["best", "latest"],
-                  "Which checkpoint of each fold (default: the run's eval.checkpoint, else latest).")
+flags.DEFINE_enum(
+    "checkpoint",
+    None,
+    ["best", "latest"],
+    "Which checkpoint of each fold (default: the run's eval.checkpoint, else latest).",
+)
 flags.DEFINE_enum("fusion", None, list(FUSIONS), "Sampler fusion (default: each model's diffusion.sampler).")
 flags.DEFINE_integer("steps", None, "DDIM steps K (default: each model's).", lower_bound=1)
 flags.DEFINE_integer("samples", None, "Samples S per window (default: each model's).", lower_bound=1)
-flags.DEFINE_enum("convention", None, ["brats2023", "monai", "medpy"],
-                  "HD95 convention (default: the run's eval.convention, else brats2023).")
+flags.DEFINE_enum(
+    "convention",
+    None,
+    ["brats2023", "monai", "medpy"],
+    "HD95 convention (default: the run's eval.convention, else brats2023).",
+)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     from rediffinet_jax import cli
-    cli.evaluate(FLAGS.workdir, FLAGS.models, FLAGS.folds, FLAGS.checkpoint, FLAGS.convention,
-                 {"fusion": FLAGS.fusion, "steps": FLAGS.steps, "samples": FLAGS.samples})
+
+    cli.evaluate(
+        FLAGS.workdir,
+        FLAGS.models,
+        FLAGS.folds,
+        FLAGS.checkpoint,
+        FLAGS.convention,
+        {"fusion": FLAGS.fusion, "steps": FLAGS.steps, "samples": FLAGS.samples},
+    )
 
 
 def parse_flags(argv):
     from rediffinet_jax import cli
+
     return cli.parse_flags(argv, FLAGS)
 
 

@@ -1,7 +1,7 @@
 """Segments new cases (BraTS-style case folders, or flat <case>-t1n.nii.gz ... files) into label maps.
 
-    python predict.py -i cases/ -o out/ --workdir runs/demo
-    python predict.py -i cases/ -o out/ --workdir runs/rd --model rediffinet --folds 0,1,2,3,4 --save_uncertainty
+python predict.py -i cases/ -o out/ --workdir runs/demo
+python predict.py -i cases/ -o out/ --workdir runs/rd --model rediffinet --folds 0,1,2,3,4 --save_uncertainty
 """
 
 from absl import app, flags
@@ -20,12 +20,22 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from rediffinet_jax import cli
-    cli.predict(FLAGS.input, FLAGS.output, FLAGS.workdir, FLAGS.model, FLAGS.folds, FLAGS.checkpoint,
-                FLAGS.save_probabilities, FLAGS.save_uncertainty)
+
+    cli.predict(
+        FLAGS.input,
+        FLAGS.output,
+        FLAGS.workdir,
+        FLAGS.model,
+        FLAGS.folds,
+        FLAGS.checkpoint,
+        FLAGS.save_probabilities,
+        FLAGS.save_uncertainty,
+    )
 
 
 def parse_flags(argv):
     from rediffinet_jax import cli
+
     return cli.parse_flags(argv, FLAGS)
 
 

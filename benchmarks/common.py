@@ -69,8 +69,10 @@ def compiled_memory(jitted, *args) -> dict:
 
 
 def print_memory(name: str, rec: dict) -> None:
-    print(f"{name}: compile {rec['compile_s']:.1f} s, XLA's plan: temporaries {rec['temp_gib']} GiB, "
-          f"arguments {rec['argument_gib']} GiB, outputs {rec['output_gib']} GiB")
+    print(
+        f"{name}: compile {rec['compile_s']:.1f} s, XLA's plan: temporaries {rec['temp_gib']} GiB, "
+        f"arguments {rec['argument_gib']} GiB, outputs {rec['output_gib']} GiB"
+    )
 
 
 def device_name() -> str:

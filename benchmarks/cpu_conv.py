@@ -42,8 +42,17 @@ def _shifted(x, k, stride):
     p = (k - 1) // 2
     xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
     n = [(s + 2 * p - k) // stride + 1 for s in x.shape[1:4]]
-    return [xp[:, i:i + stride * (n[0] - 1) + 1:stride, j:j + stride * (n[1] - 1) + 1:stride,
-               m:m + stride * (n[2] - 1) + 1:stride] for i in range(k) for j in range(k) for m in range(k)]
+    return [
+        xp[
+            :,
+            i : i + stride * (n[0] - 1) + 1 : stride,
+            j : j + stride * (n[1] - 1) + 1 : stride,
+            m : m + stride * (n[2] - 1) + 1 : stride,
+        ]
+        for i in range(k)
+        for j in range(k)
+        for m in range(k)
+    ]
 
 
 def im2col(x, w, stride):
@@ -83,12 +92,15 @@ def jax_layer_times(kind, cin, cout, size, stride, fn, repeats):
     # compiling.jit (XLA_OPTIONS) only at the top level: JAX refuses compiler options on a nested jit
     f = compiling.jit(layer)
     g = compiling.jit(jax.grad(lambda x, w: jnp.sum(layer(x, w) ** 2), argnums=(0, 1)))
-    return (best_of(lambda: jax.block_until_ready(f(x, w)), repeats),
-            best_of(lambda: jax.block_until_ready(g(x, w)), repeats))
+    return (
+        best_of(lambda: jax.block_until_ready(f(x, w)), repeats),
+        best_of(lambda: jax.block_until_ready(g(x, w)), repeats),
+    )
 
 
 def torch_layer_times(kind, cin, cout, size, stride, repeats, channels_last):
     import torch
+
     torch.set_num_threads(2)
     if kind == "conv":
         m = torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -131,6 +143,7 @@ def _model_times(size, repeats, tiny):
     from rediffinet_jax.losses import soft_dice_bce
     from rediffinet_jax.models.denoiser import FEATURES, DiffusionNet
     from rediffinet_jax.models.unet import UNet
+
     feats = (8, 8, 16, 32, 64, 8) if tiny else FEATURES
     filters = (8, 16, 32, 64) if tiny else (32, 64, 128, 256, 320)
     net = DiffusionNet(7, 3, feats, rngs=nnx.Rngs(0))
@@ -148,6 +161,7 @@ def _model_times(size, repeats, tiny):
     def step(st, img, tgt):
         def loss(p):
             return sum(soft_dice_bce(o, tgt) for o in nnx.merge(ugd, p)(img, train=True))
+
         g = jax.grad(loss)(st)
         return jax.tree.map(lambda a, b: a - 1e-4 * b, st, g)
 
@@ -159,20 +173,33 @@ def torch_model_times(size, repeats, filters, feats):
     """The same two workloads in PyTorch, channels-last 3-D, 2 threads."""
     import torch
     import torch.nn as nn
+
     torch.set_num_threads(2)
     cl = torch.channels_last_3d
 
     def block(ci, co, stride, bias, slope):
-        return nn.Sequential(nn.Conv3d(ci, co, 3, stride, 1, bias=bias), nn.InstanceNorm3d(co, affine=True),
-                             nn.LeakyReLU(slope), nn.Conv3d(co, co, 3, 1, 1, bias=bias),
-                             nn.InstanceNorm3d(co, affine=True), nn.LeakyReLU(slope))
+        return nn.Sequential(
+            nn.Conv3d(ci, co, 3, stride, 1, bias=bias),
+            nn.InstanceNorm3d(co, affine=True),
+            nn.LeakyReLU(slope),
+            nn.Conv3d(co, co, 3, 1, 1, bias=bias),
+            nn.InstanceNorm3d(co, affine=True),
+            nn.LeakyReLU(slope),
+        )
 
     class Den(nn.Module):  # the denoiser's convolutions and norms (time MLP left out: negligible)
         def __init__(self):
             super().__init__()
             f = feats
-            self.enc = nn.ModuleList([block(10, f[0], 1, True, 0.1)] + [block(f[i], f[i + 1], 1, True, 0.1) for i in range(4)])
-            ups = [(f[4], f[3], f[3], True), (f[3], f[2], f[2], True), (f[2], f[1], f[1], True), (f[1], f[0], f[5], False)]
+            self.enc = nn.ModuleList(
+                [block(10, f[0], 1, True, 0.1)] + [block(f[i], f[i + 1], 1, True, 0.1) for i in range(4)]
+            )
+            ups = [
+                (f[4], f[3], f[3], True),
+                (f[3], f[2], f[2], True),
+                (f[2], f[1], f[1], True),
+                (f[1], f[0], f[5], False),
+            ]
             self.ups = nn.ModuleList([nn.ConvTranspose3d(ci, ci // 2 if h else ci, 2, 2) for ci, _, _, h in ups])
             self.dec = nn.ModuleList([block(cs + (ci // 2 if h else ci), co, 1, True, 0.1) for ci, cs, co, h in ups])
             self.out = nn.Conv3d(f[5], 3, 1)
@@ -191,8 +218,9 @@ def torch_model_times(size, repeats, filters, feats):
         def __init__(self):
             super().__init__()
             fl = filters
-            self.enc = nn.ModuleList([block(c, f, 1 if i == 0 else 2, False, 0.01)
-                                      for i, (c, f) in enumerate(zip((5,) + fl[:-1], fl))])
+            self.enc = nn.ModuleList(
+                [block(c, f, 1 if i == 0 else 2, False, 0.01) for i, (c, f) in enumerate(zip((5,) + fl[:-1], fl))]
+            )
             self.ups = nn.ModuleList([nn.ConvTranspose3d(fl[i + 1], fl[i], 2, 2) for i in range(len(fl) - 1)])
             self.dec = nn.ModuleList([block(2 * fl[i], fl[i], 1, False, 0.01) for i in range(len(fl) - 1)])
             self.head = nn.Conv3d(fl[0], 3, 1)
@@ -223,7 +251,9 @@ def torch_model_times(size, repeats, filters, feats):
         opt.zero_grad()
         z = un(img)
         p = torch.sigmoid(z)
-        loss = (1 - 2 * (p * tgt).sum() / (p.sum() + tgt.sum())) + nn.functional.binary_cross_entropy_with_logits(z, tgt)
+        loss = (1 - 2 * (p * tgt).sum() / (p.sum() + tgt.sum())) + nn.functional.binary_cross_entropy_with_logits(
+            z, tgt
+        )
         loss.backward()
         opt.step()
 
@@ -236,30 +266,45 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip_models", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny widths for the whole-model rows")
-    p.add_argument("--all_formulations", action="store_true",
-                   help="also the formulations measured and not used (taps on inputs at stride 1, im2col, 27 matmuls)")
+    p.add_argument(
+        "--all_formulations",
+        action="store_true",
+        help="also the formulations measured and not used (taps on inputs at stride 1, im2col, 27 matmuls)",
+    )
     a = p.parse_args()
     try:
         import torch  # noqa: F401
+
         have_torch = True
     except ImportError:
         have_torch = False
     print(f"jax {jax.__version__} on {jax.default_backend()}; PyTorch {'installed' if have_torch else 'not installed'}")
     rows = []
-    layer_cases = [("conv", 16, 16, 1), ("conv", 64, 64, 1), ("conv", 32, 64, 2), ("convT", 32, 32, 2),
-                   ("convT", 128, 128, 2)]
+    layer_cases = [
+        ("conv", 16, 16, 1),
+        ("conv", 64, 64, 1),
+        ("conv", 32, 64, 2),
+        ("convT", 32, 32, 2),
+        ("convT", 128, 128, 2),
+    ]
     for kind, cin, cout, stride in layer_cases:
         name = f"{kind} {cin}->{cout}{' s2' if kind == 'conv' and stride == 2 else ''} @{a.size}^3"
         ref = torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, True) if have_torch else None
         if kind == "conv":
-            forms = CONV_FORMULATIONS if a.all_formulations else {k: CONV_FORMULATIONS[k] for k in ("xla", "2d (package)")}
+            forms = (
+                CONV_FORMULATIONS if a.all_formulations else {k: CONV_FORMULATIONS[k] for k in ("xla", "2d (package)")}
+            )
         else:
-            forms = {impl: (lambda impl: lambda x, w: layers.conv_transpose3d(x, w, 2, impl))(impl)  # noqa: B023
-                     for impl in layers.CONV_IMPLS}
+            forms = {
+                impl: (lambda impl: lambda x, w: layers.conv_transpose3d(x, w, 2, impl))(impl)  # noqa: B023
+                for impl in layers.CONV_IMPLS
+            }
         for label, fn in forms.items():
             rows.append((name, label, *jax_layer_times(kind, cin, cout, a.size, stride, fn, a.repeats), ref))
         if have_torch:
-            rows.append((name, "torch NCDHW", *torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, False), ref))
+            rows.append(
+                (name, "torch NCDHW", *torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, False), ref)
+            )
             rows.append((name, "torch channels-last", *ref, ref))
     print(f"{'workload':28s} {'impl':20s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'fwd/torch':>10s} {'f+b/torch':>10s}")
     for name, impl, f, fb, ref in rows:
@@ -276,7 +321,9 @@ def main():
         for name, t, k in ((f"denoiser forward {feats}", t_den, 0), (f"U-Net train step {filters}", t_step, 1)):
             print(f"{name:40s} {impl:8s} {t:8.3f} {t / tor[k] if tor else float('nan'):7.2f}")
     if tor:
-        print(f"{'denoiser forward':40s} {'torch':8s} {tor[0]:8.3f}\n{'U-Net train step':40s} {'torch':8s} {tor[1]:8.3f}")
+        print(
+            f"{'denoiser forward':40s} {'torch':8s} {tor[0]:8.3f}\n{'U-Net train step':40s} {'torch':8s} {tor[1]:8.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,16 @@ import re
 import shutil
 import tempfile
 
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$')
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$")
 _META = re.compile(r'metadata=\{op_name="([^"]*)"[^}]*?(?:stack_frame_id=(\d+))?\}')
-_OPCODE = re.compile(r' ([a-z][\w\-]*)\(')
-_KINDS = (re.compile(r'custom_call_target="([^"]+)"'), re.compile(r'"kind":"(__[\w$]+)"'), re.compile(r'kind=(k\w+)'))
-_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([\w.\-]+) .*\{$')
-_CALLS = re.compile(r'calls=%([\w.\-]+)')
+_OPCODE = re.compile(r" ([a-z][\w\-]*)\(")
+_KINDS = (re.compile(r'custom_call_target="([^"]+)"'), re.compile(r'"kind":"(__[\w$]+)"'), re.compile(r"kind=(k\w+)"))
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{$")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
 _DOTTED = re.compile(r"_(\d+)$")
-_LAYOUT = re.compile(r'\{[^{}]*\}')
-_TABLE_ROW = re.compile(r'^(\d+) (.*)$')
-_FIELD = re.compile(r'(\w+)=(\d+)')
+_LAYOUT = re.compile(r"\{[^{}]*\}")
+_TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_FIELD = re.compile(r"(\w+)=(\d+)")
 
 
 def capture(run, hlo_text: str, prefix: str) -> tuple[str, str]:
@@ -105,7 +105,7 @@ def read_hlo(text: str) -> dict[str, dict]:
     frames = _frames(_tables(text))
     out, calls, comp_meta, roots, comp = {}, {}, {}, {}, None
     for line in text.splitlines():
-        if (head := _COMPUTATION.match(line)):
+        if head := _COMPUTATION.match(line):
             comp = head.group(1)
             continue
         m = _INSTR.match(line)
@@ -114,10 +114,13 @@ def read_hlo(text: str) -> dict[str, dict]:
         name, rest = m.groups()
         meta, op = _META.search(rest), _OPCODE.search(rest)
         kind = next((k.group(1) for k in (pattern.search(rest) for pattern in _KINDS) if k), "")
-        info = {"opcode": op.group(1) if op else "?", "kind": kind,
-                "shape": _LAYOUT.sub("", rest[:op.start()]).strip() if op else "",
-                "op_name": meta.group(1) if meta else "",
-                "stack": frames.get(int(meta.group(2)), []) if meta and meta.group(2) else []}
+        info = {
+            "opcode": op.group(1) if op else "?",
+            "kind": kind,
+            "shape": _LAYOUT.sub("", rest[: op.start()]).strip() if op else "",
+            "op_name": meta.group(1) if meta else "",
+            "stack": frames.get(int(meta.group(2)), []) if meta and meta.group(2) else [],
+        }
         out[name] = info
         if comp and line.lstrip().startswith("ROOT"):
             roots[comp] = info["opcode"]
@@ -144,10 +147,18 @@ def read_trace(path: str) -> tuple[dict[str, list[float]], float]:
     with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
         events = json.load(f)["traceEvents"]
     meta = [e for e in events if e.get("ph") == "M"]
-    devices = {e["pid"] for e in meta if e.get("name") == "process_name"
-               and str(e.get("args", {}).get("name", "")).startswith("/device:")}
-    streams = {(e["pid"], e.get("tid")) for e in meta if e.get("name") == "thread_name" and e["pid"] in devices
-               and str(e.get("args", {}).get("name", "")).startswith("Stream")}
+    devices = {
+        e["pid"]
+        for e in meta
+        if e.get("name") == "process_name" and str(e.get("args", {}).get("name", "")).startswith("/device:")
+    }
+    streams = {
+        (e["pid"], e.get("tid"))
+        for e in meta
+        if e.get("name") == "thread_name"
+        and e["pid"] in devices
+        and str(e.get("args", {}).get("name", "")).startswith("Stream")
+    }
     times, first, last = collections.defaultdict(list), float("inf"), float("-inf")
     for e in events:
         op = e.get("args", {}).get("hlo_op")
@@ -183,15 +194,37 @@ def summarize(times: dict[str, list[float]], hlo: dict[str, dict], top: int = 25
         direction = "bwd" if "transpose(" in name else "fwd" if name else "?"
         kind = info.get("kind") or info.get("opcode", "?")
         us = sum(durs)
-        rows.append({"op": op, "kind": kind, "shape": info.get("shape", ""), "us": us, "events": len(durs),
-                     "share": us / total, "direction": direction, "source": source(info, depth=4)})
+        rows.append(
+            {
+                "op": op,
+                "kind": kind,
+                "shape": info.get("shape", ""),
+                "us": us,
+                "events": len(durs),
+                "share": us / total,
+                "direction": direction,
+                "source": source(info, depth=4),
+            }
+        )
         g = groups[(source(info, depth=2), direction)]
         g[0] += us
         g[1] += len(durs)
         g[2].add(kind)
     rows.sort(key=lambda r: -r["us"])
-    by_source = sorted(({"source": s, "direction": d, "us": v[0], "events": v[1], "share": v[0] / total,
-                         "kinds": ",".join(sorted(v[2]))} for (s, d), v in groups.items()), key=lambda r: -r["us"])
+    by_source = sorted(
+        (
+            {
+                "source": s,
+                "direction": d,
+                "us": v[0],
+                "events": v[1],
+                "share": v[0] / total,
+                "kinds": ",".join(sorted(v[2])),
+            }
+            for (s, d), v in groups.items()
+        ),
+        key=lambda r: -r["us"],
+    )
     return {"total_us": total, "ops": rows[:top], "by_source": by_source[:top]}
 
 
@@ -201,18 +234,24 @@ def report(prefix: str, top: int = 25, by_source_only: bool = False) -> str:
     with gzip.open(prefix + ".hlo.txt.gz", "rt") as f:
         hlo = read_hlo(f.read())
     s = summarize(times, hlo, top)
-    lines = [f"profile {os.path.basename(prefix)}: {s['total_us'] / 1e3:.2f} ms in {sum(map(len, times.values()))} "
-             f"events of {len(times)} instructions over a span of {span / 1e3:.2f} ms",
-             f"{'ms':>8} {'share':>6} {'n':>4}  {'dir':3}  {'kind':28} instruction / source"]
+    lines = [
+        f"profile {os.path.basename(prefix)}: {s['total_us'] / 1e3:.2f} ms in {sum(map(len, times.values()))} "
+        f"events of {len(times)} instructions over a span of {span / 1e3:.2f} ms",
+        f"{'ms':>8} {'share':>6} {'n':>4}  {'dir':3}  {'kind':28} instruction / source",
+    ]
     if by_source_only:
         lines.pop()
     for r in [] if by_source_only else s["ops"]:
-        lines.append(f"{r['us'] / 1e3:8.2f} {100 * r['share']:5.1f}% {r['events']:4d}  {r['direction']:3}  "
-                     f"{r['kind'][:28]:28} {r['op']} {r['shape']}  [{r['source']}]")
+        lines.append(
+            f"{r['us'] / 1e3:8.2f} {100 * r['share']:5.1f}% {r['events']:4d}  {r['direction']:3}  "
+            f"{r['kind'][:28]:28} {r['op']} {r['shape']}  [{r['source']}]"
+        )
     lines.append(f"{'ms':>8} {'share':>6} {'n':>4}  {'dir':3}  by source")
     for r in s["by_source"]:
-        lines.append(f"{r['us'] / 1e3:8.2f} {100 * r['share']:5.1f}% {r['events']:4d}  {r['direction']:3}  "
-                     f"{r['source']}  ({r['kinds'][:60]})")
+        lines.append(
+            f"{r['us'] / 1e3:8.2f} {100 * r['share']:5.1f}% {r['events']:4d}  {r['direction']:3}  "
+            f"{r['source']}  ({r['kinds'][:60]})"
+        )
     return "\n".join(lines)
 
 

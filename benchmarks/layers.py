@@ -41,6 +41,7 @@ def cases(f0: int):
     channels), its second, the last decoder block's first (skip + upsampled), a strided convolution
     (the U-Net's downsampling), the transposed convolution into the finest level, max pooling and
     instance norm."""
+
     def conv(impl, stride=1):
         return lambda x, p, dt: layers.conv3d(x.astype(dt), p[0].astype(dt), stride, 1, impl) + p[1].astype(dt)
 
@@ -55,11 +56,20 @@ def cases(f0: int):
     rows = []
     for cin in (7, f0, 2 * f0):
         for impl in layers.CONV_IMPLS:
-            rows.append((f"conv k3 {cin}->{f0} {impl}", cin, 1, conv(impl), [(3, 3, 3, cin, f0), (f0,)],
-                         2 * 27 * cin * f0))
+            rows.append(
+                (f"conv k3 {cin}->{f0} {impl}", cin, 1, conv(impl), [(3, 3, 3, cin, f0), (f0,)], 2 * 27 * cin * f0)
+            )
     for impl in layers.CONV_IMPLS:  # the U-Net's downsampling: its output is half size
-        rows.append((f"conv k3 s2 {f0 // 2}->{f0} {impl}", f0 // 2, 1, conv(impl, 2),
-                     [(3, 3, 3, f0 // 2, f0), (f0,)], 2 * 27 * f0 // 2 * f0))
+        rows.append(
+            (
+                f"conv k3 s2 {f0 // 2}->{f0} {impl}",
+                f0 // 2,
+                1,
+                conv(impl, 2),
+                [(3, 3, 3, f0 // 2, f0), (f0,)],
+                2 * 27 * f0 // 2 * f0,
+            )
+        )
     for impl in layers.CONV_IMPLS:
         rows.append((f"convT k2 {f0}->{f0} {impl}", f0, 2, convt(impl), [(2, 2, 2, f0, f0), (f0,)], 2 * f0 * f0))
     rows.append((f"maxpool2 {f0}", f0, 1, lambda x, p, dt: _maxpool2(x.astype(dt)), [], 0))
@@ -79,24 +89,34 @@ def functions(cin, scale, fn, shapes, size, batch, dtype):
     # g is an argument: closed over, it would be a constant (folded at compile time, 0.8 GB at full size).
     # The loss is returned too: under jax.grad alone a linear layer's forward is dead code, and the H200
     # run's 'train' column (benchmarks/results/h200-2026-11-27-layers.log) was the backward alone.
-    train = jax.jit(jax.value_and_grad(lambda x, p, g: jnp.sum((fn(x, p, dtype) * g).astype(jnp.float32)),
-                                       argnums=(0, 1)))
+    train = jax.jit(
+        jax.value_and_grad(lambda x, p, g: jnp.sum((fn(x, p, dtype) * g).astype(jnp.float32)), argnums=(0, 1))
+    )
     return x, params, g, fwd, train
 
 
 def bench(name, cin, scale, fn, shapes, flops_per_voxel, size, batch, dtype, repeats):
     x, params, g, fwd, train = functions(cin, scale, fn, shapes, size, batch, dtype)  # g: the output's shape
-    rec = {"bench": "layer", "device": device_name(), "layer": name, "dtype": jnp.dtype(dtype).name,
-           "input": list(x.shape), "output": list(g.shape)}
+    rec = {
+        "bench": "layer",
+        "device": device_name(),
+        "layer": name,
+        "dtype": jnp.dtype(dtype).name,
+        "input": list(x.shape),
+        "output": list(g.shape),
+    }
     for what, f, args in (("forward", fwd, (x, params)), ("train", train, (x, params, g))):
         compile_s, t, _ = timed(f, *args, repeats=repeats)
         rec[f"{what}_ms"], rec[f"{what}_compile_s"] = round(1e3 * t, 3), round(compile_s, 2)
     voxels = g.size // g.shape[-1]
     for what, factor in (("forward", 1), ("train", 3)):
         rec[f"{what}_tflops"] = round(factor * flops_per_voxel * voxels / (rec[f"{what}_ms"] / 1e3) / 1e12, 2)
-    print(f"{name:22s} {rec['dtype']:8s} forward {rec['forward_ms']:9.2f} ms ({rec['forward_tflops']:7.2f} TFLOP/s)"
-          f"   train {rec['train_ms']:9.2f} ms ({rec['train_tflops']:7.2f} TFLOP/s)"
-          f"   ratio {rec['train_ms'] / rec['forward_ms']:5.1f}", flush=True)
+    print(
+        f"{name:22s} {rec['dtype']:8s} forward {rec['forward_ms']:9.2f} ms ({rec['forward_tflops']:7.2f} TFLOP/s)"
+        f"   train {rec['train_ms']:9.2f} ms ({rec['train_tflops']:7.2f} TFLOP/s)"
+        f"   ratio {rec['train_ms'] / rec['forward_ms']:5.1f}",
+        flush=True,
+    )
     emit(rec)
 
 

@@ -25,18 +25,24 @@ def main():
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            vals = [(metrics.dice(pred[..., r], gt[..., r]), metrics.hd95(pred[..., r], gt[..., r], (1, 1, 1), conv))
-                    for r in range(3)]
+            vals = [
+                (metrics.dice(pred[..., r], gt[..., r]), metrics.hd95(pred[..., r], gt[..., r], (1, 1, 1), conv))
+                for r in range(3)
+            ]
             times.append(time.perf_counter() - t0)
-        print(f"Dice + HD95 ({conv:9s}), 3 regions: {np.median(times):.3f} s   HD95 = "
-              + ", ".join(f"{h:.2f}" for _, h in vals))
+        print(
+            f"Dice + HD95 ({conv:9s}), 3 regions: {np.median(times):.3f} s   HD95 = "
+            + ", ".join(f"{h:.2f}" for _, h in vals)
+        )
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         lw = [metrics.lesion_wise(pred[..., r], gt[..., r]) for r in range(3)]
         times.append(time.perf_counter() - t0)
-    print(f"lesion-wise Dice + HD95, 3 regions: {np.median(times):.3f} s   "
-          + ", ".join(f"{x['dice']:.3f}/{x['hd95']:.2f}" for x in lw))
+    print(
+        f"lesion-wise Dice + HD95, 3 regions: {np.median(times):.3f} s   "
+        + ", ".join(f"{x['dice']:.3f}/{x['hd95']:.2f}" for x in lw)
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ def main():
         next(it)
     dt = time.perf_counter() - t0
     it.close()
-    print(f"{2 * a.batches / dt:.1f} patches of 128³/s with {a.workers} workers "
-          f"({a.batches} batches of 2, augmentations on)")
+    print(
+        f"{2 * a.batches / dt:.1f} patches of 128³/s with {a.workers} workers "
+        f"({a.batches} batches of 2, augmentations on)"
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,14 @@ def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log
     added to ``workdir/bench_time.json`` (summed over interrupted calls)."""
     t0 = time.time()
     for spec in configs:
-        cmd = [sys.executable, str(ROOT / "train.py"), f"--config={spec}", f"--workdir={workdir}",
-               *seed_overrides(seed), *extra]
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"--config={spec}",
+            f"--workdir={workdir}",
+            *seed_overrides(seed),
+            *extra,
+        ]
         log(f"seed {seed}: {' '.join(cmd[1:])}")
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode:
@@ -81,10 +87,16 @@ def seed_table(per_fold: dict) -> dict:
     base = s["models"][BASELINE]["mean"]
     out = {}
     for name, m in s["models"].items():
-        row = {"dice": {c: 100 * m["mean"][c]["dice"] for c in COLS}, "hd95": {c: m["mean"][c]["hd95"] for c in COLS},
-               "n_cases": m["n_cases"], "n_folds": m["n_folds"]}
-        row["hd95_change_percent"] = {c: 100 * (m["mean"][c]["hd95"] - base[c]["hd95"]) / base[c]["hd95"]
-                                      if base[c]["hd95"] else float("nan") for c in COLS}
+        row = {
+            "dice": {c: 100 * m["mean"][c]["dice"] for c in COLS},
+            "hd95": {c: m["mean"][c]["hd95"] for c in COLS},
+            "n_cases": m["n_cases"],
+            "n_folds": m["n_folds"],
+        }
+        row["hd95_change_percent"] = {
+            c: 100 * (m["mean"][c]["hd95"] - base[c]["hd95"]) / base[c]["hd95"] if base[c]["hd95"] else float("nan")
+            for c in COLS
+        }
         row["dice_change_points"] = {c: 100 * (m["mean"][c]["dice"] - base[c]["dice"]) for c in COLS}
         if name in s["flips"]:
             row["flips"] = s["flips"][name]
@@ -95,9 +107,11 @@ def seed_table(per_fold: dict) -> dict:
 def verdict(row: dict) -> dict:
     """The three targets for one refined model in one seed (or the means over seeds)."""
     net = {r: row["flips"][r]["net_error_change"] for r in REGIONS} if "flips" in row else {}
-    return {"hd95_avg_10pct_lower": row["hd95_change_percent"]["avg"] <= -HD95_GAIN,
-            "dice_avg_within_0.5": row["dice_change_points"]["avg"] >= -DICE_LOSS,
-            "no_region_more_wrong": bool(net) and all(v <= 0 for v in net.values())}
+    return {
+        "hd95_avg_10pct_lower": row["hd95_change_percent"]["avg"] <= -HD95_GAIN,
+        "dice_avg_within_0.5": row["dice_change_points"]["avg"] >= -DICE_LOSS,
+        "no_region_more_wrong": bool(net) and all(v <= 0 for v in net.values()),
+    }
 
 
 def combine(tables: dict) -> dict:
@@ -113,8 +127,11 @@ def combine(tables: dict) -> dict:
             std[name][key] = dict(zip(COLS, vals.std(0).tolist()))
         if all("flips" in r for r in rows) and rows and "flips" in rows[0]:
             mean[name]["flips"] = {reg: _pooled([r["flips"][reg] for r in rows]) for reg in REGIONS}
-    verdicts = {name: {"per_seed": {s: verdict(t[name]) for s, t in tables.items()}, "mean": verdict(mean[name])}
-                for name in models if name != BASELINE}
+    verdicts = {
+        name: {"per_seed": {s: verdict(t[name]) for s, t in tables.items()}, "mean": verdict(mean[name])}
+        for name in models
+        if name != BASELINE
+    }
     for v in verdicts.values():
         v["all_met"] = all(all(x.values()) for x in [v["mean"], *v["per_seed"].values()])
     return {"seeds": tables, "mean": mean, "std": std, "verdicts": verdicts}
@@ -122,8 +139,14 @@ def combine(tables: dict) -> dict:
 
 def _pooled(flips: list[dict]) -> dict:
     err, flip, fixed = (sum(f[k] for f in flips) for k in ("unet_errors", "flipped", "fixed"))
-    return {"unet_errors": err, "flipped": flip, "fixed": fixed, "precision": fixed / flip if flip else float("nan"),
-            "recall": fixed / err if err else float("nan"), "net_error_change": flip - 2 * fixed}
+    return {
+        "unet_errors": err,
+        "flipped": flip,
+        "fixed": fixed,
+        "precision": fixed / flip if flip else float("nan"),
+        "recall": fixed / err if err else float("nan"),
+        "net_error_change": flip - 2 * fixed,
+    }
 
 
 def markdown(result: dict, header: str = "") -> str:
@@ -131,9 +154,15 @@ def markdown(result: dict, header: str = "") -> str:
     lines = [header, "", f"| seed | model | {cols} | HD95 avg change |", "|" + "---|" * (3 + 2 * len(COLS))]
 
     def fmt(row, sd=None):
-        cell = (lambda k, c, p: f"{row[k][c]:.{p}f}" + (f" ± {sd[k][c]:.{p}f}" if sd else ""))
-        return (" | ".join(cell("dice", c, 2) for c in COLS) + " | " + " | ".join(cell("hd95", c, 2) for c in COLS)
-                + " | " + cell("hd95_change_percent", "avg", 1) + " %")
+        cell = lambda k, c, p: f"{row[k][c]:.{p}f}" + (f" ± {sd[k][c]:.{p}f}" if sd else "")
+        return (
+            " | ".join(cell("dice", c, 2) for c in COLS)
+            + " | "
+            + " | ".join(cell("hd95", c, 2) for c in COLS)
+            + " | "
+            + cell("hd95_change_percent", "avg", 1)
+            + " %"
+        )
 
     for seed, table in result["seeds"].items():
         for name, row in table.items():
@@ -141,19 +170,27 @@ def markdown(result: dict, header: str = "") -> str:
     n = len(result["seeds"])
     for name in result["mean"]:
         lines.append(f"| mean ± std ({n} seeds) | {name} | {fmt(result['mean'][name], result['std'][name])} |")
-    lines += ["", "Flips, all held-out cases of every fold pooled (net: change in wrong voxels, negative = fewer):",
-              "", "| seed | model | region | U-Net errors | flipped | fixed | precision | recall | net |",
-              "|" + "---|" * 9]
+    lines += [
+        "",
+        "Flips, all held-out cases of every fold pooled (net: change in wrong voxels, negative = fewer):",
+        "",
+        "| seed | model | region | U-Net errors | flipped | fixed | precision | recall | net |",
+        "|" + "---|" * 9,
+    ]
     flip_rows = [(s, name, r["flips"]) for s, t in result["seeds"].items() for name, r in t.items() if "flips" in r]
     flip_rows += [(f"all {n} seeds", name, m["flips"]) for name, m in result["mean"].items() if "flips" in m]
     for seed, name, flips in flip_rows:
         for reg, f in flips.items():
-            lines.append(f"| {seed} | {name} | {reg} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} | "
-                         f"{100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |")
+            lines.append(
+                f"| {seed} | {name} | {reg} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} | "
+                f"{100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |"
+            )
     lines += ["", "Targets (HD95 avg ≥ 10 % lower, Dice avg ≥ −0.5 points, no region with more wrong voxels):", ""]
     for name, v in result["verdicts"].items():
-        seeds = "; ".join(f"seed {s}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in x.items())
-                          for s, x in v["per_seed"].items())
+        seeds = "; ".join(
+            f"seed {s}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in x.items())
+            for s, x in v["per_seed"].items()
+        )
         mean = ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in v["mean"].items())
         lines.append(f"* {name}: {'all met' if v['all_met'] else 'NOT all met'} — mean: {mean}; {seeds}")
     return "\n".join(lines) + "\n"
@@ -181,8 +218,13 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--root", default="runs/bench", help="one work directory per seed under it")
     p.add_argument("--variants", action="store_true", help="also Diff-U-Net and UA-Diffusion concat")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config value for every model of every seed (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config value for every model of every seed (repeatable)",
+    )
     p.add_argument("--table_only", action="store_true", help="only rewrite the table from finished seeds")
     a = p.parse_args(argv)
     root = Path(a.root)
@@ -202,8 +244,10 @@ def main(argv=None) -> None:
     result = combine(tables)
     result["seconds"] = {str(k): v for k, v in seconds.items()}
     result["command"] = " ".join(["python benchmarks/refinement.py", *(argv if argv is not None else sys.argv[1:])])
-    header = (f"Phantom benchmark: {', '.join(configs)}, {len(tables)} seed(s), HD95 in mm (brats2023 "
-              f"convention), Dice in %; {result['command']}")
+    header = (
+        f"Phantom benchmark: {', '.join(configs)}, {len(tables)} seed(s), HD95 in mm (brats2023 "
+        f"convention), Dice in %; {result['command']}"
+    )
     write_outputs(root, result, header)
     print(markdown(result, header))
 

@@ -49,8 +49,12 @@ def main(argv=None):
     p.add_argument("--fusion", default="mean", choices=sorted(diffusion.FUSIONS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile_only", action="store_true", help="compile, print XLA's memory plan, do not run")
-    p.add_argument("--profile", default="", metavar="PREFIX",
-                   help="also profile one window: PREFIX-DTYPE.{trace.json.gz,hlo.txt.gz}")
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="PREFIX",
+        help="also profile one window: PREFIX-DTYPE.{trace.json.gz,hlo.txt.gz}",
+    )
     a = p.parse_args(argv)
 
     variant = diffusion.Variant(a.condition, "discrepancy" if a.condition != "image" else "mask")
@@ -61,37 +65,61 @@ def main(argv=None):
 
     @compiling.jit
     def run(state, cond, key):
-        return diffusion.sample(nnx.merge(graphdef, state), cond, key, a.steps, a.samples, a.fusion,
-                                a.chunk or None)["y"]
+        return diffusion.sample(nnx.merge(graphdef, state), cond, key, a.steps, a.samples, a.fusion, a.chunk or None)[
+            "y"
+        ]
 
     if a.compile_only:
-        rec = {"bench": "sampler_memory", "device": device_name(), "dtype": a.dtype, "size": a.size,
-               "steps": a.steps, "samples": a.samples, "chunk": a.chunk,
-               **compiled_memory(run, state, cond, jax.random.key(2))}
+        rec = {
+            "bench": "sampler_memory",
+            "device": device_name(),
+            "dtype": a.dtype,
+            "size": a.size,
+            "steps": a.steps,
+            "samples": a.samples,
+            "chunk": a.chunk,
+            **compiled_memory(run, state, cond, jax.random.key(2)),
+        }
         print_memory(f"sampler {a.dtype} {a.size} K={a.steps} S={a.samples} chunk={a.chunk}", rec)
         emit(rec)
         return rec
     compile_s, window_s, _ = timed(run, state, cond, jax.random.key(2), repeats=a.repeats)
     if a.profile:  # one more window under the profiler, after the timing so that it cannot skew it
         prefix = f"{a.profile}-{a.dtype}"
-        capture(lambda: jax.block_until_ready(run(state, cond, jax.random.key(3))),
-                run.lower(state, cond, jax.random.key(3)).compile().as_text(), prefix)
+        capture(
+            lambda: jax.block_until_ready(run(state, cond, jax.random.key(3))),
+            run.lower(state, cond, jax.random.key(3)).compile().as_text(),
+            prefix,
+        )
         print(f"profile of one window: {prefix}.trace.json.gz, {prefix}.hlo.txt.gz (benchmarks/hlo_profile.py)")
     fl = diffusion_flops(a.size, variant.cond_channels, 3, a.features)
     total = fl["encoder"] + a.steps * a.samples * fl["denoiser"]
     peak = matmul_peak(DTYPES[a.dtype])
     rec = {
-        "bench": "sampler", "device": device_name(), "dtype": a.dtype, "size": a.size, "steps": a.steps,
-        "samples": a.samples, "features": a.features, "compile_s": round(compile_s, 3), "window_s": window_s,
-        "step_s": window_s / a.steps, "voxels_per_s": a.samples * a.steps * (a.size[0] * a.size[1] * a.size[2]) / window_s,
-        "tflop_per_window": total / 1e12, "tflops": total / window_s / 1e12, "matmul_peak_tflops": peak / 1e12,
-        "fraction_of_peak": total / window_s / peak, "peak_memory_gib": (peak_memory() or 0) / 2**30 or None,
+        "bench": "sampler",
+        "device": device_name(),
+        "dtype": a.dtype,
+        "size": a.size,
+        "steps": a.steps,
+        "samples": a.samples,
+        "features": a.features,
+        "compile_s": round(compile_s, 3),
+        "window_s": window_s,
+        "step_s": window_s / a.steps,
+        "voxels_per_s": a.samples * a.steps * (a.size[0] * a.size[1] * a.size[2]) / window_s,
+        "tflop_per_window": total / 1e12,
+        "tflops": total / window_s / 1e12,
+        "matmul_peak_tflops": peak / 1e12,
+        "fraction_of_peak": total / window_s / peak,
+        "peak_memory_gib": (peak_memory() or 0) / 2**30 or None,
     }
     print(f"sampler on {rec['device']}, {a.dtype}, window {a.size}, K={a.steps}, S={a.samples}")
     print(f"  compile + first run   {compile_s:8.2f} s")
     print(f"  one window            {window_s:8.3f} s   ({rec['step_s']:.4f} s per DDIM step over S samples)")
-    print(f"  work                  {rec['tflop_per_window']:8.2f} TFLOP  -> {rec['tflops']:.2f} TFLOP/s, "
-          f"{100 * rec['fraction_of_peak']:.1f} % of the measured matmul peak ({rec['matmul_peak_tflops']:.1f} TFLOP/s)")
+    print(
+        f"  work                  {rec['tflop_per_window']:8.2f} TFLOP  -> {rec['tflops']:.2f} TFLOP/s, "
+        f"{100 * rec['fraction_of_peak']:.1f} % of the measured matmul peak ({rec['matmul_peak_tflops']:.1f} TFLOP/s)"
+    )
     emit(rec)
     return rec
 

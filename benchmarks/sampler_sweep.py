@@ -41,10 +41,12 @@ def combo_label(model: str, fusion: str, steps: int, samples: int, own: dict) ->
 def score(rows: list[dict]) -> dict:
     """Dice (%) and HD95 (mm) averaged over regions and cases, pooled net change in wrong voxels per region,
     seconds per case."""
-    out = {"dice_avg": 100 * float(np.mean([r["dice"] for r in rows])),
-           "hd95_avg": float(np.mean([r["hd95"] for r in rows])),
-           "seconds_per_case": float(np.nanmean([r["seconds"] for r in rows])),
-           "n_cases": len({r["case"] for r in rows})}
+    out = {
+        "dice_avg": 100 * float(np.mean([r["dice"] for r in rows])),
+        "hd95_avg": float(np.mean([r["hd95"] for r in rows])),
+        "seconds_per_case": float(np.nanmean([r["seconds"] for r in rows])),
+        "n_cases": len({r["case"] for r in rows}),
+    }
     for region in ("WT", "TC", "ET"):
         sel = [r for r in rows if r["region"] == region]
         out[f"net_{region}"] = int(sum(r["flipped"] - 2 * r["fixed"] for r in sel))
@@ -53,6 +55,7 @@ def score(rows: list[dict]) -> dict:
 
 def figure(results: list[dict], base: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -62,8 +65,11 @@ def figure(results: list[dict], base: dict, path: Path) -> None:
         for row, (key, label) in enumerate((("dice_avg", "Dice avg (%)"), ("hd95_avg", "HD95 avg (mm)"))):
             ax = axes[row, col]
             for s in sorted({r["samples"] for r in results}):
-                pts = sorted((r["seconds_per_case"], r[key], r["steps"]) for r in results
-                             if r["fusion"] == fusion and r["samples"] == s)
+                pts = sorted(
+                    (r["seconds_per_case"], r[key], r["steps"])
+                    for r in results
+                    if r["fusion"] == fusion and r["samples"] == s
+                )
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"S = {s}")
                 for x, y, k in pts:
                     ax.annotate(f"K{k}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
@@ -101,25 +107,44 @@ def main(argv=None) -> None:
         for fusion in a.fusions.split(","):
             for steps in _ints(a.steps):
                 for samples in _ints(a.samples):
-                    evaluation.evaluate(workdir, [a.model], folds, sampler={"fusion": fusion, "steps": steps,
-                                        "samples": samples}, progress=False, log=lambda m: None)
+                    evaluation.evaluate(
+                        workdir,
+                        [a.model],
+                        folds,
+                        sampler={"fusion": fusion, "steps": steps, "samples": samples},
+                        progress=False,
+                        log=lambda m: None,
+                    )
                     label = combo_label(a.model, fusion, steps, samples, own)
-                    rows = [r for k in folds for r in evaluation.read_rows(workdir / "eval" / label / f"fold_{k}" / "cases.csv")]
+                    rows = [
+                        r
+                        for k in folds
+                        for r in evaluation.read_rows(workdir / "eval" / label / f"fold_{k}" / "cases.csv")
+                    ]
                     results.append({"fusion": fusion, "steps": steps, "samples": samples, **score(rows)})
                     print(json.dumps(results[-1]), flush=True)
     base_rows = [r for k in folds for r in evaluation.read_rows(workdir / "eval" / "unet" / f"fold_{k}" / "cases.csv")]
     base = {k: v for k, v in score(base_rows).items() if not k.startswith("net_")}
     out = workdir / "eval"
-    (out / "sampler_sweep.json").write_text(json.dumps({"unet": base, "combinations": results, "folds": folds}, indent=1))
+    (out / "sampler_sweep.json").write_text(
+        json.dumps({"unet": base, "combinations": results, "folds": folds}, indent=1)
+    )
     with open(out / "sampler_sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(results[0]))
         w.writeheader()
         w.writerows(results)
-    lines = [f"Sampler sweep of {a.model} in {workdir}, folds {folds} ({base['n_cases']} cases); U-Net: Dice avg "
-             f"{base['dice_avg']:.2f} %, HD95 avg {base['hd95_avg']:.2f} mm", "",
-             "| fusion | K | S | Dice avg | HD95 avg | net WT | net TC | net ET | s / case |", "|" + "---|" * 9]
-    lines += [f"| {r['fusion']} | {r['steps']} | {r['samples']} | {r['dice_avg']:.2f} | {r['hd95_avg']:.2f} | "
-              f"{r['net_WT']:+d} | {r['net_TC']:+d} | {r['net_ET']:+d} | {r['seconds_per_case']:.2f} |" for r in results]
+    lines = [
+        f"Sampler sweep of {a.model} in {workdir}, folds {folds} ({base['n_cases']} cases); U-Net: Dice avg "
+        f"{base['dice_avg']:.2f} %, HD95 avg {base['hd95_avg']:.2f} mm",
+        "",
+        "| fusion | K | S | Dice avg | HD95 avg | net WT | net TC | net ET | s / case |",
+        "|" + "---|" * 9,
+    ]
+    lines += [
+        f"| {r['fusion']} | {r['steps']} | {r['samples']} | {r['dice_avg']:.2f} | {r['hd95_avg']:.2f} | "
+        f"{r['net_WT']:+d} | {r['net_TC']:+d} | {r['net_ET']:+d} | {r['seconds_per_case']:.2f} |"
+        for r in results
+    ]
     (out / "sampler_sweep.md").write_text("\n".join(lines) + "\n")
     figure(results, base, out / "sampler_sweep.png")
     print("\n".join(lines))

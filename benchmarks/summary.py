@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import sys
 
-HEADER = ("| benchmark | dtype | remat | size | batch or S×K | compile + first (s) | time (s) | TFLOP | TFLOP/s "
-          "| % of matmul peak | peak memory (GiB) |")
+HEADER = (
+    "| benchmark | dtype | remat | size | batch or S×K | compile + first (s) | time (s) | TFLOP | TFLOP/s "
+    "| % of matmul peak | peak memory (GiB) |"
+)
 WINDOW_TARGET_S = 1.5
 PEAK_TARGET = 0.30
 
@@ -38,8 +40,10 @@ def row(r: dict) -> str:
     tflop = r["tflop_per_window"] if sampler else r["tflop_per_step"]
     mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else "–"
     name = "sampler, one window" if sampler else r["bench"].removeprefix("train_step_") + " train step"
-    return (f"| {name} | {r['dtype']} | {'yes' if r.get('remat') else 'no'} | {size} | {work} | {r['compile_s']:.1f} "
-            f"| {secs:.3f} | {tflop:.2f} | {r['tflops']:.1f} | {100 * r['fraction_of_peak']:.1f} | {mem} |")
+    return (
+        f"| {name} | {r['dtype']} | {'yes' if r.get('remat') else 'no'} | {size} | {work} | {r['compile_s']:.1f} "
+        f"| {secs:.3f} | {tflop:.2f} | {r['tflops']:.1f} | {100 * r['fraction_of_peak']:.1f} | {mem} |"
+    )
 
 
 def targets(recs: list[dict]) -> list[str]:
@@ -50,15 +54,19 @@ def targets(recs: list[dict]) -> list[str]:
     if win:
         r = win[0]
         ok = r["window_s"] <= WINDOW_TARGET_S and r["fraction_of_peak"] >= PEAK_TARGET
-        lines.append(f"target, bfloat16 window ≤ {WINDOW_TARGET_S} s at ≥ {PEAK_TARGET:.0%} of peak: "
-                     f"{'met' if ok else 'missed'} ({r['window_s']:.3f} s, {r['fraction_of_peak']:.1%})")
+        lines.append(
+            f"target, bfloat16 window ≤ {WINDOW_TARGET_S} s at ≥ {PEAK_TARGET:.0%} of peak: "
+            f"{'met' if ok else 'missed'} ({r['window_s']:.3f} s, {r['fraction_of_peak']:.1%})"
+        )
     else:
         lines.append("target, bfloat16 window: not measured")
     if step:
         r = step[0]
         ok = r["fraction_of_peak"] >= PEAK_TARGET
-        lines.append(f"target, bfloat16 Re-DiffiNet train step at ≥ {PEAK_TARGET:.0%} of peak: "
-                     f"{'met' if ok else 'missed'} ({r['fraction_of_peak']:.1%})")
+        lines.append(
+            f"target, bfloat16 Re-DiffiNet train step at ≥ {PEAK_TARGET:.0%} of peak: "
+            f"{'met' if ok else 'missed'} ({r['fraction_of_peak']:.1%})"
+        )
     else:
         lines.append("target, bfloat16 Re-DiffiNet train step: not measured")
     return lines
@@ -68,16 +76,24 @@ def layer_table(recs: list[dict]) -> str:
     """benchmarks/layers.py's records, one row each (empty if none)."""
     if not recs:
         return ""
-    rows = [f"| {r['layer']} | {r['dtype']} | {'×'.join(str(s) for s in r['input'])} | {r['forward_ms']:.2f} "
-            f"| {r['train_ms']:.2f} | {r['forward_tflops']:.1f} | {r['train_tflops']:.1f} |" for r in recs]
+    rows = [
+        f"| {r['layer']} | {r['dtype']} | {'×'.join(str(s) for s in r['input'])} | {r['forward_ms']:.2f} "
+        f"| {r['train_ms']:.2f} | {r['forward_tflops']:.1f} | {r['train_tflops']:.1f} |"
+        for r in recs
+    ]
     return "\n".join([LAYER_HEADER, "|" + "---|" * (LAYER_HEADER.count("|") - 1)] + rows)
 
 
 def table(recs: list[dict]) -> str:
     devices = sorted({r["device"] for r in recs})
     peaks = sorted({(r["dtype"], round(r["matmul_peak_tflops"], 1)) for r in recs if "matmul_peak_tflops" in r})
-    lines = [f"device: {', '.join(devices) or 'none'}; measured matmul peak (TFLOP/s): "
-             + ", ".join(f"{d} {p}" for d, p in peaks), "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+    lines = [
+        f"device: {', '.join(devices) or 'none'}; measured matmul peak (TFLOP/s): "
+        + ", ".join(f"{d} {p}" for d, p in peaks),
+        "",
+        HEADER,
+        "|" + "---|" * (HEADER.count("|") - 1),
+    ]
     lines += [row(r) for r in recs]
     return "\n".join(lines + [""] + targets(recs))
 

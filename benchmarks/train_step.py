@@ -36,28 +36,58 @@ def ints(s):
 
 
 def unet_cfg(a):
-    return SimpleNamespace(filters=a.filters, deep_supervision=2 if len(a.filters) > 3 else 1, foreground_channel=True,
-                           dtype=a.dtype, remat=a.remat, lr=3e-4, weight_decay=1e-4, steps=1000, warmup_frac=0.02)
+    return SimpleNamespace(
+        filters=a.filters,
+        deep_supervision=2 if len(a.filters) > 3 else 1,
+        foreground_channel=True,
+        dtype=a.dtype,
+        remat=a.remat,
+        lr=3e-4,
+        weight_decay=1e-4,
+        steps=1000,
+        warmup_frac=0.02,
+    )
 
 
 def diff_cfg(a):
-    return SimpleNamespace(model="rediffinet", features=a.features,
-                           dtype=a.dtype, remat=a.remat, lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
-                           warmup_frac=0.15, steps=1000, clip_norm=0.0, loss_weights=(1.0, 1.0, 1.0))
+    return SimpleNamespace(
+        model="rediffinet",
+        features=a.features,
+        dtype=a.dtype,
+        remat=a.remat,
+        lr=1e-4,
+        weight_decay=1e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        warmup_frac=0.15,
+        steps=1000,
+        clip_norm=0.0,
+        loss_weights=(1.0, 1.0, 1.0),
+    )
 
 
 def bench(stage, size, batch, flops_per_sample, a, peak):
     trainer = Trainer(stage, progress=False)
     state = trainer.init_state(0)
     k = jax.random.key(0)
-    local = {"image": jax.random.uniform(k, (batch, *size, 4)),
-             "regions": (jax.random.uniform(k, (batch, *size, 3)) > 0.9).astype(jnp.uint8),
-             "unet": (jax.random.uniform(jax.random.key(1), (batch, *size, 3)) > 0.9).astype(jnp.uint8)}
+    local = {
+        "image": jax.random.uniform(k, (batch, *size, 4)),
+        "regions": (jax.random.uniform(k, (batch, *size, 3)) > 0.9).astype(jnp.uint8),
+        "unet": (jax.random.uniform(jax.random.key(1), (batch, *size, 3)) > 0.9).astype(jnp.uint8),
+    }
     gb = parallel.global_batch({kk: jax.device_get(v) for kk, v in local.items()}, trainer.mesh)
     holder = {"state": state}
     if a.compile_only:
-        rec = {"bench": f"train_step_memory_{stage.name}", "device": device_name(), "dtype": a.dtype,
-               "remat": a.remat, "size": size, "batch": batch, **compiled_memory(trainer.step, state, gb, k)}
+        rec = {
+            "bench": f"train_step_memory_{stage.name}",
+            "device": device_name(),
+            "dtype": a.dtype,
+            "remat": a.remat,
+            "size": size,
+            "batch": batch,
+            **compiled_memory(trainer.step, state, gb, k),
+        }
         print_memory(f"{stage.name} {a.dtype} remat={int(a.remat)} {size} batch {batch}", rec)
         emit(rec)
         return
@@ -69,18 +99,34 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
     compile_s, step_s, _ = timed(one, gb, repeats=a.repeats)
     if a.profile:  # one more step under the profiler, after the timing so that it cannot skew it
         prefix = f"{a.profile}-{stage.name}-{a.dtype}"
-        capture(lambda: jax.block_until_ready(one(gb)),
-                trainer.step.lower(holder["state"], gb, k).compile().as_text(), prefix)
+        capture(
+            lambda: jax.block_until_ready(one(gb)),
+            trainer.step.lower(holder["state"], gb, k).compile().as_text(),
+            prefix,
+        )
         print(f"profile of one step: {prefix}.trace.json.gz, {prefix}.hlo.txt.gz (benchmarks/hlo_profile.py)")
     total = 3 * flops_per_sample * batch
-    rec = {"bench": f"train_step_{stage.name}", "device": device_name(), "dtype": a.dtype, "remat": a.remat,
-           "size": size, "batch": batch, "compile_s": round(compile_s, 3), "step_s": step_s,
-           "tflop_per_step": total / 1e12, "tflops": total / step_s / 1e12, "matmul_peak_tflops": peak / 1e12,
-           "fraction_of_peak": total / step_s / peak,
-           "peak_memory_gib": (peak_memory() or 0) / 2**30 or None}
-    print(f"{stage.name:10s} {a.dtype:8s} remat={int(a.remat)} {str(size):16s} batch {batch}: compile {compile_s:7.2f} s, "
-          f"step {step_s:.3f} s, {rec['tflops']:.2f} TFLOP/s ({100 * rec['fraction_of_peak']:.1f} % of peak)"
-          + (f", peak memory {rec['peak_memory_gib']:.1f} GiB" if rec["peak_memory_gib"] else ""))
+    rec = {
+        "bench": f"train_step_{stage.name}",
+        "device": device_name(),
+        "dtype": a.dtype,
+        "remat": a.remat,
+        "size": size,
+        "batch": batch,
+        "compile_s": round(compile_s, 3),
+        "step_s": step_s,
+        "tflop_per_step": total / 1e12,
+        "tflops": total / step_s / 1e12,
+        "matmul_peak_tflops": peak / 1e12,
+        "fraction_of_peak": total / step_s / peak,
+        "peak_memory_gib": (peak_memory() or 0) / 2**30 or None,
+    }
+    print(
+        f"{stage.name:10s} {a.dtype:8s} remat={int(a.remat)} {str(size):16s} batch {batch}: "
+        f"compile {compile_s:7.2f} s, "
+        f"step {step_s:.3f} s, {rec['tflops']:.2f} TFLOP/s ({100 * rec['fraction_of_peak']:.1f} % of peak)"
+        + (f", peak memory {rec['peak_memory_gib']:.1f} GiB" if rec["peak_memory_gib"] else "")
+    )
     emit(rec)
 
 
@@ -95,8 +141,12 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="small widths, for a CPU")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile_only", action="store_true", help="compile, print XLA's memory plan, do not run")
-    p.add_argument("--profile", default="", metavar="PREFIX",
-                   help="also profile one step: PREFIX-STAGE-DTYPE.{trace.json.gz,hlo.txt.gz}")
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="PREFIX",
+        help="also profile one step: PREFIX-STAGE-DTYPE.{trace.json.gz,hlo.txt.gz}",
+    )
     a = p.parse_args(argv)
     a.filters = (8, 16, 32, 64) if a.tiny else DEFAULT_FILTERS
     a.features = (8, 8, 16, 32, 64, 8) if a.tiny else FEATURES

@@ -1,6 +1,6 @@
 """The baseline: the optimized U-Net alone (stage 1 and its out-of-fold predictions).
 
-    python train.py --config configs/baseline_unet.py --workdir runs/rd
+python train.py --config configs/baseline_unet.py --workdir runs/rd
 """
 
 from configs import common

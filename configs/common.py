@@ -10,33 +10,73 @@ from ml_collections import ConfigDict
 def base() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
-    c.data = ConfigDict(dict(
-        root="",  # empty: generate phantoms into <workdir>/data
-        normalization="zscore_rescale", old_brats=False, allow_empty_modality=False, n_folds=5, split_seed=0, num_workers=2,
-        phantoms=ConfigDict(dict(n_cases=50, shape=(240, 240, 155), seed=0, hard=False, tumour_scale=1.0)),
-    ))
+    c.data = ConfigDict(
+        dict(
+            root="",  # empty: generate phantoms into <workdir>/data
+            normalization="zscore_rescale",
+            old_brats=False,
+            allow_empty_modality=False,
+            n_folds=5,
+            split_seed=0,
+            num_workers=2,
+            phantoms=ConfigDict(dict(n_cases=50, shape=(240, 240, 155), seed=0, hard=False, tumour_scale=1.0)),
+        )
+    )
     augment = dict(flip_p=0.5, scale_shift=0.1, nvidia=True, nvidia_p=0.15, zoom_p=0.15, zoom_max=1.4)
-    c.unet = ConfigDict(dict(
-        filters=(64, 96, 128, 192, 256, 384, 512), deep_supervision=2, foreground_channel=True,
-        dtype="float32", remat=False, patch=(128, 128, 128), batch=2, steps=25_000,
-        lr=3e-4, weight_decay=1e-4, warmup_frac=0.02, foreground_fraction=0.4, augment=ConfigDict(augment),
-        val_every=1000, val_cases=0, keep=2, overlap=0.5, batch_windows=1,
-    ))
-    c.diffusion = ConfigDict(dict(
-        model="rediffinet",  # one of stages.VARIANTS: what is conditioned on and learned
-        features=(64, 64, 128, 256, 512, 64), dtype="float32", remat=False,
-        patch=(128, 192, 128), batch=4, steps=50_000,
-        lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_frac=0.15, clip_norm=0.0,
-        # Diff-UNet's augmentations (flips, intensity scale/shift 0.1), which Re-DiffiNet's code builds on,
-        # not the U-Net's NVIDIA set: see README, "Decisions"
-        loss_weights=(1.0, 1.0, 1.0), foreground_fraction=0.4,
-        augment=ConfigDict(dict(augment, nvidia=False, zoom_p=0.0)),
-        val_every=2000, val_cases=0, keep=2, overlap=0.5, batch_windows=1,
-        # chunk: samples denoised at once. 2 of the paper's 10 ran as fast as all 10 on an H200 (bfloat16
-        # window 1.447 s against 1.434 s) in a third of the memory (13.8 GiB against 43.6); README, "On a GPU"
-        sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=2)),
-        val_sampler=ConfigDict(dict(steps=10, samples=1)),
-    ))
+    c.unet = ConfigDict(
+        dict(
+            filters=(64, 96, 128, 192, 256, 384, 512),
+            deep_supervision=2,
+            foreground_channel=True,
+            dtype="float32",
+            remat=False,
+            patch=(128, 128, 128),
+            batch=2,
+            steps=25_000,
+            lr=3e-4,
+            weight_decay=1e-4,
+            warmup_frac=0.02,
+            foreground_fraction=0.4,
+            augment=ConfigDict(augment),
+            val_every=1000,
+            val_cases=0,
+            keep=2,
+            overlap=0.5,
+            batch_windows=1,
+        )
+    )
+    c.diffusion = ConfigDict(
+        dict(
+            model="rediffinet",  # one of stages.VARIANTS: what is conditioned on and learned
+            features=(64, 64, 128, 256, 512, 64),
+            dtype="float32",
+            remat=False,
+            patch=(128, 192, 128),
+            batch=4,
+            steps=50_000,
+            lr=1e-4,
+            weight_decay=1e-4,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            warmup_frac=0.15,
+            clip_norm=0.0,
+            # Diff-UNet's augmentations (flips, intensity scale/shift 0.1), which Re-DiffiNet's code builds on,
+            # not the U-Net's NVIDIA set: see README, "Decisions"
+            loss_weights=(1.0, 1.0, 1.0),
+            foreground_fraction=0.4,
+            augment=ConfigDict(dict(augment, nvidia=False, zoom_p=0.0)),
+            val_every=2000,
+            val_cases=0,
+            keep=2,
+            overlap=0.5,
+            batch_windows=1,
+            # chunk: samples denoised at once. 2 of the paper's 10 ran as fast as all 10 on an H200 (bfloat16
+            # window 1.447 s against 1.434 s) in a third of the memory (13.8 GiB against 43.6); README, "On a GPU"
+            sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=2)),
+            val_sampler=ConfigDict(dict(steps=10, samples=1)),
+        )
+    )
     # checkpoint: each fold's last one. Validation runs on the fold's held-out cases, so "best" would pick
     # the checkpoint on the very cases it is then scored on (and conditioned on, for stage 2's U(I)).
     c.eval = ConfigDict(dict(convention="brats2023", lesion_wise=True, checkpoint="latest"))
@@ -48,10 +88,28 @@ def demo(c: ConfigDict) -> ConfigDict:
     """The whole pipeline on generated phantoms, minutes on a 2-core CPU: 5 folds, tiny widths."""
     c.data.phantoms.update(n_cases=15, shape=(48, 48, 40))
     c.data.num_workers = 0
-    c.unet.update(filters=(8, 16, 32, 64), deep_supervision=1, patch=(32, 32, 32), batch=2, steps=150,
-                  warmup_frac=0.1, lr=1e-2, val_every=150, val_cases=2, batch_windows=2)
-    c.diffusion.update(features=(8, 8, 16, 32, 64, 8), patch=(32, 32, 32), batch=2, steps=400, lr=2e-3,
-                       val_every=400, val_cases=2, batch_windows=2)
+    c.unet.update(
+        filters=(8, 16, 32, 64),
+        deep_supervision=1,
+        patch=(32, 32, 32),
+        batch=2,
+        steps=150,
+        warmup_frac=0.1,
+        lr=1e-2,
+        val_every=150,
+        val_cases=2,
+        batch_windows=2,
+    )
+    c.diffusion.update(
+        features=(8, 8, 16, 32, 64, 8),
+        patch=(32, 32, 32),
+        batch=2,
+        steps=400,
+        lr=2e-3,
+        val_every=400,
+        val_cases=2,
+        batch_windows=2,
+    )
     c.diffusion.sampler.update(steps=3, samples=2)
     c.diffusion.val_sampler.update(steps=2, samples=1)
     c.eval.lesion_wise = True
@@ -75,8 +133,9 @@ def smoke(c: ConfigDict) -> ConfigDict:
     c = demo(c)
     c.data.n_folds = 2
     c.data.phantoms.update(n_cases=6, shape=(40, 40, 36))
-    c.unet.update(filters=(4, 8, 16), deep_supervision=1, patch=(16, 16, 16), steps=4, val_every=2,
-                  val_cases=1, batch=2)
+    c.unet.update(
+        filters=(4, 8, 16), deep_supervision=1, patch=(16, 16, 16), steps=4, val_every=2, val_cases=1, batch=2
+    )
     c.diffusion.update(features=(4, 4, 8, 8, 16, 4), patch=(16, 16, 16), steps=4, val_every=2, val_cases=1)
     c.diffusion.sampler.update(steps=2, samples=2)
     c.diffusion.val_sampler.update(steps=1, samples=1)

@@ -1,6 +1,6 @@
 """Diff-U-Net: the diffusion model learns the GT regions conditioned on the image I alone.
 
-    python train.py --config configs/diff_unet.py --workdir runs/rd
+python train.py --config configs/diff_unet.py --workdir runs/rd
 """
 
 from configs import common

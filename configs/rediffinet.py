@@ -1,7 +1,7 @@
 """Re-DiffiNet: the diffusion model learns Δ = |U(I) − GT| conditioned on [I, U(I)].
 
-    python train.py --config configs/rediffinet.py --workdir runs/rd --config.data.root=/data/BraTS2023
-    python train.py --config configs/rediffinet.py:demo --workdir runs/demo    # phantoms, CPU, minutes
+python train.py --config configs/rediffinet.py --workdir runs/rd --config.data.root=/data/BraTS2023
+python train.py --config configs/rediffinet.py:demo --workdir runs/demo    # phantoms, CPU, minutes
 """
 
 from configs import common

@@ -1,7 +1,7 @@
 """UA-Diffusion: the diffusion model learns the GT regions conditioned on U(I), [I, U(I)] or I ∘ M′.
 
-    python train.py --config configs/ua_diffusion.py:concat --workdir runs/rd
-    python train.py --config configs/ua_diffusion.py:unet,demo --workdir runs/demo
+python train.py --config configs/ua_diffusion.py:concat --workdir runs/rd
+python train.py --config configs/ua_diffusion.py:unet,demo --workdir runs/demo
 """
 
 from configs import common

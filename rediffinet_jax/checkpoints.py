@@ -30,12 +30,19 @@ def _unflatten(template, flat: dict):
 
 def manager(directory: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
     """A manager keeping the latest ``keep`` steps and the best one by ``val_dice``."""
-    policy = cm.AnyPreservationPolicy([
-        cm.LatestN(keep),
-        cm.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=False, n=1),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=lambda m: m[VAL_METRIC],
-                                           best_mode="max", enable_async_checkpointing=False, create=True)
+    policy = cm.AnyPreservationPolicy(
+        [
+            cm.LatestN(keep),
+            cm.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=False, n=1),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=lambda m: m[VAL_METRIC],
+        best_mode="max",
+        enable_async_checkpointing=False,
+        create=True,
+    )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
@@ -59,16 +66,19 @@ def restore(mgr: ocp.CheckpointManager, template, step: int | str = "latest", sh
     return _with_fallback(mgr, step, log, lambda s: _restore_step(mgr, template, s, sharding))
 
 
-def restore_params(mgr: ocp.CheckpointManager, params_template, step: int | str = "best", sharding=None,
-                   log=print):
+def restore_params(mgr: ocp.CheckpointManager, params_template, step: int | str = "best", sharding=None, log=print):
     """``(params, step)`` of a checkpoint, reading the parameters alone (no optimizer state, no data
     iterator); ``params_template`` has the structure of ``state["params"]``. Falls back as :func:`restore`
     does; None when there is no checkpoint."""
+
     def read(s):
         flat = _flatten({"params": params_template})
         abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding) for k, v in flat.items()}
-        args = ocp.args.PyTreeRestore(abstract, restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
-            sharding=sharding), abstract), partial_restore=True)
+        args = ocp.args.PyTreeRestore(
+            abstract,
+            restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=sharding), abstract),
+            partial_restore=True,
+        )
         out = mgr.restore(s, args=ocp.args.Composite(state=args))
         return _unflatten({"params": params_template}, out["state"])["params"], s
 
@@ -105,8 +115,10 @@ def _set_aside(mgr, step: int, error: Exception, log) -> None:
     folder = Path(mgr.directory)
     broken = folder / f"{step}.broken"
     reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-    log(f"checkpoint step {step} in {folder} cannot be restored ({reason}); moved to {broken.name}, "
-        f"trying the step before it")
+    log(
+        f"checkpoint step {step} in {folder} cannot be restored ({reason}); moved to {broken.name}, "
+        f"trying the step before it"
+    )
     with parallel.main_first(f"set aside {folder.parent.name}/{step}"):
         if parallel.is_main() and (folder / str(step)).exists():
             if broken.exists():

@@ -15,6 +15,7 @@ from rediffinet_jax.errors import RediffinetError
 
 def _log(msg: str) -> None:
     import jax
+
     if jax.process_index() == 0:
         print(msg, flush=True)
 
@@ -24,16 +25,19 @@ def train(config, workdir, *, fold=None, stage=None, overwrite=False, evaluate=T
     parallel.maybe_initialize_distributed()
     from rediffinet_jax import driver
     from rediffinet_jax import workdir as wd
+
     with _guard():
         driver.check_request(config, fold)
         with wd.lock(workdir):
-            results = driver.run(config, workdir, fold=fold, stage=stage, overwrite=overwrite,
-                                 stop_after=stop_after, log=_log)
+            results = driver.run(
+                config, workdir, fold=fold, stage=stage, overwrite=overwrite, stop_after=stop_after, log=_log
+            )
             n_folds = config.data.n_folds if fold is None else 1
             finished = all(len(v) == n_folds for v in results.values()) and results
             _log(f"done: {sum(len(v) for v in results.values())} stage-folds finished in {workdir}")
             if evaluate and finished and stop_after is None:
                 from rediffinet_jax import evaluation
+
                 evaluation.evaluate(workdir, log=_log)
 
 
@@ -45,6 +49,7 @@ def _fail(error, status: int = 2) -> None:
     that are themselves waiting in a collective for this one. Its heartbeat then stops, and JAX's
     coordination service ends the others (``parallel.HEARTBEAT_S``)."""
     import jax
+
     if jax.process_count() > 1:
         print(f"error (process {jax.process_index()} of {jax.process_count()}): {error}", flush=True)
         sys.stderr.flush()
@@ -58,6 +63,7 @@ def _guard():
     """User errors end as :func:`_fail` says; in a run of several processes any other exception too
     (its traceback printed first), so that one failing process never leaves the others waiting."""
     import jax
+
     try:
         yield
     except RediffinetError as e:
@@ -142,7 +148,7 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
         except Exception:  # noqa: BLE001 - the original error is the one to show
             config = None
     keys = config_keys(config) if config is not None else []
-    bad = [a.split("=")[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    bad = [a.split("=")[0][len("--config.") :] for a in argv if a.startswith("--config.")]
     bad = [b for b in bad if b not in keys] or [str(error)]
     print(f"error: unknown config key(s) {', '.join(bad)}; valid keys:\n  " + "\n  ".join(keys), file=sys.stderr)
     sys.exit(2)
@@ -153,19 +159,37 @@ def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None,
     parallel.maybe_initialize_distributed()
     from rediffinet_jax import evaluation
     from rediffinet_jax import workdir as wd
+
     with _guard(), wd.lock(workdir, "evaluate.py", create=False):
-        evaluation.evaluate(workdir, models or None, [int(f) for f in folds] if folds else None, checkpoint,
-                            convention, sampler, log=_log)
+        evaluation.evaluate(
+            workdir,
+            models or None,
+            [int(f) for f in folds] if folds else None,
+            checkpoint,
+            convention,
+            sampler,
+            log=_log,
+        )
 
 
-def predict(input_dir, output_dir, workdir, model="rediffinet", folds=None, checkpoint="best",
-            save_probabilities=False, save_uncertainty=False) -> None:
+def predict(
+    input_dir,
+    output_dir,
+    workdir,
+    model="rediffinet",
+    folds=None,
+    checkpoint="best",
+    save_probabilities=False,
+    save_uncertainty=False,
+) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
     from rediffinet_jax import prediction
+
     with _guard():
-        errors = prediction.predict_folder(input_dir, output_dir, workdir, model, folds, checkpoint,
-                                           save_probabilities, save_uncertainty, log=_log)
+        errors = prediction.predict_folder(
+            input_dir, output_dir, workdir, model, folds, checkpoint, save_probabilities, save_uncertainty, log=_log
+        )
     if errors:
         _log(f"{len(errors)} case(s) failed:\n  " + "\n  ".join(str(e) for e in errors))
         sys.exit(1)

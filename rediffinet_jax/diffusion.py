@@ -80,7 +80,8 @@ class Variant:
     @property
     def cond_channels(self) -> int:
         return {"image": self.n_modalities, "unet": 3, "concat": self.n_modalities + 3, "mask": self.n_modalities}[
-            self.condition]
+            self.condition
+        ]
 
     def condition_image(self, image: jax.Array, unet: jax.Array | None) -> jax.Array:
         """Encoder input ``[B, D, H, W, cond_channels]`` float32 from image ``[..., 4]`` and U(I) ``[..., 3]``."""
@@ -208,8 +209,7 @@ def ddim(model_fn, x_T: jax.Array, timesteps, per_step: bool = False, return_ste
             out["steps"] = x0
         return x_next, out
 
-    x_last, outs = jax.lax.scan(step, x_T.astype(jnp.float32),
-                                     (jnp.asarray(desc.astype(np.int32)), a_now, a_prev))
+    x_last, outs = jax.lax.scan(step, x_T.astype(jnp.float32), (jnp.asarray(desc.astype(np.int32)), a_now, a_prev))
     if not per_step:  # the last step returns x̂0 itself (ᾱ_{−1} = 1)
         outs["x0_sum"] = jnp.sum(x_last, 0)[None]
     return outs
@@ -239,8 +239,17 @@ def check_sampler_args(steps: int, samples: int, fusion: str, chunk: int | None)
     return chunk
 
 
-def sample(model, cond: jax.Array, key: jax.Array, steps: int = 10, samples: int = 10, fusion: str = "mean",
-           chunk: int | None = None, return_steps: bool = False, uncertainty: bool = False) -> dict:
+def sample(
+    model,
+    cond: jax.Array,
+    key: jax.Array,
+    steps: int = 10,
+    samples: int = 10,
+    fusion: str = "mean",
+    chunk: int | None = None,
+    return_steps: bool = False,
+    uncertainty: bool = False,
+) -> dict:
     """Samples S masks per condition image with DDIM and fuses them (call it inside ``jax.jit``).
 
     model: a :class:`~rediffinet_jax.models.denoiser.DiffusionNet`; cond ``[B, D, H, W, Cc]``.
@@ -276,8 +285,7 @@ def sample(model, cond: jax.Array, key: jax.Array, steps: int = 10, samples: int
         outs = jax.tree.map(lambda a: a[None], run_chunk(keys[0]))
     else:
         outs = jax.lax.map(run_chunk, keys)
-    y, y_norm = fuse(jnp.sum(outs["x0_sum"], 0), jnp.sum(outs["logit_sum"], 0) if per_step else None,
-                     samples, fusion)
+    y, y_norm = fuse(jnp.sum(outs["x0_sum"], 0), jnp.sum(outs["logit_sum"], 0) if per_step else None, samples, fusion)
     result = {"y": y}
     if uncertainty:
         result["uncertainty"] = binary_entropy(fused_probability(y_norm))

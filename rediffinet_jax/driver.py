@@ -57,10 +57,19 @@ def resolve_data(config, layout: wd.Layout, log=print) -> Path:
         return Path(config.data.root)
     p = config.data.phantoms
     kind = "hard " if p.get("hard") else ""
-    log(f"No data.root given: using {p.n_cases} generated {kind}phantom cases of shape {tuple(p.shape)} in "
-        f"{layout.data}")
-    phantoms.write_dataset(layout.data, p.n_cases, tuple(p.shape), p.seed, progress=parallel.is_main(),
-                           hard=bool(p.get("hard", False)), tumour_scale=float(p.get("tumour_scale", 1.0)))
+    log(
+        f"No data.root given: using {p.n_cases} generated {kind}phantom cases of shape {tuple(p.shape)} in "
+        f"{layout.data}"
+    )
+    phantoms.write_dataset(
+        layout.data,
+        p.n_cases,
+        tuple(p.shape),
+        p.seed,
+        progress=parallel.is_main(),
+        hard=bool(p.get("hard", False)),
+        tumour_scale=float(p.get("tumour_scale", 1.0)),
+    )
     return layout.data
 
 
@@ -75,9 +84,14 @@ def prepare(config, layout: wd.Layout, progress_bars: bool, log=print) -> Data:
         root = resolve_data(config, layout, log)
         cases = [c for c in brats.discover_cases(root, require_labels=True) if c.seg is not None]
         folds = splits.load_or_create(layout.root, [c.case_id for c in cases], d.n_folds, d.split_seed)
-        refs = pipeline.prepare_cache(cases, layout.cache, d.normalization, d.old_brats,
-                                      progress=progress_bars and parallel.is_main(),
-                                      allow_empty_modality=d.get("allow_empty_modality", False))
+        refs = pipeline.prepare_cache(
+            cases,
+            layout.cache,
+            d.normalization,
+            d.old_brats,
+            progress=progress_bars and parallel.is_main(),
+            allow_empty_modality=d.get("allow_empty_modality", False),
+        )
     return Data({c.case_id: c for c in cases}, refs, {r.case_id: r for r in refs}, folds)
 
 
@@ -87,13 +101,17 @@ def _val_cases(ids, refs_by_id, limit: int, with_unet: bool) -> list[ValCase]:
     for cid in ids:
         folder = Path(refs_by_id[cid].folder)
         unet = np.load(folder / "unet.npy", mmap_mode="r") if with_unet else None
-        out.append(ValCase(cid, np.load(folder / "image.npy", mmap_mode="r"),
-                           np.load(folder / "regions.npy", mmap_mode="r"), unet))
+        out.append(
+            ValCase(
+                cid, np.load(folder / "image.npy", mmap_mode="r"), np.load(folder / "regions.npy", mmap_mode="r"), unet
+            )
+        )
     return out
 
 
-def _fit_folds(trainer, stage, layout: wd.Layout, data: Data, fold_ids, config, seed_offset: int, stop_after,
-               log) -> dict | None:
+def _fit_folds(
+    trainer, stage, layout: wd.Layout, data: Data, fold_ids, config, seed_offset: int, stop_after, log
+) -> dict | None:
     """Trains (or skips, when done) each fold of a stage; returns ``{fold: done.json}``, or None when
     ``stop_after`` stopped it."""
     results = {}
@@ -102,8 +120,15 @@ def _fit_folds(trainer, stage, layout: wd.Layout, data: Data, fold_ids, config, 
         if (done := wd.trained(folder)) is None:
             train = [data.refs_by_id[c] for c in splits.train_ids(data.folds, k)]
             val = _val_cases(data.folds[k], data.refs_by_id, stage.cfg.val_cases, stage.with_unet)
-            done = trainer.fit(folder, train, val, config.seed + seed_offset + k,
-                               num_workers=config.data.num_workers, stop_after=stop_after, log=log)
+            done = trainer.fit(
+                folder,
+                train,
+                val,
+                config.seed + seed_offset + k,
+                num_workers=config.data.num_workers,
+                stop_after=stop_after,
+                log=log,
+            )
             if done is None:
                 return None
         results[k] = done
@@ -142,12 +167,17 @@ def _write_oof(stage, layout: wd.Layout, data: Data, k: int, todo, which: str, l
     log(f"unet fold {k}: wrote {len(todo)} out-of-fold predictions to {layout.oof}")
 
 
-def run_unet(config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwrite, stop_after, progress_bars,
-             log) -> dict | None:
+def run_unet(
+    config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwrite, stop_after, progress_bars, log
+) -> dict | None:
     """Stage 1: settings checked, the U-Net of each fold, then its out-of-fold maps."""
     stage = stages.make("unet", config.unet)
-    settings = {"seed": config.seed, "data": config.data.to_dict(), "unet": config.unet.to_dict(),
-                wd.OOF_KEY: config.eval.checkpoint}
+    settings = {
+        "seed": config.seed,
+        "data": config.data.to_dict(),
+        "unet": config.unet.to_dict(),
+        wd.OOF_KEY: config.eval.checkpoint,
+    }
     with parallel.main_first("unet settings"):
         if stage_flag in (None, "unet"):  # the maps are remade below
             wd.renew_oof_if_checkpoint_changed(layout, settings, log)
@@ -161,12 +191,18 @@ def run_unet(config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwr
     return results
 
 
-def run_diffusion(config, layout: wd.Layout, data: Data, fold_ids, overwrite, stop_after, progress_bars,
-                  log) -> tuple[str, dict | None]:
+def run_diffusion(
+    config, layout: wd.Layout, data: Data, fold_ids, overwrite, stop_after, progress_bars, log
+) -> tuple[str, dict | None]:
     """Stage 2: settings checked (with the U-Net trainings whose maps it trains on), each fold trained."""
     stage = stages.make("diffusion", config.diffusion)
-    settings = {"seed": config.seed, "data": config.data.to_dict(), "unet": config.unet.to_dict(),
-                wd.OOF_KEY: config.eval.checkpoint, "diffusion": config.diffusion.to_dict()}
+    settings = {
+        "seed": config.seed,
+        "data": config.data.to_dict(),
+        "unet": config.unet.to_dict(),
+        wd.OOF_KEY: config.eval.checkpoint,
+        "diffusion": config.diffusion.to_dict(),
+    }
     with parallel.main_first(f"{stage.name} settings"):
         if stage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
             pipeline.attach_unet_masks(data.refs, layout.oof)
@@ -176,8 +212,17 @@ def run_diffusion(config, layout: wd.Layout, data: Data, fold_ids, overwrite, st
     return stage.name, _fit_folds(trainer, stage, layout, data, fold_ids, config, 100, stop_after, log)
 
 
-def run(config, workdir, *, fold: int | None = None, stage: str | None = None, overwrite: bool = False,
-        stop_after: int | None = None, progress: bool = True, log=print) -> dict:
+def run(
+    config,
+    workdir,
+    *,
+    fold: int | None = None,
+    stage: str | None = None,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Runs what is missing of the two-stage pipeline; returns {stage: {fold: done.json}} of the stages
     finished (a stage stopped by ``stop_after`` is left out)."""
     check_request(config, fold)

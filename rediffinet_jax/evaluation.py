@@ -32,8 +32,20 @@ from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 BASELINE = wd.BASELINE
 # seconds: the model's prediction of the case (sliding window and sampler); empty for the U-Net, whose
 # rows come from its out-of-fold maps
-CASE_COLUMNS = ("case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "tp", "fp", "fn",
-                *metrics.FLIP_KEYS, "seconds", "convention")
+CASE_COLUMNS = (
+    "case",
+    "region",
+    "dice",
+    "hd95",
+    "lesionwise_dice",
+    "lesionwise_hd95",
+    "tp",
+    "fp",
+    "fn",
+    *metrics.FLIP_KEYS,
+    "seconds",
+    "convention",
+)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -44,8 +56,10 @@ def read_rows(path: Path) -> list[dict]:
         reader = csv.DictReader(f)
         rows = list(reader)
     if tuple(reader.fieldnames or ()) != CASE_COLUMNS:
-        raise ConfigError(f"{path} has the columns {reader.fieldnames}, not {list(CASE_COLUMNS)} (an older "
-                          f"version wrote it); delete {path.parents[2]} to rescore")
+        raise ConfigError(
+            f"{path} has the columns {reader.fieldnames}, not {list(CASE_COLUMNS)} (an older "
+            f"version wrote it); delete {path.parents[2]} to rescore"
+        )
     for r in rows:
         for k in ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "seconds"):
             r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
@@ -99,8 +113,15 @@ def _open_run(workdir, folds, checkpoint, convention) -> Run:
     convention = convention or saved.get("convention", "brats2023")
     if convention not in metrics.CONVENTIONS:
         raise ConfigError(f"unknown HD95 convention {convention!r}; choose one of {metrics.CONVENTIONS}")
-    return Run(layout, all_folds, fold_ids, convention, checkpoint or saved.get("checkpoint", "latest"),
-               wd.load_settings(layout.stage(BASELINE)).get(wd.OOF_KEY), wd.oof_record(layout))
+    return Run(
+        layout,
+        all_folds,
+        fold_ids,
+        convention,
+        checkpoint or saved.get("checkpoint", "latest"),
+        wd.load_settings(layout.stage(BASELINE)).get(wd.OOF_KEY),
+        wd.oof_record(layout),
+    )
 
 
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
@@ -126,23 +147,44 @@ def _models(run: Run, models, sampler, log) -> list[Model]:
     for name in names[1:]:
         settings = wd.load_settings(run.layout.stage(name))
         if settings.get(wd.OOF_KEY) != run.oof_checkpoint:
-            log(f"{name}: trained on out-of-fold maps from the {settings.get(wd.OOF_KEY)} checkpoints, which "
-                f"are now made from the {run.oof_checkpoint} ones; skipped (retrain it: train.py --overwrite)")
+            log(
+                f"{name}: trained on out-of-fold maps from the {settings.get(wd.OOF_KEY)} checkpoints, which "
+                f"are now made from the {run.oof_checkpoint} ones; skipped (retrain it: train.py --overwrite)"
+            )
             continue
         if wd.OOF_RUNS in settings and (stale := wd.stale_folds(settings[wd.OOF_RUNS].to_dict(), run.maps_by)):
-            log(f"{name}: trained on out-of-fold maps of U-Net fold(s) {stale} that were trained again since; "
-                f"skipped (retrain it: train.py --overwrite)")
+            log(
+                f"{name}: trained on out-of-fold maps of U-Net fold(s) {stale} that were trained again since; "
+                f"skipped (retrain it: train.py --overwrite)"
+            )
             continue
         cfg = settings.diffusion
         label = _sampler_label(name, cfg.sampler, sampler)
-        out.append(Model(label, name, stages.make("diffusion", cfg), {
-            "checkpoint": run.checkpoint, "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},
-            wd.OOF_KEY: run.oof_checkpoint}))
+        out.append(
+            Model(
+                label,
+                name,
+                stages.make("diffusion", cfg),
+                {
+                    "checkpoint": run.checkpoint,
+                    "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},
+                    wd.OOF_KEY: run.oof_checkpoint,
+                },
+            )
+        )
     return out
 
 
-def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, convention: str | None = None,
-             sampler: dict | None = None, progress: bool = True, log=print) -> dict:
+def evaluate(
+    workdir,
+    models=None,
+    folds=None,
+    checkpoint: str | None = None,
+    convention: str | None = None,
+    sampler: dict | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Scores every (model, fold), writes cases.csv per fold and eval/summary.{md,csv,json} + figures.
 
     checkpoint: ``best`` or ``latest`` of each diffusion fold; by default the run's ``eval.checkpoint``
@@ -171,8 +213,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint: str | None = None, co
     if not any(rows for folds_ in per_fold.values() for rows in folds_.values()):
         raise ConfigError(f"nothing was scored in {run.layout.root}: no trained fold among folds {run.fold_ids}")
     _add_other_samplers(run, per_fold, log)
-    summary = reports.write_summary(run.layout.eval, per_fold, run.convention, run.checkpoint,
-                                    write=parallel.is_main())
+    summary = reports.write_summary(run.layout.eval, per_fold, run.convention, run.checkpoint, write=parallel.is_main())
     if parallel.is_main():
         reports.hd95_by_model_figure(per_fold, run.layout.figure("hd95_by_model.png"))
         _case_figures(run, per_fold, scored)
@@ -187,16 +228,20 @@ def _score_fold(run: Run, model: Model, k: int, progress_bar: bool, log) -> list
         log(f"{model.name} fold {k}: not trained, skipped")
         return None
     if model.stage is None and wd.stale_folds({str(k): done.get("run")}, run.maps_by):
-        log(f"unet fold {k}: trained again since its out-of-fold maps were made; skipped (train.py --stage "
-            f"unet remakes them)")
+        log(
+            f"unet fold {k}: trained again since its out-of-fold maps were made; skipped (train.py --stage "
+            f"unet remakes them)"
+        )
         return None
     out_dir = run.layout.eval_fold(model.label, k)
     wd.tie_to_training(out_dir, wd.made_from(done, run.maps_by, k), log)
     csv_path = run.layout.cases_csv(model.label, k)
     old = read_rows(csv_path)
     if any(r["convention"] != run.convention for r in old):
-        raise ConfigError(f"{csv_path} was scored with HD95 convention {old[0]['convention']}, not "
-                          f"{run.convention}; delete {run.layout.eval} to rescore")
+        raise ConfigError(
+            f"{csv_path} was scored with HD95 convention {old[0]['convention']}, not "
+            f"{run.convention}; delete {run.layout.eval} to rescore"
+        )
     todo = [c for c in run.all_folds[k] if c not in {r["case"] for r in old}]
     parallel.barrier(f"listed {model.label}/{k}")  # every process has read the rows before process 0 adds any
     net = None
@@ -238,8 +283,17 @@ def _refine(stage, model, folder, unet_crop, box, full, fold, cid):
     s = stage.cfg.sampler
     key = jax.random.fold_in(jax.random.key(fold), zlib.crc32(cid.encode()) % (1 << 31))  # stable per case
     unet = unet_crop if stage.with_unet else None
-    y = inference.diffusion_fused(stage, model, np.load(folder / "image.npy", mmap_mode="r"), unet, key, s.steps,
-                                  s.samples, s.fusion, s.chunk or None)
+    y = inference.diffusion_fused(
+        stage,
+        model,
+        np.load(folder / "image.npy", mmap_mode="r"),
+        unet,
+        key,
+        s.steps,
+        s.samples,
+        s.fusion,
+        s.chunk or None,
+    )
     return brats.paste(inference.finish(stage, y, unet).astype(np.uint8), box, full)
 
 
@@ -265,8 +319,10 @@ def _add_other_samplers(run: Run, per_fold: dict, log) -> None:
                 continue
             now = wd.made_from(wd.trained(run.layout.fold(name, k)), run.maps_by, k)
             if wd.scored_from(run.layout.eval_fold(folder.name, k)) != now:
-                log(f"{run.layout.eval_fold(folder.name, k)}: scored before {name} fold {k} or its U-Net maps were "
-                    f"made again; left out of the summary (score it again with its evaluate.py options)")
+                log(
+                    f"{run.layout.eval_fold(folder.name, k)}: scored before {name} fold {k} or its U-Net maps were "
+                    f"made again; left out of the summary (score it again with its evaluate.py options)"
+                )
                 continue
             per_fold.setdefault(folder.name, {})[k] = rows
 
@@ -293,5 +349,6 @@ def _case_figures(run: Run, per_fold, labels, n: int = 2) -> None:
         gt = brats.paste(np.load(folder / "regions.npy"), box, full)
         unet = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
         ref = labels_to_regions(np.asarray(brats.read_nifti(pred_path, cid)[0], np.uint8))
-        reports.refinement_figure(image, gt, unet, ref, run.layout.figure(f"{cid}_{refined}.png"),
-                                  f"{cid} (fold {k}): {refined}")
+        reports.refinement_figure(
+            image, gt, unet, ref, run.layout.figure(f"{cid}_{refined}.png"), f"{cid} (fold {k}): {refined}"
+        )

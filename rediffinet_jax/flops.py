@@ -30,8 +30,12 @@ def diffusion_flops(spatial, cond_channels: int, out_channels: int = 3, features
     den_in = cond_channels + out_channels
     den = [_twoconv(den_in, f[0])] + [_twoconv(f[i], f[i + 1]) for i in range(4)]
     # ups: (input channels, skip channels, output channels, halve) at resolution level 3, 2, 1, 0
-    ups = [(f[4], f[3], f[3], True, 3), (f[3], f[2], f[2], True, 2), (f[2], f[1], f[1], True, 1),
-           (f[1], f[0], f[5], False, 0)]
+    ups = [
+        (f[4], f[3], f[3], True, 3),
+        (f[3], f[2], f[2], True, 2),
+        (f[2], f[1], f[1], True, 1),
+        (f[1], f[0], f[5], False, 0),
+    ]
     per_level = [m * r for m, r in zip(den, res)]
     for cin, cskip, cout, halve, lvl in ups:
         cup = cin // 2 if halve else cin
@@ -40,7 +44,9 @@ def diffusion_flops(spatial, cond_channels: int, out_channels: int = 3, features
     return {"encoder": 2 * encoder, "denoiser": 2 * sum(per_level), "denoiser_full_res": 2 * per_level[0]}
 
 
-def unet_flops(spatial, in_channels: int, filters, strides=None, out_channels: int = 3, deep_supervision: int = 0) -> float:
+def unet_flops(
+    spatial, in_channels: int, filters, strides=None, out_channels: int = 3, deep_supervision: int = 0
+) -> float:
     """FLOPs of one forward of the optimized U-Net for a batch of one ``spatial`` volume."""
     filters = tuple(filters)
     strides = tuple(strides) if strides is not None else (1,) + (2,) * (len(filters) - 1)

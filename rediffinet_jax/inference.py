@@ -44,8 +44,15 @@ def gaussian_weights(window, sigma_scale: float = 1 / 8) -> np.ndarray:
     return np.maximum(g, g[g > 0].min()).astype(np.float32)
 
 
-def sliding_window(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, window, overlap: float = 0.5,
-                   batch_windows: int = 1, out_channels: int = 3, progress: bool = False) -> np.ndarray:
+def sliding_window(
+    fn: Callable[[np.ndarray], np.ndarray],
+    volume: np.ndarray,
+    window,
+    overlap: float = 0.5,
+    batch_windows: int = 1,
+    out_channels: int = 3,
+    progress: bool = False,
+) -> np.ndarray:
     """Applies ``fn`` to overlapping windows of ``volume`` ``[D, H, W, C]`` and blends the outputs.
 
     fn maps ``[batch_windows, w0, w1, w2, C]`` to ``[batch_windows, w0, w1, w2, out_channels]``.
@@ -64,10 +71,10 @@ def sliding_window(fn: Callable[[np.ndarray], np.ndarray], volume: np.ndarray, w
     acc = np.zeros(padded + (out_channels,), np.float32)
     norm = np.zeros(padded + (1,), np.float32)
     for b0 in bar(range(0, len(starts), batch_windows), "windows", "batch", enabled=progress):
-        chunk = starts[b0: b0 + batch_windows]
+        chunk = starts[b0 : b0 + batch_windows]
         x = np.zeros((batch_windows,) + window + vol.shape[3:], vol.dtype)
         for i, s in enumerate(chunk):
-            x[i] = vol[s[0]: s[0] + window[0], s[1]: s[1] + window[1], s[2]: s[2] + window[2]]
+            x[i] = vol[s[0] : s[0] + window[0], s[1] : s[1] + window[1], s[2] : s[2] + window[2]]
         out = parallel.to_host(fn(x)).astype(np.float32)
         for i, s in enumerate(chunk):
             sl = tuple(slice(a, a + w) for a, w in zip(s, window))
@@ -97,15 +104,25 @@ def unet_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: _unet_probabilities(graphdef, state, jnp.asarray(x))
 
 
-def diffusion_predictor(model, key: jax.Array, steps: int, samples: int, fusion: str, chunk: int | None = None,
-                        uncertainty: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def diffusion_predictor(
+    model, key: jax.Array, steps: int, samples: int, fusion: str, chunk: int | None = None, uncertainty: bool = False
+) -> Callable[[np.ndarray], np.ndarray]:
     """Window function: condition windows ``[n, ..., Cc]`` -> fused Y ``[n, ..., 3]`` (plus the
     uncertainty as 3 more channels when asked). Window batch i draws its noise from fold_in(key, i)."""
     chunk = diffusion.check_sampler_args(steps, samples, fusion, chunk)
     graphdef, state = nnx.split(model)
     counter = iter(range(1 << 62))
-    return lambda x: _fused(graphdef, state, jnp.asarray(x), jax.random.fold_in(key, next(counter)), steps, samples,
-                            fusion, chunk, uncertainty)
+    return lambda x: _fused(
+        graphdef,
+        state,
+        jnp.asarray(x),
+        jax.random.fold_in(key, next(counter)),
+        steps,
+        samples,
+        fusion,
+        chunk,
+        uncertainty,
+    )
 
 
 def load_model(stage, folder, which: str = "best", mesh=None, log=print):
@@ -143,8 +160,9 @@ def unet_probabilities(cfg, model, image: np.ndarray) -> np.ndarray:
     return sliding_window(unet_predictor(model), vol, cfg.patch, cfg.overlap, cfg.batch_windows)
 
 
-def diffusion_fused(stage, model, image, unet, key, steps, samples, fusion="mean", chunk=None,
-                    uncertainty=False) -> np.ndarray:
+def diffusion_fused(
+    stage, model, image, unet, key, steps, samples, fusion="mean", chunk=None, uncertainty=False
+) -> np.ndarray:
     """Whole-case fused value Y ``[D, H, W, 3]`` float32 (+ 3 uncertainty channels when asked) by sliding
     window. image ``[D, H, W, 4]``; unet ``[D, H, W, 3]`` U(I) (None for a variant without it)."""
     c = stage.cfg

@@ -141,12 +141,18 @@ def lesion_wise(pred, gt, spacing=(1.0, 1.0, 1.0)) -> dict:
     n = len(scores) + fp
     if n == 0:
         return {"dice": 1.0, "hd95": 0.0, "tp": tp, "fp": fp, "fn": fn}
-    return {"dice": sum(d for d, _ in scores) / n,
-            "hd95": (sum(h for _, h in scores) + fp * LESION_MISS_HD95) / n, "tp": tp, "fp": fp, "fn": fn}
+    return {
+        "dice": sum(d for d, _ in scores) / n,
+        "hd95": (sum(h for _, h in scores) + fp * LESION_MISS_HD95) / n,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+    }
 
 
-def score_case(pred_regions, gt_regions, spacing, case: str = "", convention: str = "brats2023",
-               with_lesion_wise: bool = True) -> list[dict]:
+def score_case(
+    pred_regions, gt_regions, spacing, case: str = "", convention: str = "brats2023", with_lesion_wise: bool = True
+) -> list[dict]:
     """One row per region [WT, TC, ET] for a case: dice, hd95, lesion-wise scores, TP/FP/FN counts.
 
     pred_regions, gt_regions: ``[D, H, W, 3]`` binary. Each row names the HD95 convention.
@@ -157,8 +163,13 @@ def score_case(pred_regions, gt_regions, spacing, case: str = "", convention: st
     rows = []
     for r, name in enumerate(REGIONS):
         p, g = pred_regions[..., r], gt_regions[..., r]
-        row = {"case": case, "region": name, "dice": dice(p, g), "hd95": hd95(p, g, spacing, convention),
-               "convention": convention}
+        row = {
+            "case": case,
+            "region": name,
+            "dice": dice(p, g),
+            "hd95": hd95(p, g, spacing, convention),
+            "convention": convention,
+        }
         if with_lesion_wise:
             lw = lesion_wise(p, g, spacing)
             row.update(lesionwise_dice=lw["dice"], lesionwise_hd95=lw["hd95"], tp=lw["tp"], fp=lw["fp"], fn=lw["fn"])
@@ -181,8 +192,10 @@ def flip_counts(pred_regions, unet_regions, gt_regions) -> list[dict]:
         raise ValueError(f"region masks must all be [D, H, W, 3]; got {p.shape}, {u.shape}, {g.shape}")
     err, flip = u ^ g, p ^ u
     axes = tuple(range(p.ndim - 1))
-    return [{"region": name, "unet_errors": int(e), "flipped": int(f), "fixed": int(x)} for name, e, f, x in
-            zip(REGIONS, err.sum(axes), flip.sum(axes), (err & flip).sum(axes))]
+    return [
+        {"region": name, "unet_errors": int(e), "flipped": int(f), "fixed": int(x)}
+        for name, e, f, x in zip(REGIONS, err.sum(axes), flip.sum(axes), (err & flip).sum(axes))
+    ]
 
 
 def summarize(rows: list[dict], keys=("dice", "hd95", "lesionwise_dice", "lesionwise_hd95")) -> dict:

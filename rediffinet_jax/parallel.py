@@ -22,8 +22,9 @@ HEARTBEAT_S = 30
 _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Starts JAX's distributed runtime when coordinator settings are given (arguments or the
     JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment), or inside a Slurm job
     of several tasks (JAX's cluster auto-detection); returns whether it did.
@@ -84,6 +85,7 @@ def shared_id() -> str:
     token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         token = np.asarray(multihost_utils.broadcast_one_to_all(token))
     return token.astype(np.uint8).tobytes().hex()
 
@@ -100,6 +102,7 @@ def barrier(name: str) -> None:
     holds no absolute path (hosts may mount the work directory at different places)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 

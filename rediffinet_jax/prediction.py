@@ -55,24 +55,34 @@ def _plan(layout: wd.Layout, model: str, folds, checkpoint: str):
     folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
     if bad := [k for k in folds if not 0 <= k < n_folds]:
         raise ConfigError(f"--folds {bad} outside 0..{n_folds - 1}")
-    record = {"model": model, "folds": folds, "checkpoint": checkpoint,
-              "unet": _trainings(layout, wd.BASELINE, folds)}
+    record = {"model": model, "folds": folds, "checkpoint": checkpoint, "unet": _trainings(layout, wd.BASELINE, folds)}
     dstage = None
     if model != wd.BASELINE:
         settings = wd.load_settings(layout.stage(model))
         if wd.OOF_RUNS in settings:  # conditioned on U(I): only with the U-Nets whose maps it was trained on
             if stale := wd.stale_folds(settings[wd.OOF_RUNS].to_dict(), wd.unet_runs(layout, n_folds)):
-                raise ConfigError(f"{model} was trained on the maps of U-Net fold(s) {stale} before they were "
-                                  f"trained again; retrain it (train.py --overwrite) or predict with --model=unet")
+                raise ConfigError(
+                    f"{model} was trained on the maps of U-Net fold(s) {stale} before they were "
+                    f"trained again; retrain it (train.py --overwrite) or predict with --model=unet"
+                )
         dstage = stages.make("diffusion", settings.diffusion)
         record[model] = _trainings(layout, model, folds)
         record["sampler"] = {k: dstage.cfg.sampler[k] for k in ("fusion", "steps", "samples")}
     return unet_settings, stages.make("unet", unet_settings.unet), dstage, folds, record
 
 
-def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", folds=None, checkpoint: str = "best",
-                   save_probabilities: bool = False, save_uncertainty: bool = False, show_progress: bool = True,
-                   log=print) -> list[CaseError]:
+def predict_folder(
+    input_dir,
+    output_dir,
+    workdir,
+    model: str = "rediffinet",
+    folds=None,
+    checkpoint: str = "best",
+    save_probabilities: bool = False,
+    save_uncertainty: bool = False,
+    show_progress: bool = True,
+    log=print,
+) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
 
     ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the trainings of the
@@ -88,8 +98,10 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
     layout, out = wd.Layout(workdir), Path(output_dir)
     unet_settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint)
     if not (out / RECORD).is_file() and (maps := sorted(p.name for p in out.glob("*.nii.gz"))):
-        raise ConfigError(f"{out} holds label maps ({maps[0]}, ...) but no prediction.json saying what made them "
-                          f"(an older version, or by hand): use another -o, or delete them")
+        raise ConfigError(
+            f"{out} holds label maps ({maps[0]}, ...) but no prediction.json saying what made them "
+            f"(an older version, or by hand): use another -o, or delete them"
+        )
     errors: list[CaseError] = []
     cases = brats.discover_cases(input_dir, errors=errors)
     for err in errors:
@@ -104,9 +116,13 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
         failed = len(errors)
         for files in progress.bar(todo, "predict", enabled=show_progress, leave=True):
             try:
-                case = brats.load_case(files, unet_settings.data.normalization, unet_settings.data.old_brats,
-                                       read_labels=False,
-                                       allow_empty_modality=unet_settings.data.get("allow_empty_modality", False))
+                case = brats.load_case(
+                    files,
+                    unet_settings.data.normalization,
+                    unet_settings.data.old_brats,
+                    read_labels=False,
+                    allow_empty_modality=unet_settings.data.get("allow_empty_modality", False),
+                )
             except CaseError as e:
                 errors.append(e)
                 log(f"failed: {e}")
@@ -116,8 +132,10 @@ def predict_folder(input_dir, output_dir, workdir, model: str = "rediffinet", fo
                 _write_case(out, files, case, regions, probs if save_probabilities else None, uncertainty)
         parallel.barrier("predict: written")
     written = len(todo) - (len(errors) - failed)
-    log(f"predict: {written} written, {len(cases) - len(todo)} skipped (already in {out}), {len(errors)} failed, "
-        f"{time.time() - t_start:.1f} s")
+    log(
+        f"predict: {written} written, {len(cases) - len(todo)} skipped (already in {out}), {len(errors)} failed, "
+        f"{time.time() - t_start:.1f} s"
+    )
     return errors
 
 
@@ -129,9 +147,21 @@ def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: boo
         return unet, probs, None
     s = dstage.cfg.sampler
     given = unet if dstage.with_unet else None
-    outs = [inference.diffusion_fused(dstage, m, case.image, given, jax.random.key(k), s.steps, s.samples, s.fusion,
-                                      s.chunk or None, uncertainty=save_uncertainty)
-            for k, m in zip(folds, refiners)]
+    outs = [
+        inference.diffusion_fused(
+            dstage,
+            m,
+            case.image,
+            given,
+            jax.random.key(k),
+            s.steps,
+            s.samples,
+            s.fusion,
+            s.chunk or None,
+            uncertainty=save_uncertainty,
+        )
+        for k, m in zip(folds, refiners)
+    ]
     mean = np.mean(outs, 0)
     regions = inference.finish(dstage, mean[..., :3], given)
     return regions, probs, (mean[..., 3:] if save_uncertainty else None)
@@ -142,9 +172,11 @@ def _write_case(out: Path, files, case, regions, probs, uncertainty) -> None:
     reference = files.images[MODALITIES[0]]
     full = brats.paste(regions.astype(np.uint8), case.box, case.full_shape)
     if probs is not None:
-        _write_volume(brats.paste(probs, case.box, case.full_shape), out / f"{files.case_id}_probabilities.nii.gz",
-                      reference)
+        _write_volume(
+            brats.paste(probs, case.box, case.full_shape), out / f"{files.case_id}_probabilities.nii.gz", reference
+        )
     if uncertainty is not None:
-        _write_volume(brats.paste(uncertainty, case.box, case.full_shape), out / f"{files.case_id}_uncertainty.nii.gz",
-                      reference)
+        _write_volume(
+            brats.paste(uncertainty, case.box, case.full_shape), out / f"{files.case_id}_uncertainty.nii.gz", reference
+        )
     brats.write_label_map(regions_to_labels(full), out / f"{files.case_id}.nii.gz", reference)

@@ -29,6 +29,7 @@ def case_figure(image: np.ndarray, labels: np.ndarray | None, path: str | os.Pat
     Rows: axial, coronal, sagittal; columns: t1n, t1c, t2w, t2f, then t2f with the labels.
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -66,17 +67,26 @@ def summary_tables(per_fold: dict, convention: str, baseline: str = "unet") -> d
         cols = [*REGIONS, "avg"]
         mean = {c: {k: float(np.mean([f[c][k] for f in fm.values()])) for k in _KEYS} for c in cols} if fm else {}
         std = {c: {k: float(np.std([f[c][k] for f in fm.values()])) for k in _KEYS} for c in cols} if fm else {}
-        out["models"][name] = {"folds": fm, "mean": mean, "std": std, "n_folds": len(fm),
-                               "n_cases": sum(len(r) // len(REGIONS) for r in folds.values())}
+        out["models"][name] = {
+            "folds": fm,
+            "mean": mean,
+            "std": std,
+            "n_folds": len(fm),
+            "n_cases": sum(len(r) // len(REGIONS) for r in folds.values()),
+        }
     base = out["models"].get(baseline, {}).get("mean")
     for name, m in out["models"].items():
         if name == baseline or not base or not m["mean"]:
             continue
         out["improvement"][name] = {
-            c: {"dice_points": 100 * (m["mean"][c]["dice"] - base[c]["dice"]),
+            c: {
+                "dice_points": 100 * (m["mean"][c]["dice"] - base[c]["dice"]),
                 "hd95_percent": 100 * (base[c]["hd95"] - m["mean"][c]["hd95"]) / base[c]["hd95"]
-                if base[c]["hd95"] > 0 else float("nan")}
-            for c in [*REGIONS, "avg"]}
+                if base[c]["hd95"] > 0
+                else float("nan"),
+            }
+            for c in [*REGIONS, "avg"]
+        }
     return out
 
 
@@ -94,38 +104,66 @@ def flip_summary(per_fold: dict, baseline: str = "unet") -> dict:
         for region in REGIONS:
             sel = [r for r in rows if r["region"] == region]
             err, flip, fixed = (int(sum(r[k] for r in sel)) for k in FLIP_KEYS)
-            out[name][region] = {"unet_errors": err, "flipped": flip, "fixed": fixed,
-                                 "precision": fixed / flip if flip else float("nan"),
-                                 "recall": fixed / err if err else float("nan"),
-                                 "net_error_change": flip - 2 * fixed}
+            out[name][region] = {
+                "unet_errors": err,
+                "flipped": flip,
+                "fixed": fixed,
+                "precision": fixed / flip if flip else float("nan"),
+                "recall": fixed / err if err else float("nan"),
+                "net_error_change": flip - 2 * fixed,
+            }
     return out
 
 
 def flip_markdown(flips: dict) -> list[str]:
     if not flips:
         return []
-    lines = ["", "Voxels each refiner flipped in the U-Net's masks, all held-out cases pooled (precision: flips",
-             "that fixed a U-Net error; recall: U-Net errors fixed; net: change in wrong voxels, negative = fewer):",
-             "", "| model | region | U-Net errors | flipped | fixed | precision | recall | net |", "|" + "---|" * 8]
+    lines = [
+        "",
+        "Voxels each refiner flipped in the U-Net's masks, all held-out cases pooled (precision: flips",
+        "that fixed a U-Net error; recall: U-Net errors fixed; net: change in wrong voxels, negative = fewer):",
+        "",
+        "| model | region | U-Net errors | flipped | fixed | precision | recall | net |",
+        "|" + "---|" * 8,
+    ]
     for name, regions in flips.items():
         for region, f in regions.items():
-            lines.append(f"| {name} | {region} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} "
-                         f"| {100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |")
+            lines.append(
+                f"| {name} | {region} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} "
+                f"| {100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |"
+            )
     return lines
 
 
 def summary_markdown(s: dict) -> str:
     cols = [*REGIONS, "avg"]
-    head = "| fold | model | " + " | ".join(f"Dice {c}" for c in cols) + " | " + " | ".join(f"HD95 {c}" for c in cols) + " |"
-    lines = [f"HD95 convention: {s['convention']} (mm). Dice in %. Diffusion models: each fold's "
-             f"{s.get('checkpoint', 'latest')} checkpoint.", "", head, "|" + "---|" * (2 + 2 * len(cols))]
+    head = (
+        "| fold | model | "
+        + " | ".join(f"Dice {c}" for c in cols)
+        + " | "
+        + " | ".join(f"HD95 {c}" for c in cols)
+        + " |"
+    )
+    lines = [
+        f"HD95 convention: {s['convention']} (mm). Dice in %. Diffusion models: each fold's "
+        f"{s.get('checkpoint', 'latest')} checkpoint.",
+        "",
+        head,
+        "|" + "---|" * (2 + 2 * len(cols)),
+    ]
 
     def row(label, name, vals, std=None):
         def cell(c, k, scale):
             v = f"{scale * vals[c][k]:.2f}"
             return v + (f" ± {scale * std[c][k]:.2f}" if std else "")
-        return (f"| {label} | {name} | " + " | ".join(cell(c, "dice", 100) for c in cols) + " | "
-                + " | ".join(cell(c, "hd95", 1) for c in cols) + " |")
+
+        return (
+            f"| {label} | {name} | "
+            + " | ".join(cell(c, "dice", 100) for c in cols)
+            + " | "
+            + " | ".join(cell(c, "hd95", 1) for c in cols)
+            + " |"
+        )
 
     folds = sorted({k for m in s["models"].values() for k in m["folds"]}, key=int)
     for k in folds:
@@ -136,21 +174,46 @@ def summary_markdown(s: dict) -> str:
         if m["mean"]:
             lines.append(row(f"mean ± std ({m['n_folds']} folds)", name, m["mean"], m["std"]))
     if s["improvement"]:
-        lines += ["", "Improvement over the U-Net (Dice in points, HD95 in %, positive = better):", "",
-                  "| model | " + " | ".join(f"Dice {c}" for c in cols) + " | " + " | ".join(f"HD95 {c}" for c in cols) + " |",
-                  "|" + "---|" * (1 + 2 * len(cols))]
+        lines += [
+            "",
+            "Improvement over the U-Net (Dice in points, HD95 in %, positive = better):",
+            "",
+            "| model | " + " | ".join(f"Dice {c}" for c in cols) + " | " + " | ".join(f"HD95 {c}" for c in cols) + " |",
+            "|" + "---|" * (1 + 2 * len(cols)),
+        ]
         for name, imp in s["improvement"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{imp[c]['dice_points']:+.2f}" for c in cols) + " | "
-                         + " | ".join(f"{imp[c]['hd95_percent']:+.1f} %" for c in cols) + " |")
-    lines += ["", "BraTS 2023 lesion-wise scores (mean ± std over folds):", "",
-              "| model | " + " | ".join(f"LW Dice {c}" for c in cols) + " | " + " | ".join(f"LW HD95 {c}" for c in cols) + " |",
-              "|" + "---|" * (1 + 2 * len(cols))]
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{imp[c]['dice_points']:+.2f}" for c in cols)
+                + " | "
+                + " | ".join(f"{imp[c]['hd95_percent']:+.1f} %" for c in cols)
+                + " |"
+            )
+    lines += [
+        "",
+        "BraTS 2023 lesion-wise scores (mean ± std over folds):",
+        "",
+        "| model | "
+        + " | ".join(f"LW Dice {c}" for c in cols)
+        + " | "
+        + " | ".join(f"LW HD95 {c}" for c in cols)
+        + " |",
+        "|" + "---|" * (1 + 2 * len(cols)),
+    ]
     for name, m in s["models"].items():
         if m["mean"]:
-            lines.append(f"| {name} | " + " | ".join(
-                f"{100 * m['mean'][c]['lesionwise_dice']:.2f} ± {100 * m['std'][c]['lesionwise_dice']:.2f}" for c in cols)
-                + " | " + " | ".join(
-                f"{m['mean'][c]['lesionwise_hd95']:.2f} ± {m['std'][c]['lesionwise_hd95']:.2f}" for c in cols) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(
+                    f"{100 * m['mean'][c]['lesionwise_dice']:.2f} ± {100 * m['std'][c]['lesionwise_dice']:.2f}"
+                    for c in cols
+                )
+                + " | "
+                + " | ".join(
+                    f"{m['mean'][c]['lesionwise_hd95']:.2f} ± {m['std'][c]['lesionwise_hd95']:.2f}" for c in cols
+                )
+                + " |"
+            )
     lines += flip_markdown(s.get("flips", {}))
     return "\n".join(lines) + "\n"
 
@@ -187,6 +250,7 @@ def write_summary(eval_dir, per_fold: dict, convention: str, checkpoint: str = "
 def hd95_by_model_figure(per_fold: dict, path) -> None:
     """Per-case HD95 (average of the three regions) by model: one dot per case, the mean as a bar."""
     import matplotlib
+
     matplotlib.use("Agg")
     from pathlib import Path
 
@@ -219,6 +283,7 @@ def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
     image ``[D, H, W, 4]``; gt, unet, refined ``[D, H, W, 3]`` binary region masks.
     """
     import matplotlib
+
     matplotlib.use("Agg")
     from pathlib import Path
 
@@ -230,12 +295,16 @@ def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
     flipped = np.any(unet[:, :, z] != refined[:, :, z], -1).T
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].imshow(sl, cmap="gray", origin="lower")
-    styles = ((gt, "lime", "solid", 1.0, "ground truth"), (unet, "red", "solid", 2.2, "U-Net"),
-              (refined, "cyan", "dashed", 1.2, "refined"))  # refined dashed over U-Net: both stay visible
+    styles = (
+        (gt, "lime", "solid", 1.0, "ground truth"),
+        (unet, "red", "solid", 2.2, "U-Net"),
+        (refined, "cyan", "dashed", 1.2, "refined"),
+    )  # refined dashed over U-Net: both stay visible
     for mask, colour, style, width, label in styles:
         if mask[:, :, z, 0].any():
-            axes[0].contour(mask[:, :, z, 0].T.astype(float), levels=[0.5], colors=colour, linewidths=width,
-                            linestyles=style)
+            axes[0].contour(
+                mask[:, :, z, 0].T.astype(float), levels=[0.5], colors=colour, linewidths=width, linestyles=style
+            )
         axes[0].plot([], [], color=colour, linestyle=style, label=label)
     axes[0].legend(loc="lower right", fontsize=7)
     axes[0].set_title("WT contours on t1c")

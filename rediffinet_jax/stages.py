@@ -56,13 +56,23 @@ class UNetStage:
 
     def build(self, seed: int) -> UNet:
         c = self.cfg
-        return UNet(4 + int(c.foreground_channel), tuple(c.filters), out_channels=3,
-                    deep_supervision=c.deep_supervision, dtype=DTYPES[c.dtype], remat=c.remat, rngs=nnx.Rngs(seed))
+        return UNet(
+            4 + int(c.foreground_channel),
+            tuple(c.filters),
+            out_channels=3,
+            deep_supervision=c.deep_supervision,
+            dtype=DTYPES[c.dtype],
+            remat=c.remat,
+            rngs=nnx.Rngs(seed),
+        )
 
     def optimizer(self) -> optax.GradientTransformation:
         c = self.cfg  # Adam with L2 weight decay added to the gradient, as torch.optim.Adam
-        return optax.chain(optax.add_decayed_weights(c.weight_decay), optax.scale_by_adam(),
-                           optax.scale_by_learning_rate(lr_schedule(c.lr, c.steps, c.warmup_frac)))
+        return optax.chain(
+            optax.add_decayed_weights(c.weight_decay),
+            optax.scale_by_adam(),
+            optax.scale_by_learning_rate(lr_schedule(c.lr, c.steps, c.warmup_frac)),
+        )
 
     def loss(self, model, batch, key):
         del key  # deterministic given the batch
@@ -71,8 +81,16 @@ class UNetStage:
 
     def validate(self, model, cases, key) -> float:
         del key
-        return float(np.mean([region_dice(inference.unet_probabilities(self.cfg, model, case.image) > 0.5,
-                                          np.asarray(case.regions)) for case in cases]))
+        return float(
+            np.mean(
+                [
+                    region_dice(
+                        inference.unet_probabilities(self.cfg, model, case.image) > 0.5, np.asarray(case.regions)
+                    )
+                    for case in cases
+                ]
+            )
+        )
 
 
 @dataclasses.dataclass
@@ -94,8 +112,9 @@ class DiffusionStage:
 
     def build(self, seed: int) -> DiffusionNet:
         c = self.cfg
-        return DiffusionNet(self.variant.cond_channels, 3, tuple(c.features), DTYPES[c.dtype], c.remat,
-                            rngs=nnx.Rngs(seed))
+        return DiffusionNet(
+            self.variant.cond_channels, 3, tuple(c.features), DTYPES[c.dtype], c.remat, rngs=nnx.Rngs(seed)
+        )
 
     def optimizer(self) -> optax.GradientTransformation:
         c = self.cfg
@@ -111,8 +130,7 @@ class DiffusionStage:
         scores = []
         for i, case in enumerate(cases):
             unet = np.asarray(case.unet) if self.with_unet else None
-            y = inference.diffusion_fused(self, model, case.image, unet, jax.random.fold_in(key, i), s.steps,
-                                          s.samples)
+            y = inference.diffusion_fused(self, model, case.image, unet, jax.random.fold_in(key, i), s.steps, s.samples)
             # the segmentation (U(I) XOR Δ̂ for Re-DiffiNet), not Δ̂: "best" means best at the task
             scores.append(region_dice(inference.finish(self, y, unet), np.asarray(case.regions)))
         return float(np.mean(scores))

@@ -81,9 +81,17 @@ class Trainer:
         state = self.init_state(seed)
         restored = checkpoints.restore(mgr, state, "latest", sharding=self.replicated, log=log)
         ds = pipeline.train_dataset(
-            refs, c.patch, parallel.per_process_batch(c.batch), seed, foreground_fraction=c.foreground_fraction,
-            with_unet=self.stage.with_unet, augment=pipeline.Augment(**c.augment.to_dict()),
-            num_workers=num_workers, process_index=jax.process_index(), process_count=jax.process_count())
+            refs,
+            c.patch,
+            parallel.per_process_batch(c.batch),
+            seed,
+            foreground_fraction=c.foreground_fraction,
+            with_unet=self.stage.with_unet,
+            augment=pipeline.Augment(**c.augment.to_dict()),
+            num_workers=num_workers,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         it = iter(ds)
         start = 0
         if restored is not None:
@@ -95,8 +103,17 @@ class Trainer:
             _truncate_metrics(wd.metrics_file(folder), start)
         return mgr, state, it, start
 
-    def fit(self, folder: Path, refs, val_cases, seed: int, *, num_workers: int = 0,
-            stop_after: int | None = None, log: Callable[[str], None] = print) -> dict | None:
+    def fit(
+        self,
+        folder: Path,
+        refs,
+        val_cases,
+        seed: int,
+        *,
+        num_workers: int = 0,
+        stop_after: int | None = None,
+        log: Callable[[str], None] = print,
+    ) -> dict | None:
         """Trains in ``folder`` (checkpoints/, metrics.jsonl, done.json) from scratch or its last checkpoint.
 
         refs: the training cases (pipeline.CaseRef); val_cases: cached Case objects (with ``unet``
@@ -107,8 +124,16 @@ class Trainer:
         c = self.stage.cfg
         folder.mkdir(parents=True, exist_ok=True)
         mgr, state, it, start = self._start(folder, refs, seed, num_workers, log)
-        bar = progress.bar(None, f"{self.stage.name} {folder.name}", "step", self.progress, total=c.steps,
-                           initial=start, dynamic_ncols=True, leave=True)
+        bar = progress.bar(
+            None,
+            f"{self.stage.name} {folder.name}",
+            "step",
+            self.progress,
+            total=c.steps,
+            initial=start,
+            dynamic_ncols=True,
+            leave=True,
+        )
         try:
             finished = self._loop(folder, mgr, state, it, start, val_cases, seed, stop_after, bar, log)
         finally:
@@ -118,8 +143,12 @@ class Trainer:
                 it.close()
         if not finished:
             return None
-        done = {"steps": c.steps, "best_step": mgr.best_step(), "latest_step": mgr.latest_step(),
-                "run": parallel.shared_id()}
+        done = {
+            "steps": c.steps,
+            "best_step": mgr.best_step(),
+            "latest_step": mgr.latest_step(),
+            "run": parallel.shared_id(),
+        }
         wd.mark_trained(folder, done)
         return done
 
@@ -161,10 +190,16 @@ class Trainer:
         """The step's metrics record; a non-finite loss stops the run."""
         loss = float(parallel.to_host(m["loss"]))
         if not math.isfinite(loss):
-            raise TrainingError(f"{self.stage.name} {folder.name}: loss is {loss} at step {step + 1}; "
-                                f"the last good checkpoint (step {mgr.latest_step()}) is kept")
-        return {"step": step + 1, "loss": loss, **{k: float(parallel.to_host(v)) for k, v in m.items() if k != "loss"},
-                "time": round(time.time() - t0, 3)}
+            raise TrainingError(
+                f"{self.stage.name} {folder.name}: loss is {loss} at step {step + 1}; "
+                f"the last good checkpoint (step {mgr.latest_step()}) is kept"
+            )
+        return {
+            "step": step + 1,
+            "loss": loss,
+            **{k: float(parallel.to_host(v)) for k, v in m.items() if k != "loss"},
+            "time": round(time.time() - t0, 3),
+        }
 
     def load(self, folder: Path, which: str = "best", log: Callable[[str], None] = print):
         """The trained model of ``folder`` (its best or latest checkpoint; a broken one falls back): the

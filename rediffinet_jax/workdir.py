@@ -152,8 +152,10 @@ def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print)
     if saved is not None:
         if diff and not overwrite:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
-            raise ConfigError(f"{folder} was trained with other settings ({details}); use another --workdir, "
-                              f"or --overwrite to retrain this stage")
+            raise ConfigError(
+                f"{folder} was trained with other settings ({details}); use another --workdir, "
+                f"or --overwrite to retrain this stage"
+            )
         if not diff:
             return
         log(f"--overwrite: settings of {folder} changed ({', '.join(diff[:8])}); deleting it")
@@ -170,8 +172,10 @@ def renew_oof_if_checkpoint_changed(layout: Layout, settings: dict, log=print) -
     saved, flat, diff = _settings_diff(folder, settings)
     if saved is None or diff != [OOF_KEY]:
         return
-    log(f"the out-of-fold U-Net maps were made from the {saved.get(OOF_KEY)} checkpoints; remaking them from "
-        f"the {flat[OOF_KEY]} ones (and the U-Net's scores in eval/unet)")
+    log(
+        f"the out-of-fold U-Net maps were made from the {saved.get(OOF_KEY)} checkpoints; remaking them from "
+        f"the {flat[OOF_KEY]} ones (and the U-Net's scores in eval/unet)"
+    )
     shutil.rmtree(layout.oof, ignore_errors=True)
     shutil.rmtree(layout.eval_model(BASELINE), ignore_errors=True)
     _write_settings(folder, flat, settings)
@@ -180,6 +184,7 @@ def renew_oof_if_checkpoint_changed(layout: Layout, settings: dict, log=print) -
 def load_settings(folder):
     """The full settings a stage folder was made with, as a ConfigDict (for evaluate and predict)."""
     from ml_collections import ConfigDict
+
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} holds no trained stage ({SETTINGS_FILE} missing)")
@@ -201,8 +206,11 @@ def check_record(path, record: dict, remedy: str) -> None:
     record = json.loads(json.dumps(record))
     old = read_json(path)
     if old is not None:
-        diff = [f"{k}: {old.get(k)!r} -> {record.get(k)!r}" for k in sorted(set(old) | set(record))
-                if old.get(k) != record.get(k)]
+        diff = [
+            f"{k}: {old.get(k)!r} -> {record.get(k)!r}"
+            for k in sorted(set(old) | set(record))
+            if old.get(k) != record.get(k)
+        ]
         if diff:
             raise ConfigError(f"{Path(path).parent} was made with other settings ({', '.join(diff)}); {remedy}")
         return
@@ -248,12 +256,16 @@ def oof_runs(layout: Layout, n_folds: int) -> dict:
     record = oof_record(layout)
     missing = [k for k in range(n_folds) if str(k) not in record]
     if missing:
-        raise ConfigError(f"the out-of-fold U-Net maps of fold(s) {missing} are not made (or not recorded in "
-                          f"{layout.oof_record}): run train.py --stage unet first")
+        raise ConfigError(
+            f"the out-of-fold U-Net maps of fold(s) {missing} are not made (or not recorded in "
+            f"{layout.oof_record}): run train.py --stage unet first"
+        )
     runs = {str(k): record[str(k)] for k in range(n_folds)}
     if stale := stale_folds(runs, unet_runs(layout, n_folds)):
-        raise ConfigError(f"the out-of-fold maps of U-Net fold(s) {stale} were made before the fold was trained "
-                          f"again: run train.py --stage unet first, which remakes them")
+        raise ConfigError(
+            f"the out-of-fold maps of U-Net fold(s) {stale} were made before the fold was trained "
+            f"again: run train.py --stage unet first, which remakes them"
+        )
     return runs
 
 
@@ -333,13 +345,21 @@ def lock(folder, what: str | None = None, create: bool = True):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{folder} is in use by {_holder(handle)}; wait for it to end or use another "
-                              f"folder") from None
+            raise ConfigError(
+                f"{folder} is in use by {_holder(handle)}; wait for it to end or use another folder"
+            ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "command": what or " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        handle.write(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "command": what or " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            )
+        )
         handle.flush()
         yield
     finally:

@@ -13,10 +13,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main():
     from rediffinet_jax import cli, parallel
+
     parallel.maybe_initialize_distributed()
     import jax
 
     from rediffinet_jax.errors import CaseError
+
     with cli._guard():
         parallel.barrier("both started")  # the collectives are set up: process 0 then waits on a live peer
         if jax.process_index() == 1:

@@ -15,8 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(cache, out, coordinator=None, num_processes=None, process_id=None):
     import absl.flags
+
     absl.flags.FLAGS.mark_as_parsed()
     from rediffinet_jax import parallel
+
     if coordinator:
         parallel.maybe_initialize_distributed(coordinator, int(num_processes), int(process_id))
     else:  # JAX_COORDINATOR_ADDRESS etc. if set (tests/processes.py run_distributed), else one process
@@ -40,12 +42,16 @@ def main(cache, out, coordinator=None, num_processes=None, process_id=None):
     done = trainer.fit(Path(out) / "run", refs[1:], val, seed=0, log=lambda m: None)
     model = trainer.load(Path(out) / "run", "latest")
     from flax import nnx
+
     leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
     params = {jax.tree_util.keystr(p): parallel.to_host(v[...] if hasattr(v, "value") else v) for p, v in leaves}
     if jax.process_index() == 0:
         np.savez(Path(out) / "params.npz", **params)
-    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, run "
-          f"{done['run']}, done", flush=True)
+    print(
+        f"process {jax.process_index()} of {jax.process_count()}: {jax.device_count()} devices, run "
+        f"{done['run']}, done",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ def free_port() -> int:
 def env(devices: int, **extra) -> dict:
     """The test environment with ``devices`` fake CPU devices and no inherited coordinator settings."""
     out = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
-    out.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT), **extra)
+    out.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        **extra,
+    )
     return out
 
 
@@ -49,11 +53,17 @@ def run_distributed(args, n: int = 2, timeout: float = 300) -> list[str]:
     """``python *args`` as ``n`` processes of one JAX distributed run (the environment variables
     ``parallel.maybe_initialize_distributed`` reads), one CPU device each; fails the test unless all exit 0."""
     coordinator = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(n),
-                                      JAX_PROCESS_ID=str(i)))
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *map(str, args)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i)),
+        )
+        for i in range(n)
+    ]
     outs = wait_all(procs, time.time() + timeout, timeout)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     return outs

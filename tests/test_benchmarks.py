@@ -41,8 +41,13 @@ def _gpu_like_env(tmp_path, **env):
 
 
 def _device_sh(tmp_path, **env):
-    return subprocess.run(["bash", "benchmarks/device.sh"], env=_gpu_like_env(tmp_path, **env), capture_output=True,
-                          text=True, timeout=500)
+    return subprocess.run(
+        ["bash", "benchmarks/device.sh"],
+        env=_gpu_like_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
 
 
 def test_gpu_like_env_blocks_the_missing_packages(tmp_path):
@@ -50,7 +55,9 @@ def test_gpu_like_env_blocks_the_missing_packages(tmp_path):
     for name in GPU_MISSING:
         r = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
         assert r.returncode != 0 and "not on the GPU machines" in r.stderr, name
-    assert subprocess.run([sys.executable, "-c", "import scipy, flax, optax, orbax.checkpoint"], env=env).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-c", "import scipy, flax, optax, orbax.checkpoint"], env=env).returncode == 0
+    )
 
 
 def test_device_script_smoke(tmp_path):
@@ -60,13 +67,17 @@ def test_device_script_smoke(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     recs = summary.read(tmp_path / "device.jsonl")
     assert [(x["bench"], x["dtype"], x.get("remat", False)) for x in recs] == [
-        ("sampler", "bfloat16", False), ("train_step_rediffinet", "bfloat16", False),
-        ("train_step_unet", "bfloat16", False), ("sampler", "float32", False),
-        ("train_step_rediffinet", "float32", False), ("train_step_rediffinet", "bfloat16", True)]
+        ("sampler", "bfloat16", False),
+        ("train_step_rediffinet", "bfloat16", False),
+        ("train_step_unet", "bfloat16", False),
+        ("sampler", "float32", False),
+        ("train_step_rediffinet", "float32", False),
+        ("train_step_rediffinet", "bfloat16", True),
+    ]
     assert all(x["tflop_per_window"] > 0 and x["window_s"] > 0 for x in recs if x["bench"] == "sampler")
     assert all(x["batch"] == 2 and x["step_s"] > 0 for x in recs if x["bench"] != "sampler")
     assert all(0 < x["fraction_of_peak"] < 1.5 for x in recs)
-    table = r.stdout[r.stdout.index("| benchmark |"):r.stdout.index("| layer |")]
+    table = r.stdout[r.stdout.index("| benchmark |") : r.stdout.index("| layer |")]
     assert table.count("\n| ") == 6 and "| sampler, one window | bfloat16 | no | 16×16×16 | 2×2 |" in table
     assert "target, bfloat16 window ≤ 1.5 s at ≥ 30% of peak: " in table and "not measured" not in table
     assert (tmp_path / "device.log").read_text().count("--- benchmarks/") == 7
@@ -75,12 +86,16 @@ def test_device_script_smoke(tmp_path):
     assert len(layer_recs) == 12 and {x["dtype"] for x in layer_recs} == {"bfloat16"}
     assert all(x["forward_ms"] > 0 and x["train_ms"] > 0 for x in layer_recs)
     strided = [x for x in layer_recs if x["layer"].startswith("conv k3 s2")]
-    assert [x["output"] for x in strided] == [[2, 8, 8, 8, 8]] * 2 and [x["input"] for x in strided] == [[2, 16, 16, 16, 4]] * 2
+    assert [x["output"] for x in strided] == [[2, 8, 8, 8, 8]] * 2 and [x["input"] for x in strided] == [
+        [2, 16, 16, 16, 4]
+    ] * 2
     assert r.stdout.count("\n| conv") == 10 and "| maxpool2 8 | bfloat16 | 2×16×16×16×8 |" in r.stdout
     # one profile of each bfloat16 sampler and train step: two files each, the reports in the log, the
     # Re-DiffiNet step's table by source printed, naming the model's convolutions
     prefixes = ("sampler-bfloat16", "step-rediffinet-bfloat16", "step-unet-bfloat16")
-    assert sorted(p.name for p in tmp_path.glob("*.gz")) == sorted(f"{p}.{e}.gz" for p in prefixes for e in ("hlo.txt", "trace.json"))
+    assert sorted(p.name for p in tmp_path.glob("*.gz")) == sorted(
+        f"{p}.{e}.gz" for p in prefixes for e in ("hlo.txt", "trace.json")
+    )
     assert all(f"profile {p}: " in (tmp_path / "device.log").read_text() for p in prefixes)
     assert "profile step-rediffinet-bfloat16: " in r.stdout and "conv3d" in r.stdout.split("by source")[1]
 
@@ -93,13 +108,25 @@ def test_device_script_deadline(tmp_path):
 
 def test_summary_targets():
     def rec(bench, secs, frac, dtype="bfloat16", remat=False):
-        return {"bench": bench, "dtype": dtype, "remat": remat, "window_s": secs, "step_s": secs,
-                "fraction_of_peak": frac}
+        return {
+            "bench": bench,
+            "dtype": dtype,
+            "remat": remat,
+            "window_s": secs,
+            "step_s": secs,
+            "fraction_of_peak": frac,
+        }
+
     met = summary.targets([rec("sampler", 1.2, 0.35), rec("train_step_rediffinet", 0.5, 0.31)])
     assert [line.split(": ")[1].split(" ")[0] for line in met] == ["met", "met"]
-    missed = summary.targets([rec("sampler", 1.6, 0.35), rec("sampler", 1.0, 0.9, "float32"),
-                              rec("train_step_rediffinet", 0.5, 0.9, remat=True),
-                              rec("train_step_rediffinet", 0.5, 0.29)])
+    missed = summary.targets(
+        [
+            rec("sampler", 1.6, 0.35),
+            rec("sampler", 1.0, 0.9, "float32"),
+            rec("train_step_rediffinet", 0.5, 0.9, remat=True),
+            rec("train_step_rediffinet", 0.5, 0.29),
+        ]
+    )
     assert [line.split(": ")[1].split(" ")[0] for line in missed] == ["missed", "missed"]
     assert summary.targets([rec("sampler", 1.5, 0.29)])[0].split(": ")[1].startswith("missed")
 
@@ -116,8 +143,9 @@ def test_reference_formulations_equal_native(stride):
 
 
 def test_compile_only_reports_xla_memory_plan(capsys):
-    sampler.main(["--size", "16,16,16", "--steps", "2", "--samples", "2", "--features", "8,8,16,32,64,8",
-                  "--compile_only"])
+    sampler.main(
+        ["--size", "16,16,16", "--steps", "2", "--samples", "2", "--features", "8,8,16,32,64,8", "--compile_only"]
+    )
     (rec,) = _records(capsys.readouterr().out)
     # the float32 condition image alone is 16³ × 7 × 4 bytes; temporaries hold at least x_t for 2 samples
     assert rec["bench"] == "sampler_memory" and rec["argument_gib"] * 2**30 >= 16**3 * 7 * 4
@@ -135,6 +163,7 @@ def test_layer_benchmark_times_forward_and_backward(name):
     def flops(f, *args):
         cost = f.lower(*args).compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
     assert 2.7 < flops(train, x, params, g) / flops(fwd, x, params) < 3.3
     loss, _ = train(x, params, g)
     assert float(loss) == pytest.approx(float(jnp.sum(fwd(x, params) * g)), rel=1e-4)
@@ -161,7 +190,9 @@ def test_profile_names_the_costly_line(tmp_path):
     s = hlo_profile.summarize(times, hlo)
     line = _inner.__code__.co_firstlineno + 1
     top = s["by_source"][:2]
-    assert {r["direction"] for r in top} == {"fwd", "bwd"} and all(f"test_benchmarks.py:{line} _inner" in r["source"] for r in top)
+    assert {r["direction"] for r in top} == {"fwd", "bwd"} and all(
+        f"test_benchmarks.py:{line} _inner" in r["source"] for r in top
+    )
     assert "_middle" in top[0]["source"] and sum(r["share"] for r in top) > 0.5 and span > 0
     report = hlo_profile.report(str(tmp_path / "p"), top=3)
     assert report.startswith("profile p: ") and report.count(f":{line} _inner") >= 2
@@ -170,15 +201,24 @@ def test_profile_names_the_costly_line(tmp_path):
 def test_read_trace_counts_gpu_kernels_once(tmp_path):
     """A GPU-shaped trace: kernels on Stream threads count; the profiler's XLA Ops line (the same time
     again) and the host's events do not."""
+
     def meta(pid, tid, kind, name):
         return {"ph": "M", "pid": pid, "tid": tid, "name": kind, "args": {"name": name}}
 
     def ev(pid, tid, ts, dur, op, name="k"):
         return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": {"hlo_op": op}}
-    events = [meta(1, 0, "process_name", "/host:CPU"), meta(2, 0, "process_name", "/device:GPU:0"),
-              meta(2, 7, "thread_name", "Stream #7(Compute)"), meta(2, 9, "thread_name", "XLA Ops"),
-              ev(2, 7, 100.0, 30.0, "fusion.1"), ev(2, 7, 140.0, 10.0, "fusion.1"), ev(2, 7, 160.0, 5.0, "conv.2"),
-              ev(2, 9, 100.0, 50.0, "fusion.1", "fusion.1"), ev(1, 3, 0.0, 500.0, "fusion.1")]
+
+    events = [
+        meta(1, 0, "process_name", "/host:CPU"),
+        meta(2, 0, "process_name", "/device:GPU:0"),
+        meta(2, 7, "thread_name", "Stream #7(Compute)"),
+        meta(2, 9, "thread_name", "XLA Ops"),
+        ev(2, 7, 100.0, 30.0, "fusion.1"),
+        ev(2, 7, 140.0, 10.0, "fusion.1"),
+        ev(2, 7, 160.0, 5.0, "conv.2"),
+        ev(2, 9, 100.0, 50.0, "fusion.1", "fusion.1"),
+        ev(1, 3, 0.0, 500.0, "fusion.1"),
+    ]
     path = tmp_path / "t.trace.json.gz"
     with gzip.open(path, "wt") as fh:
         json.dump({"traceEvents": events}, fh)
@@ -191,13 +231,17 @@ def test_profile_of_the_h200_train_step():
     CUDA graphs, ``scheduling_name`` in the metadata): its kernels add up to the step time that
     train_step.py measured separately, nearly all are joined to the HLO, and the 3³ convolutions come
     first."""
-    prefix = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results",
-                          "h200-2026-11-27-after-step-rediffinet-bfloat16")
+    prefix = os.path.join(
+        os.path.dirname(__file__), "..", "benchmarks", "results", "h200-2026-11-27-after-step-rediffinet-bfloat16"
+    )
     times, _ = hlo_profile.read_trace(prefix + ".trace.json.gz")
     with gzip.open(prefix + ".hlo.txt.gz", "rt") as fh:
         s = hlo_profile.summarize(times, hlo_profile.read_hlo(fh.read()), top=1000)
-    (step,) = [r for r in summary.read(prefix.replace("step-rediffinet-bfloat16", "device.jsonl"))
-               if r["bench"] == "train_step_rediffinet" and r["dtype"] == "bfloat16"]
+    (step,) = [
+        r
+        for r in summary.read(prefix.replace("step-rediffinet-bfloat16", "device.jsonl"))
+        if r["bench"] == "train_step_rediffinet" and r["dtype"] == "bfloat16"
+    ]
     assert 0.9 < s["total_us"] / 1e6 / step["step_s"] < 1.0
     unjoined = sum(r["us"] for r in s["by_source"] if r["source"] == "(not in the HLO)")
     assert unjoined / s["total_us"] < 0.01

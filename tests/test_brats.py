@@ -74,7 +74,9 @@ def test_write_label_map_keeps_geometry(phantom_root, tmp_path):
     ref = nib.load(str(files.images["t1n"]))
     np.testing.assert_array_equal(back.affine, ref.affine)
     assert back.header.get_zooms() == ref.header.get_zooms()
-    assert back.header["qform_code"] == ref.header["qform_code"] and back.header["sform_code"] == ref.header["sform_code"]
+    assert (
+        back.header["qform_code"] == ref.header["qform_code"] and back.header["sform_code"] == ref.header["sform_code"]
+    )
     np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())
 
@@ -146,11 +148,22 @@ def _broken(tmp_path, phantom_root, how):
     return root, cid, f
 
 
-@pytest.mark.parametrize("how,match", [
-    ("missing", "missing modality t1c"), ("truncated", "cannot read"), ("corrupt", "cannot read"),
-    ("shape", "shape"), ("nan", "NaN"), ("affine", "affine"), ("label5", "outside"), ("label4", "old_brats"),
-    ("half", r"non-integer label values \[0.5\]"), ("zeros", "modality t1c is constant .every voxel 0"),
-    ("constant", "modality t1c is constant .every voxel 7")])
+@pytest.mark.parametrize(
+    "how,match",
+    [
+        ("missing", "missing modality t1c"),
+        ("truncated", "cannot read"),
+        ("corrupt", "cannot read"),
+        ("shape", "shape"),
+        ("nan", "NaN"),
+        ("affine", "affine"),
+        ("label5", "outside"),
+        ("label4", "old_brats"),
+        ("half", r"non-integer label values \[0.5\]"),
+        ("zeros", "modality t1c is constant .every voxel 0"),
+        ("constant", "modality t1c is constant .every voxel 7"),
+    ],
+)
 def test_bad_input_names_case_and_file(tmp_path, phantom_root, how, match):
     root, cid, f = _broken(tmp_path, phantom_root, how)
     with pytest.raises(CaseError, match=match) as err:

@@ -14,10 +14,19 @@ def _rel(a, b):
 
 # Every CPU formulation: taps on outputs (stride 1, "same"; depth 1 and 2 below the kernel's 3), taps on
 # inputs (stride 2; stride 1 without padding), the matrix product (1×1×1); odd and even sizes.
-@pytest.mark.parametrize("shape,stride,k,pad,cin,cout", [
-    ((1, 9, 10, 7), 1, 3, 1, 3, 5), ((2, 8, 8, 8), 1, 3, 1, 4, 6), ((1, 1, 5, 4), 1, 3, 1, 2, 3),
-    ((1, 2, 4, 5), 1, 3, 1, 3, 2), ((1, 7, 6, 5), 1, 3, 0, 3, 4), ((1, 12, 10, 8), 2, 3, 1, 5, 4),
-    ((1, 9, 7, 11), 2, 3, 1, 2, 3), ((2, 6, 6, 6), 1, 1, 0, 4, 3)])
+@pytest.mark.parametrize(
+    "shape,stride,k,pad,cin,cout",
+    [
+        ((1, 9, 10, 7), 1, 3, 1, 3, 5),
+        ((2, 8, 8, 8), 1, 3, 1, 4, 6),
+        ((1, 1, 5, 4), 1, 3, 1, 2, 3),
+        ((1, 2, 4, 5), 1, 3, 1, 3, 2),
+        ((1, 7, 6, 5), 1, 3, 0, 3, 4),
+        ((1, 12, 10, 8), 2, 3, 1, 5, 4),
+        ((1, 9, 7, 11), 2, 3, 1, 2, 3),
+        ((2, 6, 6, 6), 1, 1, 0, 4, 3),
+    ],
+)
 def test_conv3d_2d_equals_native_with_gradients(shape, stride, k, pad, cin, cout):
     kx, kk = jax.random.split(jax.random.key(sum(shape) + stride))
     x = jax.random.normal(kx, shape + (cin,))
@@ -53,6 +62,7 @@ def test_conv_transpose_2d_equals_native_with_gradients(shape, cin, cout):
 
 def test_impl_override(monkeypatch):
     from rediffinet_jax.models import layers
+
     monkeypatch.setenv("REDIFFINET_CONV", "xla")
     assert layers.conv_impl() == "xla"
     monkeypatch.setenv("REDIFFINET_CONV", "fast")
@@ -74,6 +84,7 @@ def test_jit_compiles_convolutions_with_eigen_not_ynnpack():
     # compiling.jit passes XLA_OPTIONS: the 2-D convolutions of the CPU path stay XLA's own (Eigen), measured
     # 1.4-2x faster here than YNNPACK's, which XLA picks by default
     from rediffinet_jax import compiling
+
     x, w = _YNN_SIZED
     text = compiling.jit(lambda x, w: conv3d(x, w, 1, 1, "2d")).lower(x, w).compile().as_text()
     assert "convolution(" in text and "__ynn_fusion" not in text
@@ -85,6 +96,7 @@ def test_jit_passes_the_cpu_options_on_the_cpu_only(monkeypatch):
     # another backend gets no XLA_OPTIONS (its XLA may not know the CPU field): with the backend reported
     # as "gpu" the same CPU compile keeps XLA's default, which gives the 2-D convolutions to YNNPACK
     from rediffinet_jax import compiling
+
     x, w = _YNN_SIZED
     f = compiling.jit(lambda x, w: conv3d(x, w, 1, 1, "2d"))
     monkeypatch.setattr(compiling.jax, "default_backend", lambda: "gpu")

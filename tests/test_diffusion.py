@@ -51,8 +51,9 @@ def test_sampler_returns_true_x0(k):
 
 
 def test_k3_visits_999_500_0():
-    seen = D.ddim(lambda x, t: jnp.full(x.shape, t / 999.0), jnp.zeros((1, 2)), D.space_timesteps(1000, 3),
-                  return_steps=True)["steps"]
+    seen = D.ddim(
+        lambda x, t: jnp.full(x.shape, t / 999.0), jnp.zeros((1, 2)), D.space_timesteps(1000, 3), return_steps=True
+    )["steps"]
     np.testing.assert_allclose(seen[:, 0, 0], [1.0, 500 / 999, 0.0], rtol=1e-6)
 
 
@@ -96,8 +97,9 @@ def test_suf_by_hand():
     assert float(y[0]) == pytest.approx(expected, rel=1e-6)
     # the same through the sampler: a model that replays those logits step by step
     table = jnp.asarray(logits)
-    out = D.ddim(lambda x, t: jnp.where(t == 999, table[0], table[1])[:, None], jnp.zeros((2, 1)), [0, 999],
-                 per_step=True)
+    out = D.ddim(
+        lambda x, t: jnp.where(t == 999, table[0], table[1])[:, None], jnp.zeros((2, 1)), [0, 999], per_step=True
+    )
     y2, _ = D.fuse(out["x0_sum"], out["logit_sum"], 2, "suf")
     assert float(y2[0]) == pytest.approx(expected, rel=1e-6)
     ym, _ = D.fuse(jnp.asarray([[0.5, -1.0]]), None, 2, "mean")
@@ -167,8 +169,11 @@ def tiny_batch():
     rng = np.random.default_rng(0)
     regions = (rng.uniform(size=(2, 16, 16, 16, 3)) > 0.7).astype(np.uint8)
     unet = (rng.uniform(size=(2, 16, 16, 16, 3)) > 0.7).astype(np.uint8)
-    return {"image": jnp.asarray(rng.normal(size=(2, 16, 16, 16, 4)), jnp.float32),
-            "regions": jnp.asarray(regions), "unet": jnp.asarray(unet)}
+    return {
+        "image": jnp.asarray(rng.normal(size=(2, 16, 16, 16, 4)), jnp.float32),
+        "regions": jnp.asarray(regions),
+        "unet": jnp.asarray(unet),
+    }
 
 
 @pytest.mark.parametrize("condition,target", VARIANTS)
@@ -193,7 +198,8 @@ def test_variant_trains_and_samples(condition, target, tiny_batch):
     assert not np.array_equal(before, np.asarray(model.denoiser.out.kernel[...]))
     cond = v.condition_image(tiny_batch["image"][:1], tiny_batch["unet"][:1])
     out = nnx.jit(lambda m, c, k: D.sample(m, c, k, steps=2, samples=2, fusion="suf", uncertainty=True))(
-        model, cond, jax.random.key(2))
+        model, cond, jax.random.key(2)
+    )
     assert out["y"].shape == (1, 16, 16, 16, 3)
     assert out["uncertainty"].shape == (1, 16, 16, 16, 3)
     assert float(out["uncertainty"].min()) >= 0 and float(out["uncertainty"].max()) <= 1
@@ -210,8 +216,9 @@ def jitted_sampler():
     @jax.jit
     def run(state, cond, key):
         traces.append(1)
-        return D.sample(nnx.merge(graphdef, state), cond, key, steps=3, samples=4, chunk=2, fusion="mean",
-                        return_steps=True)
+        return D.sample(
+            nnx.merge(graphdef, state), cond, key, steps=3, samples=4, chunk=2, fusion="mean", return_steps=True
+        )
 
     return run, state, traces
 
@@ -244,8 +251,9 @@ class _TanhModel:
 def test_chunked_suf_uses_the_mean_over_all_samples(chunk):
     """SUF weights need μ_k over all S samples: rebuilt by hand from every step's x̂0 (= logits here)."""
     cond = jnp.zeros((1, 2, 2, 2, 4))
-    out = jax.jit(lambda c, k: D.sample(_TanhModel(), c, k, steps=3, samples=4, chunk=chunk, fusion="suf",
-                                        return_steps=True))(cond, jax.random.key(7))
+    out = jax.jit(
+        lambda c, k: D.sample(_TanhModel(), c, k, steps=3, samples=4, chunk=chunk, fusion="suf", return_steps=True)
+    )(cond, jax.random.key(7))
     st = np.asarray(out["steps"], np.float64)  # [K, S, B, ...]
     mu = st.mean(1)
     p = np.maximum(1 / (1 + np.exp(-mu)), 0.001)

@@ -155,5 +155,8 @@ def test_flip_counts_by_hand():
     rows = M.flip_counts(p, u, g)
     assert [r["region"] for r in rows] == ["WT", "TC", "ET"]
     assert [(r["unet_errors"], r["flipped"], r["fixed"]) for r in rows] == [
-        (400, 250, 200), (5**3 - 4**3, 0, 0), (27, 29, 27)]
+        (400, 250, 200),
+        (5**3 - 4**3, 0, 0),
+        (27, 29, 27),
+    ]
     assert all(r["flipped"] == 0 for r in M.flip_counts(u, u, g))

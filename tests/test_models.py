@@ -17,19 +17,23 @@ SHAPE = (32, 48, 32)
 
 # ---------------------------------------------------------------- parameter counts at the paper's size (SPEC)
 
+
 @pytest.mark.parametrize("cin,expected", [(5, 50_838_665), (4, 50_836_937)])
 def test_unet_parameter_count(cin, expected):
     abstract = nnx.eval_shape(lambda: UNet(cin, rngs=nnx.Rngs(0)))
     assert count_params(abstract) == expected
 
 
-@pytest.mark.parametrize("condition,target,den,enc", [
-    ("concat", "discrepancy", 24_118_339, 14_284_608),  # Re-DiffiNet
-    ("image", "mask", 24_113_155, 14_279_424),  # Diff-U-Net
-    ("unet", "mask", 24_111_427, 14_277_696),  # UA-Diffusion, U(I)
-    ("concat", "mask", 24_118_339, 14_284_608),  # UA-Diffusion, concat
-    ("mask", "mask", 24_113_155, 14_279_424),  # UA-Diffusion, mask
-])
+@pytest.mark.parametrize(
+    "condition,target,den,enc",
+    [
+        ("concat", "discrepancy", 24_118_339, 14_284_608),  # Re-DiffiNet
+        ("image", "mask", 24_113_155, 14_279_424),  # Diff-U-Net
+        ("unet", "mask", 24_111_427, 14_277_696),  # UA-Diffusion, U(I)
+        ("concat", "mask", 24_118_339, 14_284_608),  # UA-Diffusion, concat
+        ("mask", "mask", 24_113_155, 14_279_424),  # UA-Diffusion, mask
+    ],
+)
 def test_diffusion_parameter_counts(condition, target, den, enc):
     v = Variant(condition, target)
     abstract = nnx.eval_shape(lambda: DiffusionNet(v.cond_channels, rngs=nnx.Rngs(0)))
@@ -40,6 +44,7 @@ def test_diffusion_parameter_counts(condition, target, den, enc):
 
 
 # ---------------------------------------------------------------- small networks
+
 
 @pytest.fixture(scope="module")
 def small_unet():
@@ -92,8 +97,9 @@ def test_diffusion_shapes_and_zero_features(small_diff):
     feats = small_diff.encode(cond)
     assert [f.shape[1:4] for f in feats] == [SHAPE] + [tuple(s // 2**i for s in SHAPE) for i in range(1, 5)]
     zeros = [jnp.zeros_like(f) for f in feats]
-    np.testing.assert_array_equal(small_diff.denoise(cond, x, t, zeros),
-                                  small_diff.denoiser(jnp.concatenate([cond, x], -1), t, None))
+    np.testing.assert_array_equal(
+        small_diff.denoise(cond, x, t, zeros), small_diff.denoiser(jnp.concatenate([cond, x], -1), t, None)
+    )
     assert not np.allclose(y, small_diff.denoise(cond, x, t, zeros))  # the features do matter
 
 
@@ -174,6 +180,7 @@ def test_remat_changes_nothing_but_memory():
 
 def test_maxpool_values_and_gradient_by_hand():
     from rediffinet_jax.models.denoiser import _maxpool2
+
     # distinct values: every 2x2x2 block's maximum is its voxel (1, 1, 1), so pooling picks x[:, 1::2, 1::2, 1::2]
     # and the gradient of the sum is 1 exactly there
     base = np.arange(2 * 4 * 6 * 4 * 3, dtype=np.float32).reshape(2, 4, 6, 4, 3)

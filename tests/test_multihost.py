@@ -23,12 +23,19 @@ def cache(phantom_root, tmp_path_factory):
 
 
 def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
-    one = subprocess.run([sys.executable, WORKER, str(cache), str(tmp_path / "one")], env=env(2), cwd=ROOT,
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    one = subprocess.run(
+        [sys.executable, WORKER, str(cache), str(tmp_path / "one")],
+        env=env(2),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     outs = run_distributed([WORKER, cache, tmp_path / "two"], 2, TIMEOUT)  # coordinator from the environment
     assert "process 1 of 2: 2 devices" in outs[1]
     import json
+
     run = json.loads((tmp_path / "two" / "run" / "done.json").read_text())["run"]  # written by process 0
     assert len(run) == 32 and all(f"run {run}, done" in o for o in outs)  # and returned by both
     a, b = np.load(tmp_path / "one" / "params.npz"), np.load(tmp_path / "two" / "params.npz")
@@ -40,10 +47,17 @@ def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
 
 def test_a_dead_process_does_not_hang_the_other(cache, tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
-    alive = subprocess.Popen([sys.executable, WORKER, str(cache), str(tmp_path), coordinator, "2", "0"],
-                             env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    alive = subprocess.Popen(
+        [sys.executable, WORKER, str(cache), str(tmp_path), coordinator, "2", "0"],
+        env=env(1),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    dead = subprocess.Popen(
+        [sys.executable, "-c", "raise SystemExit(3)"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     t0 = time.time()
     wait_all([alive, dead], time.time() + TIMEOUT, TIMEOUT)
     assert dead.returncode == 3
@@ -56,11 +70,17 @@ def test_one_failing_process_stops_every_process_within_a_minute():
     minute (JAX's heartbeat, parallel.HEARTBEAT_S), non-zero, and process 1's message names the case."""
     coordinator = f"127.0.0.1:{free_port()}"
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "failing_worker.py")], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
-                                      JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "failing_worker.py")],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
     outs = []
     try:
         for p in procs:

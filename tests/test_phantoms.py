@@ -40,6 +40,7 @@ def test_appearance_and_nesting():
         if (labels == 1).sum() > 50 and (labels == 3).sum() > 50:  # a dark core inside the bright rim
             assert t1c[labels == 1].mean() < 0.85 * t1c[labels == 3].mean()
         from scipy import ndimage
+
         n_lesions = ndimage.label(regions[..., 0], np.ones((3, 3, 3)))[1]
         seen_two |= n_lesions >= 2
         seen_no_et |= regions[..., 0].any() and not regions[..., 2].any()
@@ -57,6 +58,7 @@ def test_resumes_existing(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     from rediffinet_jax.data.cli import main
+
     main(["--out", str(tmp_path), "--cases", "2", "--unlabelled", "1", "--shape", "24,24,16"])
     assert "3 cases of shape (24, 24, 16)" in capsys.readouterr().out
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
@@ -70,7 +72,9 @@ def test_hard_phantoms_add_mimics_and_keep_plain_ones_unchanged():
     np.testing.assert_array_equal(plain[0], again[0])
     bright_outside = []
     for i in range(4):
-        image, labels = phantoms.generate_case((48, 48, 40), np.random.default_rng([0, i]), np.random.default_rng([0, i, 1]))
+        image, labels = phantoms.generate_case(
+            (48, 48, 40), np.random.default_rng([0, i]), np.random.default_rng([0, i, 1])
+        )
         regions = labels_to_regions(labels)
         assert np.all(regions[..., 2] <= regions[..., 1]) and np.all(regions[..., 1] <= regions[..., 0])
         healthy = np.any(image > 0, -1) & (labels == 0)
@@ -82,6 +86,7 @@ def test_hard_phantoms_add_mimics_and_keep_plain_ones_unchanged():
 
 def test_record_refuses_other_settings(tmp_path):
     from rediffinet_jax.errors import ConfigError
+
     phantoms.write_dataset(tmp_path, 2, (24, 24, 16), seed=1)
     with pytest.raises(ConfigError, match="seed 1.*asked: seed 2"):
         phantoms.write_dataset(tmp_path, 2, (24, 24, 16), seed=2)
@@ -95,6 +100,7 @@ def test_record_refuses_other_settings(tmp_path):
 
 def test_command_line_prints_what_is_on_disk(tmp_path, capsys):
     from rediffinet_jax.data.cli import main
+
     main(["--out", str(tmp_path), "--cases", "1", "--shape", "24,24,16", "--seed", "3"])
     with pytest.raises(SystemExit) as e:
         main(["--out", str(tmp_path), "--cases", "1", "--shape", "32,24,16"])

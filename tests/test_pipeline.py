@@ -112,7 +112,7 @@ def test_zoom(tmp_path):
     n, side, patch = 40, 8, 20
     ramp = np.broadcast_to(np.arange(1, n + 1, dtype=np.float32)[:, None, None, None], (n, n, n, 4))
     regions = np.zeros((n, n, n, 3), np.uint8)
-    regions[16:16 + side, 16:16 + side, 16:16 + side] = 1
+    regions[16 : 16 + side, 16 : 16 + side, 16 : 16 + side] = 1
     np.save(tmp_path / "image.npy", np.ascontiguousarray(ramp))
     np.save(tmp_path / "regions.npy", regions)
     aug = pipeline.Augment(flip_p=0.0, scale_shift=0.0, nvidia=False, zoom_p=1.0, zoom_max=1.4)

@@ -93,13 +93,15 @@ def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
     scored until remade, then remade (not the other fold's), and the refiner trained on the old maps is
     refused by train.py and predict.py and left out of the evaluation."""
     import json
+
     workdir = tmp_path / "run"
     shutil.copytree(finished[0], workdir)
     folds = json.loads((workdir / "splits.json").read_text())["folds"]
     runs = json.loads((workdir / "unet" / "oof" / "runs.json").read_text())
     done_path = workdir / "unet" / "fold_0" / "done.json"
-    assert runs == {str(k): json.loads((workdir / "unet" / f"fold_{k}" / "done.json").read_text())["run"]
-                    for k in (0, 1)}
+    assert runs == {
+        str(k): json.loads((workdir / "unet" / f"fold_{k}" / "done.json").read_text())["run"] for k in (0, 1)
+    }
     done = json.loads(done_path.read_text())
     done_path.write_text(json.dumps({**done, "run": "trained-again"}))
     stamps = {c: (workdir / "unet" / "oof" / f"{c}.nii.gz").stat().st_mtime_ns for f in folds for c in f}
@@ -118,7 +120,9 @@ def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
     assert "rediffinet: trained on out-of-fold maps of U-Net fold(s) [0] that were trained again" in proc.stdout
     assert "unet/fold_0: scored before the fold or its U-Net maps were made again" in proc.stdout
     assert json.loads((workdir / "eval" / "unet" / "fold_0" / "trained.json").read_text()) == {
-        "training": {**done, "run": "trained-again"}, "unet_maps": "trained-again"}
+        "training": {**done, "run": "trained-again"},
+        "unet_maps": "trained-again",
+    }
     proc = _train(workdir)
     assert proc.returncode == 2 and "oof_runs.0" in proc.stdout and "rediffinet" in proc.stdout
     cases = tmp_path / "in"
@@ -132,6 +136,7 @@ def test_refiner_from_an_older_version_is_adopted(finished, tmp_path):
     """A refiner whose settings predate ``oof_runs`` takes the current U-Net trainings instead of being
     refused (nothing retrained); one with other settings besides is still refused."""
     import json
+
     workdir = tmp_path / "run"
     shutil.copytree(finished[0], workdir)
     stage = workdir / "rediffinet"
@@ -184,8 +189,9 @@ def test_killed_in_stage_two_resumes(finished, tmp_path):
 
 def _run(script, *args):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _check_scores_against_files(workdir, k, rows) -> int:
@@ -217,20 +223,37 @@ def test_evaluate_writes_tables(finished):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     import csv
     import json
+
     wt_net = 0
     for model in ("unet", "rediffinet"):
         for k in (0, 1):
             with open(workdir / "eval" / model / f"fold_{k}" / "cases.csv") as f:
                 rows = list(csv.DictReader(f))
-            assert list(rows[0]) == ["case", "region", "dice", "hd95", "lesionwise_dice", "lesionwise_hd95",
-                                     "tp", "fp", "fn", "unet_errors", "flipped", "fixed", "seconds", "convention"]
+            assert list(rows[0]) == [
+                "case",
+                "region",
+                "dice",
+                "hd95",
+                "lesionwise_dice",
+                "lesionwise_hd95",
+                "tp",
+                "fp",
+                "fn",
+                "unet_errors",
+                "flipped",
+                "fixed",
+                "seconds",
+                "convention",
+            ]
             assert len(rows) == 3 * 3  # 3 held-out cases × [WT, TC, ET]
             if model == "rediffinet":  # the scores and flips are those of the label maps written, recomputed
                 wt_net += _check_scores_against_files(workdir, k, rows)
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
     assert summary["models"]["unet"]["n_folds"] == 2 and summary["models"]["rediffinet"]["n_folds"] == 2
     assert "rediffinet" in summary["improvement"]
-    assert set(summary["flips"]) == {"rediffinet"} and summary["flips"]["rediffinet"]["WT"]["net_error_change"] == wt_net
+    assert (
+        set(summary["flips"]) == {"rediffinet"} and summary["flips"]["rediffinet"]["WT"]["net_error_change"] == wt_net
+    )
     md = (workdir / "eval" / "summary.md").read_text()
     assert "mean ± std (2 folds)" in md and "| rediffinet | WT | " in md
     assert summary["checkpoint"] == "latest" and "each fold's latest checkpoint" in md  # the run's default
@@ -250,6 +273,7 @@ def test_evaluate_another_sampler_beside(finished):
     """--fusion/--steps/--samples score into eval/<model>-<fusion>-k<K>-s<S>/, summarized beside the model's
     own sampler; a folder's rows are never mixed with another checkpoint's."""
     import json
+
     workdir = finished[0]
     proc = _run("evaluate.py", f"--workdir={workdir}", "--fusion=suf", "--steps=2", "--samples=2")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -267,6 +291,7 @@ def test_retrained_stage_is_rescored(finished, tmp_path):
     (not kept from the old ones), and an evaluation with another sampler scored before is left out."""
     import csv
     import json
+
     workdir = tmp_path / "run"
     shutil.copytree(finished[0], workdir)
     old = {k: json.loads((workdir / "rediffinet" / f"fold_{k}" / "done.json").read_text()) for k in (0, 1)}
@@ -327,8 +352,16 @@ def test_predict_new_cases(finished, tmp_path):
     img = nib.load(str(t1c))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-3], img.affine, img.header), str(t1c))  # wrong shape
     out = tmp_path / "out"
-    proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={workdir}", "--save_uncertainty",
-                "--save_probabilities")
+    proc = _run(
+        "predict.py",
+        "-i",
+        str(cases),
+        "-o",
+        str(out),
+        f"--workdir={workdir}",
+        "--save_uncertainty",
+        "--save_probabilities",
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "BraTS-GLI-99998-000" in proc.stdout and "missing modality t2w" in proc.stdout
     assert "BraTS-GLI-99999-000" in proc.stdout and "shape" in proc.stdout
@@ -375,20 +408,28 @@ def test_two_processes_run_the_pipeline_as_one(finished, tmp_path):
     run_distributed(["predict.py", "-i", tmp_path / "in", "-o", tmp_path / "two", f"--workdir={workdir}"])
     single = _run("predict.py", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "one"), f"--workdir={workdir}")
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([f"{c}.nii.gz" for c in ids] + ["prediction.json"])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        [f"{c}.nii.gz" for c in ids] + ["prediction.json"]
+    )
     for c in ids:
-        np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "two" / f"{c}.nii.gz")).dataobj),
-                                      np.asarray(nib.load(str(tmp_path / "one" / f"{c}.nii.gz")).dataobj))
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(str(tmp_path / "two" / f"{c}.nii.gz")).dataobj),
+            np.asarray(nib.load(str(tmp_path / "one" / f"{c}.nii.gz")).dataobj),
+        )
 
 
 def test_user_errors_are_one_line_and_do_no_work(finished, tmp_path):
     """Bad config files, variants, folds and folders end with one 'error:' line and status 2, before any
     file is made; a work directory held by another command is refused naming the holder."""
     from rediffinet_jax import workdir as wd
+
     w = tmp_path / "w"
-    for args, msg in [(["--config=configs/nonexist.py"], "error: config file configs/nonexist.py not found"),
-                      ([f"--config={SMOKE[:-1]}"], "error: config configs/rediffinet.py:smok: unknown config argument"),
-                      (["--fold=7"], "error: --fold 7 is outside 0..1"), (["--fold=x"], "error: flag --fold=x")]:
+    for args, msg in [
+        (["--config=configs/nonexist.py"], "error: config file configs/nonexist.py not found"),
+        ([f"--config={SMOKE[:-1]}"], "error: config configs/rediffinet.py:smok: unknown config argument"),
+        (["--fold=7"], "error: --fold 7 is outside 0..1"),
+        (["--fold=x"], "error: flag --fold=x"),
+    ]:
         proc = _train(w, *args)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 2 and msg in out and "Traceback" not in out, out[-2000:]
@@ -398,7 +439,11 @@ def test_user_errors_are_one_line_and_do_no_work(finished, tmp_path):
     assert proc.returncode == 2 and "error: cannot write to" in proc.stdout and "Traceback" not in proc.stdout
     with wd.lock(w, "a test holding the lock"):
         proc = _train(w)
-    assert proc.returncode == 2 and "in use by a test holding the lock" in proc.stdout and f"pid {os.getpid()}" in proc.stdout
+    assert (
+        proc.returncode == 2
+        and "in use by a test holding the lock" in proc.stdout
+        and f"pid {os.getpid()}" in proc.stdout
+    )
     assert sorted(p.name for p in w.iterdir()) == [wd.LOCK_FILE]  # nothing else was made
 
 

@@ -65,7 +65,10 @@ def test_exact_resume_is_bitwise(data, tmp_path, stop):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]))
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0])
+        for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 7))  # nothing lost, nothing twice
 
 
@@ -131,6 +134,7 @@ def test_diffusion_validation_scores_the_refined_segmentation(monkeypatch):
     y[6, 6:10, 6:8, 0] = 1  # 8 inside TC
     stage = DiffusionStage(common.smoke(common.base()).diffusion)
     from rediffinet_jax import inference
+
     monkeypatch.setattr(inference, "diffusion_fused", lambda *args, **kwargs: y)
     case = ValCase("c", np.zeros((16, 16, 16, 4), np.float32), gt, gt.copy())
     got = stage.validate(None, [case], jax.random.key(0))

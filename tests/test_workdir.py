@@ -16,9 +16,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _holder(folder, seconds=60):
     """A process that takes the lock of ``folder`` and sleeps; returns once it holds it."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from rediffinet_jax import workdir\n"
-            "with workdir.lock(sys.argv[2], 'holder-test'):\n    print('held', flush=True); time.sleep(float(sys.argv[3]))")
-    p = subprocess.Popen([sys.executable, "-c", code, ROOT, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from rediffinet_jax import workdir\n"
+        "with workdir.lock(sys.argv[2], 'holder-test'):\n    print('held', flush=True); time.sleep(float(sys.argv[3]))"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, ROOT, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 

@@ -69,8 +69,9 @@ def _strip_ext(name: str) -> str | None:
     return None
 
 
-def discover_cases(root: str | os.PathLike, require_labels: bool = False,
-                   errors: list | None = None) -> list[CaseFiles]:
+def discover_cases(
+    root: str | os.PathLike, require_labels: bool = False, errors: list | None = None
+) -> list[CaseFiles]:
     """Finds the cases under ``root``, sorted by id.
 
     Accepts a folder per case (``<case>/<case>-t1n.nii.gz`` …) or flat files ``<case>-t1n.nii.gz`` in
@@ -121,9 +122,12 @@ def _case_folders(root: Path, errors: list | None) -> dict[str, Path]:
         if any(name.startswith(sub.name + "-") for name in nifti):
             groups[sub.name] = sub
         elif nifti:
-            err = CaseError(f"the folder's NIfTI files are not named <folder name>-<modality> ({', '.join(nifti[:3])}"
-                            f"{', ...' if len(nifti) > 3 else ''}); rename the folder or the files",
-                            case=sub.name, path=str(sub))
+            err = CaseError(
+                f"the folder's NIfTI files are not named <folder name>-<modality> ({', '.join(nifti[:3])}"
+                f"{', ...' if len(nifti) > 3 else ''}); rename the folder or the files",
+                case=sub.name,
+                path=str(sub),
+            )
             if errors is None:
                 raise err
             errors.append(err)
@@ -187,13 +191,19 @@ def crop(array: np.ndarray, box: Box) -> np.ndarray:
 
 def paste(array: np.ndarray, box: Box, full_shape: tuple[int, ...], fill=0) -> np.ndarray:
     """Inverse of :func:`crop`: places ``array`` at ``box`` in a new array of ``full_shape`` (+ channels)."""
-    out = np.full(tuple(full_shape) + array.shape[len(box):], fill, dtype=array.dtype)
+    out = np.full(tuple(full_shape) + array.shape[len(box) :], fill, dtype=array.dtype)
     out[tuple(slice(a, b) for a, b in box)] = array
     return out
 
 
-def load_case(files: CaseFiles, normalization: str = "zscore_rescale", old_brats: bool = False,
-              require_labels: bool = False, read_labels: bool = True, allow_empty_modality: bool = False) -> Case:
+def load_case(
+    files: CaseFiles,
+    normalization: str = "zscore_rescale",
+    old_brats: bool = False,
+    require_labels: bool = False,
+    read_labels: bool = True,
+    allow_empty_modality: bool = False,
+) -> Case:
     """Reads, checks, normalizes and crops one case (see :class:`Case`).
 
     read_labels: False ignores the seg file altogether (prediction: ``regions`` is None).
@@ -209,14 +219,20 @@ def load_case(files: CaseFiles, normalization: str = "zscore_rescale", old_brats
     for m in MODALITIES:
         data, img = read_nifti(files.images[m], files.case_id)
         if not allow_empty_modality and data.size and data.min() == data.max():
-            raise CaseError(f"modality {m} is constant (every voxel {data.flat[0]:g}): an empty or failed export? "
-                            f"(data.allow_empty_modality=True accepts it)", case=files.case_id,
-                            path=str(files.images[m]))
+            raise CaseError(
+                f"modality {m} is constant (every voxel {data.flat[0]:g}): an empty or failed export? "
+                f"(data.allow_empty_modality=True accepts it)",
+                case=files.case_id,
+                path=str(files.images[m]),
+            )
         if ref is None:
             ref = img
         elif data.shape != ref.shape:
-            raise CaseError(f"shape {data.shape} differs from {MODALITIES[0]}'s {ref.shape}",
-                            case=files.case_id, path=str(files.images[m]))
+            raise CaseError(
+                f"shape {data.shape} differs from {MODALITIES[0]}'s {ref.shape}",
+                case=files.case_id,
+                path=str(files.images[m]),
+            )
         elif not np.allclose(img.affine, ref.affine, atol=1e-4):
             raise CaseError(f"affine differs from {MODALITIES[0]}'s", case=files.case_id, path=str(files.images[m]))
         vols.append(data)
@@ -225,23 +241,37 @@ def load_case(files: CaseFiles, normalization: str = "zscore_rescale", old_brats
     if files.seg is not None and read_labels:
         seg, seg_img = read_nifti(files.seg, files.case_id)
         if seg.shape != ref.shape:
-            raise CaseError(f"seg shape {seg.shape} differs from the images' {ref.shape}",
-                            case=files.case_id, path=str(files.seg))
+            raise CaseError(
+                f"seg shape {seg.shape} differs from the images' {ref.shape}", case=files.case_id, path=str(files.seg)
+            )
         if not np.array_equal(seg, np.rint(seg)):
             odd = np.unique(seg[seg != np.rint(seg)])[:5].tolist()
-            raise CaseError(f"non-integer label values {odd} (a resampled or float-saved seg?)",
-                            case=files.case_id, path=str(files.seg))
+            raise CaseError(
+                f"non-integer label values {odd} (a resampled or float-saved seg?)",
+                case=files.case_id,
+                path=str(files.seg),
+            )
         try:
             regions = labels_to_regions(check_labels(np.rint(seg), old_brats))
         except ValueError as e:
             raise CaseError(str(e), case=files.case_id, path=str(files.seg)) from e
     elif require_labels:
-        raise CaseError("no segmentation (-seg) where labels are needed", case=files.case_id,
-                        path=str(files.images[MODALITIES[0]].parent))
+        raise CaseError(
+            "no segmentation (-seg) where labels are needed",
+            case=files.case_id,
+            path=str(files.images[MODALITIES[0]].parent),
+        )
     box = bounding_box(np.any(image != 0, axis=-1))
     image = normalize(crop(image, box), normalization)
-    return Case(files.case_id, image, None if regions is None else crop(regions, box),
-                tuple(float(s) for s in ref.header.get_zooms()[:3]), np.asarray(ref.affine), box, ref.shape)
+    return Case(
+        files.case_id,
+        image,
+        None if regions is None else crop(regions, box),
+        tuple(float(s) for s in ref.header.get_zooms()[:3]),
+        np.asarray(ref.affine),
+        box,
+        ref.shape,
+    )
 
 
 def write_label_map(labels: np.ndarray, path: str | os.PathLike, reference: str | os.PathLike) -> None:
@@ -265,8 +295,13 @@ def write_label_map(labels: np.ndarray, path: str | os.PathLike, reference: str 
 def _source_key(files: CaseFiles, normalization: str, old_brats: bool, allow_empty: bool) -> dict:
     paths = [files.images[m] for m in MODALITIES] + ([files.seg] if files.seg else [])
     stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    return {"version": _CACHE_VERSION, "normalization": normalization, "old_brats": old_brats,
-            "allow_empty_modality": allow_empty, "sources": stats}
+    return {
+        "version": _CACHE_VERSION,
+        "normalization": normalization,
+        "old_brats": old_brats,
+        "allow_empty_modality": allow_empty,
+        "sources": stats,
+    }
 
 
 def cached_meta(folder: str | os.PathLike) -> dict:
@@ -279,8 +314,14 @@ def cached_meta(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: str = "zscore_rescale",
-                old_brats: bool = False, require_labels: bool = False, allow_empty_modality: bool = False) -> Case:
+def cached_case(
+    files: CaseFiles,
+    cache_dir: str | os.PathLike,
+    normalization: str = "zscore_rescale",
+    old_brats: bool = False,
+    require_labels: bool = False,
+    allow_empty_modality: bool = False,
+) -> Case:
     """Like :func:`load_case`, through a cache of ``.npy`` files opened memory-mapped.
 
     The entry ``cache_dir/<case>/`` is rebuilt when a source file (size or mtime) or an option changes.
@@ -291,8 +332,14 @@ def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: s
     meta = cached_meta(folder) if (folder / "meta.json").is_file() else None
     if meta is None or meta["key"] != key:
         case = load_case(files, normalization, old_brats, require_labels, allow_empty_modality=allow_empty_modality)
-        meta = {"key": key, "spacing": case.spacing, "affine": case.affine.tolist(), "box": case.box,
-                "full_shape": case.full_shape, "labelled": case.regions is not None}
+        meta = {
+            "key": key,
+            "spacing": case.spacing,
+            "affine": case.affine.tolist(),
+            "box": case.box,
+            "full_shape": case.full_shape,
+            "labelled": case.regions is not None,
+        }
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             np.save(tmp / "image.npy", case.image)
@@ -302,5 +349,12 @@ def cached_case(files: CaseFiles, cache_dir: str | os.PathLike, normalization: s
     if require_labels and not meta["labelled"]:
         raise CaseError("no segmentation (-seg) where labels are needed", case=files.case_id)
     regions = np.load(folder / "regions.npy", mmap_mode="r") if meta["labelled"] else None
-    return Case(files.case_id, np.load(folder / "image.npy", mmap_mode="r"), regions, tuple(meta["spacing"]),
-                np.asarray(meta["affine"]), tuple(tuple(b) for b in meta["box"]), tuple(meta["full_shape"]))
+    return Case(
+        files.case_id,
+        np.load(folder / "image.npy", mmap_mode="r"),
+        regions,
+        tuple(meta["spacing"]),
+        np.asarray(meta["affine"]),
+        tuple(tuple(b) for b in meta["box"]),
+        tuple(meta["full_shape"]),
+    )

@@ -1,6 +1,6 @@
 """``rediffinet-phantoms``: writes phantom cases in BraTS 2023 layout and prints a short summary.
 
-    rediffinet-phantoms --out data/phantoms --cases 20 --shape 240,240,155 --seed 0
+rediffinet-phantoms --out data/phantoms --cases 20 --shape 240,240,155 --seed 0
 """
 
 from __future__ import annotations
@@ -29,8 +29,17 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     shape = tuple(int(s) for s in a.shape.split(","))
     try:
-        phantoms.write_dataset(a.out, a.cases, shape, a.seed, a.unlabelled, progress=True, hard=a.hard,
-                               tumour_scale=a.tumour_scale, overwrite=a.overwrite)
+        phantoms.write_dataset(
+            a.out,
+            a.cases,
+            shape,
+            a.seed,
+            a.unlabelled,
+            progress=True,
+            hard=a.hard,
+            tumour_scale=a.tumour_scale,
+            overwrite=a.overwrite,
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -48,8 +57,10 @@ def summary(root: Path) -> str:
             wt.append(int(np.asarray(case.regions[..., 0]).sum()))
     record = json.loads((root / phantoms.RECORD).read_text()) if (root / phantoms.RECORD).is_file() else {}
     made = ", ".join(f"{k} {v}" for k, v in record.items() if k != "shape")
-    return (f"{len(cases)} cases of shape {' / '.join(str(s) for s in sorted(shapes))} in {root} ({made}): "
-            f"{len(wt)} labelled, WT volume {min(wt) if wt else 0}–{max(wt) if wt else 0} voxels")
+    return (
+        f"{len(cases)} cases of shape {' / '.join(str(s) for s in sorted(shapes))} in {root} ({made}): "
+        f"{len(wt)} labelled, WT volume {min(wt) if wt else 0}–{max(wt) if wt else 0} voxels"
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,13 @@ from scipy import ndimage
 
 # Columns in MODALITIES order [t1n, t1c, t2w, t2f]; indices continue phantoms._TISSUES.
 TISSUES = ("vessel", "plexus")
-INTENSITY = np.array([
-    [0.45, 1.60, 0.55, 0.55],  # vessel: enhances like ET, grey-matter-like on T2 (no edema around it)
-    [0.50, 1.15, 0.85, 0.45],  # choroid plexus: enhances, inside CSF
-], np.float32)
+INTENSITY = np.array(
+    [
+        [0.45, 1.60, 0.55, 0.55],  # vessel: enhances like ET, grey-matter-like on T2 (no edema around it)
+        [0.50, 1.15, 0.85, 0.45],  # choroid plexus: enhances, inside CSF
+    ],
+    np.float32,
+)
 
 
 def _voxel(coords) -> np.ndarray:

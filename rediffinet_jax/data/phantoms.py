@@ -26,14 +26,17 @@ from rediffinet_jax.progress import bar
 
 # Mean intensity per tissue, columns in MODALITIES order [t1n, t1c, t2w, t2f].
 _TISSUES = ("csf", "gm", "wm", "ed", "et", "ncr")
-_INTENSITY = np.array([
-    [0.25, 0.25, 1.00, 0.15],  # csf
-    [0.55, 0.55, 0.65, 0.60],  # gm
-    [0.75, 0.75, 0.45, 0.50],  # wm
-    [0.50, 0.50, 0.90, 0.95],  # ed: bright on t2w and t2f
-    [0.55, 1.25, 0.75, 0.80],  # et: bright rim on t1c
-    [0.30, 0.22, 1.05, 0.55],  # ncr: dark on t1c, bright on t2w
-], np.float32)
+_INTENSITY = np.array(
+    [
+        [0.25, 0.25, 1.00, 0.15],  # csf
+        [0.55, 0.55, 0.65, 0.60],  # gm
+        [0.75, 0.75, 0.45, 0.50],  # wm
+        [0.50, 0.50, 0.90, 0.95],  # ed: bright on t2w and t2f
+        [0.55, 1.25, 0.75, 0.80],  # et: bright rim on t1c
+        [0.30, 0.22, 1.05, 0.55],  # ncr: dark on t1c, bright on t2w
+    ],
+    np.float32,
+)
 _LABEL_OF = {"ed": 2, "et": 3, "ncr": 1}
 
 
@@ -64,8 +67,12 @@ def _tumour(coords, centre, radius, rng, shape):
     return ed, core, ncr
 
 
-def generate_case(shape=(240, 240, 155), rng: np.random.Generator | None = None,
-                  hard: np.random.Generator | None = None, tumour_scale: float = 1.0):
+def generate_case(
+    shape=(240, 240, 155),
+    rng: np.random.Generator | None = None,
+    hard: np.random.Generator | None = None,
+    tumour_scale: float = 1.0,
+):
     """One phantom.
 
     tumour_scale: multiplies every lesion's radii (after they are drawn, so the draws do not change):
@@ -168,9 +175,17 @@ def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | 
 RECORD = "phantoms.json"
 
 
-def write_dataset(root: str | os.PathLike, n_cases: int, shape=(240, 240, 155), seed: int = 0,
-                  n_unlabelled: int = 0, progress: bool = False, hard: bool = False,
-                  tumour_scale: float = 1.0, overwrite: bool = False) -> list[str]:
+def write_dataset(
+    root: str | os.PathLike,
+    n_cases: int,
+    shape=(240, 240, 155),
+    seed: int = 0,
+    n_unlabelled: int = 0,
+    progress: bool = False,
+    hard: bool = False,
+    tumour_scale: float = 1.0,
+    overwrite: bool = False,
+) -> list[str]:
     """Writes ``n_cases`` labelled (then ``n_unlabelled`` unlabelled) phantoms under ``root``.
 
     Case ``i`` comes from ``default_rng([seed, i])`` (and, with ``hard``, the mimics from
@@ -183,8 +198,12 @@ def write_dataset(root: str | os.PathLike, n_cases: int, shape=(240, 240, 155), 
       ConfigError: ``root`` holds phantoms made with another seed, shape, ``hard`` or ``tumour_scale``.
     """
     root = Path(root)
-    record = {"seed": int(seed), "shape": [int(s) for s in shape], "hard": bool(hard),
-              "tumour_scale": float(tumour_scale)}
+    record = {
+        "seed": int(seed),
+        "shape": [int(s) for s in shape],
+        "hard": bool(hard),
+        "tumour_scale": float(tumour_scale),
+    }
     _check_record(root, record, overwrite)
     ids = []
     for i in bar(range(n_cases + n_unlabelled), "phantoms", enabled=progress, leave=True):
@@ -215,8 +234,9 @@ def _check_record(root: Path, record: dict, overwrite: bool) -> None:
     if (old is not None or made) and not overwrite:
         was = ", ".join(f"{k} {old[k]}" for k in record if old.get(k) != record[k]) if old else "no record"
         asked = ", ".join(f"{k} {v}" for k, v in record.items())
-        raise ConfigError(f"{root} holds phantoms made with other settings ({was}; asked: {asked}); use another "
-                          f"folder or --overwrite")
+        raise ConfigError(
+            f"{root} holds phantoms made with other settings ({was}; asked: {asked}); use another folder or --overwrite"
+        )
     for p in made:
         shutil.rmtree(p)
     root.mkdir(parents=True, exist_ok=True)

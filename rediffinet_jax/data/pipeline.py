@@ -49,13 +49,20 @@ class CaseRef:
     folder: str
 
 
-def prepare_cache(cases: list[brats.CaseFiles], cache_dir: str | os.PathLike, normalization: str,
-                  old_brats: bool = False, progress: bool = True, allow_empty_modality: bool = False) -> list[CaseRef]:
+def prepare_cache(
+    cases: list[brats.CaseFiles],
+    cache_dir: str | os.PathLike,
+    normalization: str,
+    old_brats: bool = False,
+    progress: bool = True,
+    allow_empty_modality: bool = False,
+) -> list[CaseRef]:
     """Builds (or reuses) the cache of every case, labels required; returns the pipeline's references."""
     refs = []
     for files in bar(cases, "cache", enabled=progress):
-        brats.cached_case(files, cache_dir, normalization, old_brats, require_labels=True,
-                          allow_empty_modality=allow_empty_modality)
+        brats.cached_case(
+            files, cache_dir, normalization, old_brats, require_labels=True, allow_empty_modality=allow_empty_modality
+        )
         refs.append(CaseRef(files.case_id, str(Path(cache_dir) / files.case_id)))
     return refs
 
@@ -69,8 +76,11 @@ def attach_unet_masks(refs: list[CaseRef], oof_dir: str | os.PathLike) -> None:
     for ref in refs:
         src = Path(oof_dir) / f"{ref.case_id}.nii.gz"
         if not src.is_file():
-            raise CaseError("no out-of-fold U-Net prediction: run stage 1 on every fold first "
-                            "(train.py --stage unet)", case=ref.case_id, path=str(src))
+            raise CaseError(
+                "no out-of-fold U-Net prediction: run stage 1 on every fold first (train.py --stage unet)",
+                case=ref.case_id,
+                path=str(src),
+            )
         dst = Path(ref.folder) / "unet.npy"
         stamp = Path(ref.folder) / "unet.src"
         key = f"{src} {src.stat().st_size} {src.stat().st_mtime_ns}"
@@ -102,8 +112,13 @@ def _resize(array: np.ndarray, size) -> np.ndarray:
     one 4-D call interpolating along C as well was 2× slower."""
     order = 1 if np.issubdtype(array.dtype, np.floating) else 0
     factors = np.asarray(size) / array.shape[:3]
-    return np.stack([ndimage.zoom(array[..., c], factors, order=order, grid_mode=True, mode="nearest")
-                     for c in range(array.shape[-1])], axis=-1)
+    return np.stack(
+        [
+            ndimage.zoom(array[..., c], factors, order=order, grid_mode=True, mode="nearest")
+            for c in range(array.shape[-1])
+        ],
+        axis=-1,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +166,8 @@ class SamplePatch(grain.transforms.RandomMap):
         n_ch = img.shape[-1]
         if a.scale_shift:
             img = img * (1 + rng.uniform(-a.scale_shift, a.scale_shift, n_ch)) + rng.uniform(
-                -a.scale_shift, a.scale_shift, n_ch)
+                -a.scale_shift, a.scale_shift, n_ch
+            )
         if a.nvidia:
             if rng.uniform() < a.nvidia_p:  # gaussian noise
                 img = img + rng.normal(0, rng.uniform(0, 0.33), img.shape).astype(np.float32)
@@ -167,9 +183,19 @@ class SamplePatch(grain.transforms.RandomMap):
         return out
 
 
-def train_dataset(refs: list[CaseRef], patch_size, batch_size: int, seed: int, *, foreground_fraction=0.4,
-                  with_unet=False, augment: Augment = Augment(), num_workers: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def train_dataset(
+    refs: list[CaseRef],
+    patch_size,
+    batch_size: int,
+    seed: int,
+    *,
+    foreground_fraction=0.4,
+    with_unet=False,
+    augment: Augment = Augment(),
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
     """An endless, shuffled stream of batches of ``batch_size`` patches for this process.
 
     Element ``i`` of the global stream is the same whatever the worker or process count; process
@@ -177,13 +203,20 @@ def train_dataset(refs: list[CaseRef], patch_size, batch_size: int, seed: int, *
     """
     if not refs:
         raise CaseError("no training case")
-    ds = (grain.MapDataset.source(refs).seed(seed).shuffle().repeat()
-          .random_map(SamplePatch(tuple(patch_size), foreground_fraction, with_unet, augment)))
+    ds = (
+        grain.MapDataset.source(refs)
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .random_map(SamplePatch(tuple(patch_size), foreground_fraction, with_unet, augment))
+    )
     if process_count > 1:
         ds = ds[process_index::process_count]
     # One background thread per process prepares the next batches while the step runs; grain's default
     # of 16 threads is ten times slower on a 2-core machine (GIL contention).
-    it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    )
     if num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it

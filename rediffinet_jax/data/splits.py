@@ -50,7 +50,8 @@ def load_or_create(workdir: str | os.PathLike, case_ids: list[str], n_folds: int
             raise ConfigError(
                 f"{path} was made for another set of cases: {len(missing)} in the split but not on disk "
                 f"{missing[:5]}, {len(extra)} on disk but not in the split {extra[:5]}; use the original data "
-                f"or a new work directory")
+                f"or a new work directory"
+            )
         if len(folds) != n_folds:
             raise ConfigError(f"{path} has {len(folds)} folds, the config asks for {n_folds}")
         return folds

@@ -99,8 +99,10 @@ class Encoder(nnx.Module):
 
     def __init__(self, in_channels: int, features=FEATURES, dtype=jnp.float32, *, rngs: nnx.Rngs):
         f = features
-        self.stages = nnx.List([TwoConv(in_channels, f[0], False, dtype, rngs=rngs)] +
-                               [Down(f[i], f[i + 1], False, dtype, rngs=rngs) for i in range(4)])
+        self.stages = nnx.List(
+            [TwoConv(in_channels, f[0], False, dtype, rngs=rngs)]
+            + [Down(f[i], f[i + 1], False, dtype, rngs=rngs) for i in range(4)]
+        )
 
     def __call__(self, cond: jax.Array) -> list[jax.Array]:
         check_spatial(cond.shape, MULTIPLE, "Encoder")
@@ -115,15 +117,31 @@ class Denoiser(nnx.Module):
     """The Diff-UNet denoiser: input ``[B, D, H, W, in_channels]``, ``t`` ``[B]``, optional encoder
     features (added after each encoder stage); returns x0 logits ``[B, D, H, W, out_channels]`` float32."""
 
-    def __init__(self, in_channels: int, out_channels: int = 3, features=FEATURES, dtype=jnp.float32,
-                 remat: bool = False, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int = 3,
+        features=FEATURES,
+        dtype=jnp.float32,
+        remat: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ):
         f = features
         self.time_mlp1 = Dense(TIME_DIM, TEMB_DIM, dtype, rngs=rngs)
         self.time_mlp2 = Dense(TEMB_DIM, TEMB_DIM, dtype, rngs=rngs)
-        self.stages = nnx.List([TwoConv(in_channels, f[0], True, dtype, rngs=rngs)] +
-                               [Down(f[i], f[i + 1], True, dtype, rngs=rngs) for i in range(4)])
-        self.ups = nnx.List([Up(f[4], f[3], f[3], True, dtype, rngs=rngs), Up(f[3], f[2], f[2], True, dtype, rngs=rngs),
-                             Up(f[2], f[1], f[1], True, dtype, rngs=rngs), Up(f[1], f[0], f[5], False, dtype, rngs=rngs)])
+        self.stages = nnx.List(
+            [TwoConv(in_channels, f[0], True, dtype, rngs=rngs)]
+            + [Down(f[i], f[i + 1], True, dtype, rngs=rngs) for i in range(4)]
+        )
+        self.ups = nnx.List(
+            [
+                Up(f[4], f[3], f[3], True, dtype, rngs=rngs),
+                Up(f[3], f[2], f[2], True, dtype, rngs=rngs),
+                Up(f[2], f[1], f[1], True, dtype, rngs=rngs),
+                Up(f[1], f[0], f[5], False, dtype, rngs=rngs),
+            ]
+        )
         self.out = Conv3d(f[5], out_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
         self.remat = remat
 
@@ -152,8 +170,16 @@ class DiffusionNet(nnx.Module):
     cond ``[B, D, H, W, cond_channels]``, x_t ``[B, D, H, W, 3]``, t ``[B]`` int.
     """
 
-    def __init__(self, cond_channels: int, out_channels: int = 3, features=FEATURES, dtype=jnp.float32,
-                 remat: bool = False, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cond_channels: int,
+        out_channels: int = 3,
+        features=FEATURES,
+        dtype=jnp.float32,
+        remat: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.cond_channels = cond_channels
         self.encoder = Encoder(cond_channels, features, dtype, rngs=rngs)
         self.denoiser = Denoiser(cond_channels + out_channels, out_channels, features, dtype, remat, rngs=rngs)

@@ -73,8 +73,9 @@ def _depth_taps_on_outputs(x, kernel, padding: int):
     b, d, h, w, c = x.shape
     kd, kh, kw, _, co = kernel.shape
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, kd * co)
-    y = jax.lax.conv_general_dilated(x.reshape(b * d, h, w, c), k2, (1, 1), [(padding, padding)] * 2,
-                                     dimension_numbers=_DIMS2).reshape(b, d, h, w, kd, co)
+    y = jax.lax.conv_general_dilated(
+        x.reshape(b * d, h, w, c), k2, (1, 1), [(padding, padding)] * 2, dimension_numbers=_DIMS2
+    ).reshape(b, d, h, w, kd, co)
     out = y[..., padding, :]
     for a in range(kd):
         s = a - padding  # out[:, i] += y[:, i + s, ..., a, :]
@@ -95,10 +96,15 @@ def _depth_taps_on_inputs(x, kernel, stride: int, padding: int):
     d_out = (d + 2 * padding - kd) // stride + 1
     span = stride * (d_out - 1) + 1
     # stack on a new axis, not concatenate on channels: XLA's CPU concatenation is 2× slower here
-    stacked = jnp.stack([xp[:, a:a + span:stride] for a in range(kd)], axis=-2)  # [B, Do, H, W, kd, cin]
+    stacked = jnp.stack([xp[:, a : a + span : stride] for a in range(kd)], axis=-2)  # [B, Do, H, W, kd, cin]
     k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, co)
-    y = jax.lax.conv_general_dilated(stacked.reshape(b * d_out, h, w, kd * c), k2, (stride, stride),
-                                     [(padding, padding)] * 2, dimension_numbers=_DIMS2)
+    y = jax.lax.conv_general_dilated(
+        stacked.reshape(b * d_out, h, w, kd * c),
+        k2,
+        (stride, stride),
+        [(padding, padding)] * 2,
+        dimension_numbers=_DIMS2,
+    )
     return y.reshape((b, d_out) + y.shape[1:])
 
 
@@ -142,8 +148,18 @@ class Conv3d(nnx.Module):
     ``padding`` is symmetric per axis; with k = 3, padding 1 and stride 2 an even size n becomes n/2.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
-                 use_bias: bool = True, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 3,
+        stride: int = 1,
+        padding: int | None = None,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         fan_in = cin * kernel**3
         self.kernel = _uniform(rngs, (kernel,) * 3 + (cin, cout), fan_in)
         self.bias = _uniform(rngs, (cout,), fan_in) if use_bias else None
@@ -206,8 +222,9 @@ def check_spatial(shape, multiple: int, name: str) -> None:
     """Raises ValueError unless every spatial size of ``shape`` ``[B, D, H, W, C]`` is a multiple."""
     spatial = tuple(shape[1:4])
     if len(shape) != 5 or any(s % multiple for s in spatial):
-        raise ValueError(f"{name} needs input [B, D, H, W, C] with D, H, W multiples of {multiple}; "
-                         f"got shape {tuple(shape)}")
+        raise ValueError(
+            f"{name} needs input [B, D, H, W, C] with D, H, W multiples of {multiple}; got shape {tuple(shape)}"
+        )
 
 
 def count_params(module_or_state) -> int:

@@ -42,8 +42,18 @@ class UNet(nnx.Module):
       dtype: compute dtype (parameters stay float32).
     """
 
-    def __init__(self, in_channels: int = 4, filters=DEFAULT_FILTERS, strides=None, out_channels: int = 3,
-                 deep_supervision: int = 2, dtype=jnp.float32, remat: bool = False, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int = 4,
+        filters=DEFAULT_FILTERS,
+        strides=None,
+        out_channels: int = 3,
+        deep_supervision: int = 2,
+        dtype=jnp.float32,
+        remat: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ):
         filters = tuple(filters)
         strides = tuple(strides) if strides is not None else (1,) + (2,) * (len(filters) - 1)
         if len(strides) != len(filters) or deep_supervision > len(filters) - 2:
@@ -52,13 +62,22 @@ class UNet(nnx.Module):
         self.remat = remat
         cins = (in_channels,) + filters[:-1]
         self.encoder = nnx.List([ConvBlock(c, f, s, dtype, rngs=rngs) for c, f, s in zip(cins, filters, strides)])
-        self.upsample = nnx.List([ConvTranspose3d(filters[i + 1], filters[i], strides[i + 1], dtype, rngs=rngs)
-                                  for i in range(len(filters) - 1)])
-        self.decoder = nnx.List([ConvBlock(2 * filters[i], filters[i], 1, dtype, rngs=rngs)
-                                 for i in range(len(filters) - 1)])
+        self.upsample = nnx.List(
+            [
+                ConvTranspose3d(filters[i + 1], filters[i], strides[i + 1], dtype, rngs=rngs)
+                for i in range(len(filters) - 1)
+            ]
+        )
+        self.decoder = nnx.List(
+            [ConvBlock(2 * filters[i], filters[i], 1, dtype, rngs=rngs) for i in range(len(filters) - 1)]
+        )
         self.head = Conv3d(filters[0], out_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
-        self.ds_heads = nnx.List([Conv3d(filters[j], out_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
-                                  for j in range(1, deep_supervision + 1)])
+        self.ds_heads = nnx.List(
+            [
+                Conv3d(filters[j], out_channels, 1, use_bias=True, dtype=dtype, rngs=rngs)
+                for j in range(1, deep_supervision + 1)
+            ]
+        )
 
     def _block(self, block, x):
         return nnx.remat(lambda b, y: b(y))(block, x) if self.remat else block(x)
