@@ -239,6 +239,25 @@ def check_sampler_args(steps: int, samples: int, fusion: str, chunk: int | None)
     return chunk
 
 
+def _chunk_denoiser(model, cond: jax.Array, chunk: int):
+    """``model_fn(x [chunk, B, ...], t)`` -> x0 logits for ``chunk`` samples of each of the B windows at
+    once, the encoder run once on ``cond`` ``[B, ...]`` and its features shared by every sample and step."""
+    feats = model.encode(cond)
+    b = cond.shape[0]
+
+    def tile(a):  # [B, ...] -> [chunk·B, ...], sample-major
+        return jnp.broadcast_to(a[None], (chunk,) + a.shape).reshape((chunk * b,) + a.shape[1:])
+
+    cond_c, feats_c = tile(cond), [tile(f) for f in feats]
+
+    def model_fn(x, t):  # x [chunk, B, ...]
+        flat = x.reshape((chunk * b,) + x.shape[2:])
+        z = model.denoise(cond_c, flat, jnp.full((chunk * b,), t, jnp.int32), feats_c)
+        return z.reshape(x.shape)
+
+    return model_fn
+
+
 def sample(
     model,
     cond: jax.Array,
@@ -260,20 +279,8 @@ def sample(
     """
     chunk = check_sampler_args(steps, samples, fusion, chunk)
     ts = space_timesteps(NUM_TIMESTEPS, steps)
-    feats = model.encode(cond)
-    b = cond.shape[0]
     out_shape = cond.shape[:-1] + (3,)
-
-    def tile(a):  # [B, ...] -> [chunk·B, ...], sample-major
-        return jnp.broadcast_to(a[None], (chunk,) + a.shape).reshape((chunk * b,) + a.shape[1:])
-
-    cond_c, feats_c = tile(cond), [tile(f) for f in feats]
-
-    def model_fn(x, t):  # x [chunk, B, ...]
-        flat = x.reshape((chunk * b,) + x.shape[2:])
-        z = model.denoise(cond_c, flat, jnp.full((chunk * b,), t, jnp.int32), feats_c)
-        return z.reshape(x.shape)
-
+    model_fn = _chunk_denoiser(model, cond, chunk)
     per_step = FUSIONS[fusion].per_step
 
     def run_chunk(k):

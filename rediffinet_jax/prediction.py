@@ -85,27 +85,17 @@ def predict_folder(
 ) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
 
-    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the trainings of the
-    folds (their done.json); a later call with any of these different is refused before anything is
-    written, so one folder never mixes two models' label maps. A folder holding label maps without that
-    record is refused too. ``output_dir`` is made only once everything has been checked, and is locked
-    (:func:`workdir.lock`) while cases are written. The cases' ``-seg`` files, if any, are never read.
-
-    Returns the errors of the cases that failed (each names its case and file); the others are done.
-    Ends with one line: cases written, skipped (already there), failed, and the time.
+    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the folds' trainings;
+    a later call with any of these different is refused before anything is written (one folder never mixes
+    two models' label maps). ``output_dir`` is made only once all is checked, and locked while cases are
+    written. A case's ``-seg``, if any, is never read. Returns the errors of the cases that failed (each
+    names its case and file); ends with one line: written, skipped (already there), failed, seconds.
     """
     t_start = time.time()
     layout, out = wd.Layout(workdir), Path(output_dir)
     unet_settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint)
-    if not (out / RECORD).is_file() and (maps := sorted(p.name for p in out.glob("*.nii.gz"))):
-        raise ConfigError(
-            f"{out} holds label maps ({maps[0]}, ...) but no prediction.json saying what made them "
-            f"(an older version, or by hand): use another -o, or delete them"
-        )
-    errors: list[CaseError] = []
-    cases = brats.discover_cases(input_dir, errors=errors)
-    for err in errors:
-        log(f"skipped: {err}")
+    _check_output(out)
+    cases, errors = _discover(input_dir, log)
     with wd.lock(out, "predict.py"):
         wd.check_record(out / RECORD, record, "use another -o, or delete its label maps and prediction.json")
         todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
@@ -116,13 +106,7 @@ def predict_folder(
         failed = len(errors)
         for files in progress.bar(todo, "predict", enabled=show_progress, leave=True):
             try:
-                case = brats.load_case(
-                    files,
-                    unet_settings.data.normalization,
-                    unet_settings.data.old_brats,
-                    read_labels=False,
-                    allow_empty_modality=unet_settings.data.get("allow_empty_modality", False),
-                )
+                case = _load(files, unet_settings.data)
             except CaseError as e:
                 errors.append(e)
                 log(f"failed: {e}")
@@ -137,6 +121,35 @@ def predict_folder(
         f"{time.time() - t_start:.1f} s"
     )
     return errors
+
+
+def _discover(input_dir, log):
+    """(the cases of ``input_dir``, the errors of those that cannot be used: each logged, none raised)."""
+    errors: list[CaseError] = []
+    cases = brats.discover_cases(input_dir, errors=errors)
+    for err in errors:
+        log(f"skipped: {err}")
+    return cases, errors
+
+
+def _check_output(out: Path) -> None:
+    """Refuses an output folder holding label maps that no ``prediction.json`` accounts for."""
+    if not (out / RECORD).is_file() and (maps := sorted(p.name for p in out.glob("*.nii.gz"))):
+        raise ConfigError(
+            f"{out} holds label maps ({maps[0]}, ...) but no prediction.json saying what made them "
+            f"(copied in by hand?): use another -o, or delete them"
+        )
+
+
+def _load(files, data_cfg):
+    """A new case as prediction reads it: the modalities only (a ``-seg`` beside them is never read)."""
+    return brats.load_case(
+        files,
+        data_cfg.normalization,
+        data_cfg.old_brats,
+        read_labels=False,
+        allow_empty_modality=data_cfg.get("allow_empty_modality", False),
+    )
 
 
 def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool):

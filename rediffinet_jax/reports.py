@@ -135,85 +135,54 @@ def flip_markdown(flips: dict) -> list[str]:
     return lines
 
 
+_COLS = [*REGIONS, "avg"]
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _md_head(first: list[str], metrics: tuple[str, str]) -> list[str]:
+    """A header row (``first`` columns, then each metric for every region and the average) and its rule."""
+    cells = [*first, *(f"{metrics[0]} {c}" for c in _COLS), *(f"{metrics[1]} {c}" for c in _COLS)]
+    return [_md_row(cells), "|" + "---|" * len(cells)]
+
+
+def _score_row(label, name, vals, std=None) -> str:
+    def cell(c, k, scale):
+        return f"{scale * vals[c][k]:.2f}" + (f" ± {scale * std[c][k]:.2f}" if std else "")
+
+    return _md_row([label, name, *(cell(c, "dice", 100) for c in _COLS), *(cell(c, "hd95", 1) for c in _COLS)])
+
+
 def summary_markdown(s: dict) -> str:
-    cols = [*REGIONS, "avg"]
-    head = (
-        "| fold | model | "
-        + " | ".join(f"Dice {c}" for c in cols)
-        + " | "
-        + " | ".join(f"HD95 {c}" for c in cols)
-        + " |"
-    )
+    """The summary as markdown: per fold and mean ± std, improvements, lesion-wise scores, flips."""
     lines = [
         f"HD95 convention: {s['convention']} (mm). Dice in %. Diffusion models: each fold's "
         f"{s.get('checkpoint', 'latest')} checkpoint.",
         "",
-        head,
-        "|" + "---|" * (2 + 2 * len(cols)),
+        *_md_head(["fold", "model"], ("Dice", "HD95")),
     ]
-
-    def row(label, name, vals, std=None):
-        def cell(c, k, scale):
-            v = f"{scale * vals[c][k]:.2f}"
-            return v + (f" ± {scale * std[c][k]:.2f}" if std else "")
-
-        return (
-            f"| {label} | {name} | "
-            + " | ".join(cell(c, "dice", 100) for c in cols)
-            + " | "
-            + " | ".join(cell(c, "hd95", 1) for c in cols)
-            + " |"
-        )
-
     folds = sorted({k for m in s["models"].values() for k in m["folds"]}, key=int)
     for k in folds:
-        for name, m in s["models"].items():
-            if k in m["folds"]:
-                lines.append(row(k, name, m["folds"][k]))
+        lines += [_score_row(k, name, m["folds"][k]) for name, m in s["models"].items() if k in m["folds"]]
     for name, m in s["models"].items():
         if m["mean"]:
-            lines.append(row(f"mean ± std ({m['n_folds']} folds)", name, m["mean"], m["std"]))
+            lines.append(_score_row(f"mean ± std ({m['n_folds']} folds)", name, m["mean"], m["std"]))
     if s["improvement"]:
-        lines += [
-            "",
-            "Improvement over the U-Net (Dice in points, HD95 in %, positive = better):",
-            "",
-            "| model | " + " | ".join(f"Dice {c}" for c in cols) + " | " + " | ".join(f"HD95 {c}" for c in cols) + " |",
-            "|" + "---|" * (1 + 2 * len(cols)),
-        ]
+        lines += ["", "Improvement over the U-Net (Dice in points, HD95 in %, positive = better):", ""]
+        lines += _md_head(["model"], ("Dice", "HD95"))
         for name, imp in s["improvement"].items():
-            lines.append(
-                f"| {name} | "
-                + " | ".join(f"{imp[c]['dice_points']:+.2f}" for c in cols)
-                + " | "
-                + " | ".join(f"{imp[c]['hd95_percent']:+.1f} %" for c in cols)
-                + " |"
-            )
-    lines += [
-        "",
-        "BraTS 2023 lesion-wise scores (mean ± std over folds):",
-        "",
-        "| model | "
-        + " | ".join(f"LW Dice {c}" for c in cols)
-        + " | "
-        + " | ".join(f"LW HD95 {c}" for c in cols)
-        + " |",
-        "|" + "---|" * (1 + 2 * len(cols)),
-    ]
+            dice = [f"{imp[c]['dice_points']:+.2f}" for c in _COLS]
+            lines.append(_md_row([name, *dice, *(f"{imp[c]['hd95_percent']:+.1f} %" for c in _COLS)]))
+    lines += ["", "BraTS 2023 lesion-wise scores (mean ± std over folds):", ""]
+    lines += _md_head(["model"], ("LW Dice", "LW HD95"))
     for name, m in s["models"].items():
         if m["mean"]:
-            lines.append(
-                f"| {name} | "
-                + " | ".join(
-                    f"{100 * m['mean'][c]['lesionwise_dice']:.2f} ± {100 * m['std'][c]['lesionwise_dice']:.2f}"
-                    for c in cols
-                )
-                + " | "
-                + " | ".join(
-                    f"{m['mean'][c]['lesionwise_hd95']:.2f} ± {m['std'][c]['lesionwise_hd95']:.2f}" for c in cols
-                )
-                + " |"
-            )
+            mean, std = m["mean"], m["std"]
+            dice = [f"{100 * mean[c]['lesionwise_dice']:.2f} ± {100 * std[c]['lesionwise_dice']:.2f}" for c in _COLS]
+            hd = [f"{mean[c]['lesionwise_hd95']:.2f} ± {std[c]['lesionwise_hd95']:.2f}" for c in _COLS]
+            lines.append(_md_row([name, *dice, *hd]))
     lines += flip_markdown(s.get("flips", {}))
     return "\n".join(lines) + "\n"
 

@@ -215,46 +215,10 @@ def load_case(
         modalities of different shapes or affines, a seg of another shape, non-integer label values,
         label values outside {0,1,2,3} (4 only with ``old_brats``), or no seg when ``require_labels``.
     """
-    vols, ref = [], None
-    for m in MODALITIES:
-        data, img = read_nifti(files.images[m], files.case_id)
-        if not allow_empty_modality and data.size and data.min() == data.max():
-            raise CaseError(
-                f"modality {m} is constant (every voxel {data.flat[0]:g}): an empty or failed export? "
-                f"(data.allow_empty_modality=True accepts it)",
-                case=files.case_id,
-                path=str(files.images[m]),
-            )
-        if ref is None:
-            ref = img
-        elif data.shape != ref.shape:
-            raise CaseError(
-                f"shape {data.shape} differs from {MODALITIES[0]}'s {ref.shape}",
-                case=files.case_id,
-                path=str(files.images[m]),
-            )
-        elif not np.allclose(img.affine, ref.affine, atol=1e-4):
-            raise CaseError(f"affine differs from {MODALITIES[0]}'s", case=files.case_id, path=str(files.images[m]))
-        vols.append(data)
-    image = np.stack(vols, axis=-1)
+    image, ref = _read_modalities(files, allow_empty_modality)
     regions = None
     if files.seg is not None and read_labels:
-        seg, seg_img = read_nifti(files.seg, files.case_id)
-        if seg.shape != ref.shape:
-            raise CaseError(
-                f"seg shape {seg.shape} differs from the images' {ref.shape}", case=files.case_id, path=str(files.seg)
-            )
-        if not np.array_equal(seg, np.rint(seg)):
-            odd = np.unique(seg[seg != np.rint(seg)])[:5].tolist()
-            raise CaseError(
-                f"non-integer label values {odd} (a resampled or float-saved seg?)",
-                case=files.case_id,
-                path=str(files.seg),
-            )
-        try:
-            regions = labels_to_regions(check_labels(np.rint(seg), old_brats))
-        except ValueError as e:
-            raise CaseError(str(e), case=files.case_id, path=str(files.seg)) from e
+        regions = _read_regions(files, ref.shape, old_brats)
     elif require_labels:
         raise CaseError(
             "no segmentation (-seg) where labels are needed",
@@ -263,15 +227,47 @@ def load_case(
         )
     box = bounding_box(np.any(image != 0, axis=-1))
     image = normalize(crop(image, box), normalization)
-    return Case(
-        files.case_id,
-        image,
-        None if regions is None else crop(regions, box),
-        tuple(float(s) for s in ref.header.get_zooms()[:3]),
-        np.asarray(ref.affine),
-        box,
-        ref.shape,
-    )
+    spacing = tuple(float(s) for s in ref.header.get_zooms()[:3])
+    crop_regions = None if regions is None else crop(regions, box)
+    return Case(files.case_id, image, crop_regions, spacing, np.asarray(ref.affine), box, ref.shape)
+
+
+def _read_modalities(files: CaseFiles, allow_empty: bool):
+    """(image ``[D, H, W, 4]`` float32 as stored, the first modality's NIfTI image), checked: no constant
+    modality (unless ``allow_empty``), one shape and one affine for all."""
+    vols, ref = [], None
+    for m in MODALITIES:
+        data, img = read_nifti(files.images[m], files.case_id)
+        where = {"case": files.case_id, "path": str(files.images[m])}
+        if not allow_empty and data.size and data.min() == data.max():
+            raise CaseError(
+                f"modality {m} is constant (every voxel {data.flat[0]:g}): an empty or failed export? "
+                f"(data.allow_empty_modality=True accepts it)",
+                **where,
+            )
+        if ref is None:
+            ref = img
+        elif data.shape != ref.shape:
+            raise CaseError(f"shape {data.shape} differs from {MODALITIES[0]}'s {ref.shape}", **where)
+        elif not np.allclose(img.affine, ref.affine, atol=1e-4):
+            raise CaseError(f"affine differs from {MODALITIES[0]}'s", **where)
+        vols.append(data)
+    return np.stack(vols, axis=-1), ref
+
+
+def _read_regions(files: CaseFiles, shape, old_brats: bool) -> np.ndarray:
+    """The seg as regions ``[D, H, W, 3]`` uint8, checked: the images' shape, integer labels in {0..3}."""
+    seg, _ = read_nifti(files.seg, files.case_id)
+    where = {"case": files.case_id, "path": str(files.seg)}
+    if seg.shape != shape:
+        raise CaseError(f"seg shape {seg.shape} differs from the images' {shape}", **where)
+    if not np.array_equal(seg, np.rint(seg)):
+        odd = np.unique(seg[seg != np.rint(seg)])[:5].tolist()
+        raise CaseError(f"non-integer label values {odd} (a resampled or float-saved seg?)", **where)
+    try:
+        return labels_to_regions(check_labels(np.rint(seg), old_brats))
+    except ValueError as e:
+        raise CaseError(str(e), **where) from e
 
 
 def write_label_map(labels: np.ndarray, path: str | os.PathLike, reference: str | os.PathLike) -> None:
