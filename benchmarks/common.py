@@ -82,3 +82,37 @@ def device_name() -> str:
 
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
+
+
+def machine() -> str:
+    """This machine in words, for result files: CPU model, cores, memory, OS architecture, Python, jax."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 2**20:.0f} GiB"
+    except OSError:
+        mem = "? GiB"
+    return (
+        f"{os.cpu_count()}-core {model} ({platform.machine()}), {mem}, Python {platform.python_version()}, "
+        f"jax {jax.__version__}"
+    )
+
+
+def commit(root) -> str:
+    """The git commit of the checkout at ``root`` (with ``+changes`` when its tracked files differ), or
+    ``unknown`` outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import common  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
 from rediffinet_jax.evaluation import BASELINE, read_rows  # noqa: E402
 from rediffinet_jax.labels import REGIONS  # noqa: E402
@@ -44,8 +45,8 @@ def seed_overrides(seed: int) -> list[str]:
 
 
 def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log=print) -> float:
-    """Runs (or resumes) train.py for each config in ``workdir``; returns the seconds this call took,
-    added to ``workdir/bench_time.json`` (summed over interrupted calls)."""
+    """Runs (or resumes) train.py for each config in ``workdir``; returns the seconds spent on the seed over
+    all calls. Each call is recorded in ``workdir/bench_time.json`` (commit, machine, seconds)."""
     t0 = time.time()
     for spec in configs:
         cmd = [
@@ -60,11 +61,26 @@ def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log
         done = subprocess.run(cmd, cwd=ROOT)
         if done.returncode:
             raise SystemExit(f"error: train.py failed (exit {done.returncode}) for seed {seed}: {' '.join(cmd)}")
-    spent = time.time() - t0
+    calls = seed_calls(workdir)
+    calls.append(
+        {
+            "commit": common.commit(ROOT),
+            "machine": common.machine(),
+            "seconds": time.time() - t0,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+    )
+    (workdir / "bench_time.json").write_text(json.dumps({"calls": calls}, indent=1))
+    return sum(c["seconds"] for c in calls)
+
+
+def seed_calls(workdir: Path) -> list[dict]:
+    """The recorded calls of a seed (an early version recorded only the total seconds)."""
     record = workdir / "bench_time.json"
-    total = json.loads(record.read_text())["seconds"] if record.is_file() else 0.0
-    record.write_text(json.dumps({"seconds": total + spent}))
-    return total + spent
+    if not record.is_file():
+        return []
+    data = json.loads(record.read_text())
+    return data.get("calls", [{"commit": "unknown", "machine": "unknown", "seconds": data.get("seconds", 0.0)}])
 
 
 def seed_rows(workdir: Path) -> dict:
@@ -232,21 +248,25 @@ def main(argv=None) -> None:
     variant = a.config.partition(":")[2] or "bench"
     configs = [a.config] + ([v.format(v=variant) for v in VARIANTS] if a.variants else [])
     extra = [f"--config.{kv}" for kv in a.set]
-    tables, seconds = {}, {}
+    tables, calls = {}, {}
     for seed in range(a.seeds):
         workdir = root / f"seed_{seed}"
         if not a.table_only:
-            seconds[seed] = run_seed(workdir, configs, seed, extra)
+            run_seed(workdir, configs, seed, extra)
         if (workdir / "eval").is_dir():
             tables[str(seed)] = seed_table(seed_rows(workdir))
+            calls[str(seed)] = seed_calls(workdir)
     if not tables:
         raise SystemExit("error: no finished seed to tabulate")
     result = combine(tables)
-    result["seconds"] = {str(k): v for k, v in seconds.items()}
+    result["calls"] = calls
+    result["seconds"] = {s: sum(c["seconds"] for c in cs) for s, cs in calls.items()}
     result["command"] = " ".join(["python benchmarks/refinement.py", *(argv if argv is not None else sys.argv[1:])])
+    machines = sorted({c["machine"] for cs in calls.values() for c in cs})
+    commits = sorted({c["commit"] for cs in calls.values() for c in cs})
     header = (
         f"Phantom benchmark: {', '.join(configs)}, {len(tables)} seed(s), HD95 in mm (brats2023 "
-        f"convention), Dice in %; {result['command']}"
+        f"convention), Dice in %; {result['command']}; commit {', '.join(commits)}; {'; '.join(machines)}"
     )
     write_outputs(root, result, header)
     print(markdown(result, header))

@@ -3,4 +3,4 @@
 from rediffinet_jax.errors import CaseError, ConfigError, RediffinetError
 
 __all__ = ["CaseError", "ConfigError", "RediffinetError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import inference, metrics, parallel, progress, reports, stages
+from rediffinet_jax import figures, inference, metrics, parallel, progress, reports, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import ConfigError
@@ -215,7 +215,7 @@ def evaluate(
     _add_other_samplers(run, per_fold, log)
     summary = reports.write_summary(run.layout.eval, per_fold, run.convention, run.checkpoint, write=parallel.is_main())
     if parallel.is_main():
-        reports.hd95_by_model_figure(per_fold, run.layout.figure("hd95_by_model.png"))
+        figures.hd95_by_model_figure(per_fold, run.layout.figure("hd95_by_model.png"))
         _case_figures(run, per_fold, scored)
     log(reports.summary_markdown(summary))
     return summary
@@ -328,19 +328,19 @@ def _add_other_samplers(run: Run, per_fold: dict, log) -> None:
 
 
 def _case_figures(run: Run, per_fold, labels, n: int = 2) -> None:
-    """Figure-2-style PNGs for the cases where the first diffusion model changed HD95 the most."""
+    """For the first refiner: the U-Net-against-refined HD95 scatter, and Figure-2-style PNGs of the ``n``
+    cases whose masks it changed most (voxels flipped, any region); none when it changed nothing."""
     refined = next((x for x in labels if x != BASELINE), None)
     if refined is None:
         return
-    gains = []
+    figures.hd95_scatter_figure(per_fold, refined, run.layout.figure(f"hd95_unet_vs_{refined}.png"))
+    changed = {}
     for k in run.fold_ids:
-        base = {(r["case"], r["region"]): r["hd95"] for r in per_fold.get(BASELINE, {}).get(k, [])}
         for r in per_fold.get(refined, {}).get(k, []):
-            if (r["case"], r["region"]) in base and r["region"] == "WT":
-                gains.append((base[(r["case"], r["region"])] - r["hd95"], r["case"], k))
-    for _, cid, k in sorted(gains, reverse=True)[:n]:
+            changed[(r["case"], k)] = changed.get((r["case"], k), 0) + r["flipped"]
+    for (cid, k), count in sorted(changed.items(), key=lambda x: (-x[1], x[0]))[:n]:
         pred_path = run.layout.pred_map(refined, k, cid)
-        if not pred_path.is_file():
+        if count == 0 or not pred_path.is_file():
             continue
         folder = run.layout.cache / cid
         meta = brats.cached_meta(folder)
@@ -349,6 +349,11 @@ def _case_figures(run: Run, per_fold, labels, n: int = 2) -> None:
         gt = brats.paste(np.load(folder / "regions.npy"), box, full)
         unet = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
         ref = labels_to_regions(np.asarray(brats.read_nifti(pred_path, cid)[0], np.uint8))
-        reports.refinement_figure(
-            image, gt, unet, ref, run.layout.figure(f"{cid}_{refined}.png"), f"{cid} (fold {k}): {refined}"
+        figures.refinement_figure(
+            image,
+            gt,
+            unet,
+            ref,
+            run.layout.figure(f"{cid}_{refined}.png"),
+            f"{cid} (fold {k}): {refined}, {count} voxels flipped",
         )

@@ -1,57 +1,11 @@
-"""Figures and tables shared by the command lines (matplotlib, Agg backend; PNG out)."""
+"""The evaluation's tables: per fold and mean ± std over folds, improvements, flips (markdown, CSV, JSON)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from rediffinet_jax.labels import MODALITIES, REGIONS
+from rediffinet_jax.labels import REGIONS
 from rediffinet_jax.metrics import FLIP_KEYS, summarize
-
-_LABEL_COLOURS = {1: (1.0, 0.2, 0.2), 2: (0.2, 0.9, 0.2), 3: (1.0, 0.9, 0.1)}  # NCR red, ED green, ET yellow
-
-
-def _overlay(ax, slice_2d, labels_2d, alpha=0.45):
-    ax.imshow(slice_2d.T, cmap="gray", origin="lower")
-    rgba = np.zeros(labels_2d.T.shape + (4,))
-    for value, colour in _LABEL_COLOURS.items():
-        rgba[labels_2d.T == value] = (*colour, alpha)
-    ax.imshow(rgba, origin="lower")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def case_figure(image: np.ndarray, labels: np.ndarray | None, path: str | os.PathLike, title: str = "") -> None:
-    """Orthogonal slices through the tumour centre of the four contrasts, with the label overlay.
-
-    image: ``[D, H, W, 4]`` in MODALITIES order; labels: ``[D, H, W]`` BraTS labels or None.
-    Rows: axial, coronal, sagittal; columns: t1n, t1c, t2w, t2f, then t2f with the labels.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fg = labels > 0 if labels is not None and labels.any() else np.any(image != 0, -1)
-    centre = [int(np.mean(ix)) for ix in np.nonzero(fg)]
-    labels = np.zeros(image.shape[:3], np.uint8) if labels is None else labels
-    views = [("axial", 2), ("coronal", 1), ("sagittal", 0)]
-    fig, axes = plt.subplots(3, len(MODALITIES) + 1, figsize=(2.2 * (len(MODALITIES) + 1), 6.6))
-    for row, (name, axis) in enumerate(views):
-        take = lambda a, axis=axis: np.take(a, centre[axis], axis=axis)
-        for col, m in enumerate(MODALITIES):
-            _overlay(axes[row, col], take(image[..., col]), np.zeros_like(take(labels)))
-            if row == 0:
-                axes[row, col].set_title(m)
-        _overlay(axes[row, -1], take(image[..., -1]), take(labels))
-        axes[row, 0].set_ylabel(name)
-    axes[0, -1].set_title("t2f + labels")
-    fig.suptitle(title + "  (NCR red, ED green, ET yellow)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
 
 # ----------------------------------------------------------------------------- tables
 
@@ -211,79 +165,3 @@ def write_summary(eval_dir, per_fold: dict, convention: str, checkpoint: str = "
                         w.writerow([name, fold, region, metric, f"{value:.6g}", convention])
     (eval_dir / "summary.md").write_text(summary_markdown(s))
     return s
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def hd95_by_model_figure(per_fold: dict, path) -> None:
-    """Per-case HD95 (average of the three regions) by model: one dot per case, the mean as a bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    names = list(per_fold)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
-    for i, name in enumerate(names):
-        rows = [r for rows in per_fold[name].values() for r in rows]
-        cases = sorted({r["case"] for r in rows})
-        vals = [np.mean([r["hd95"] for r in rows if r["case"] == c]) for c in cases]
-        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(vals))
-        ax.scatter(np.full(len(vals), i) + jitter, vals, s=12, alpha=0.7)
-        if vals:
-            ax.hlines(np.mean(vals), i - 0.3, i + 0.3, colors="k")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_yscale("symlog", linthresh=10)
-    ax.set_ylim(bottom=0)
-    ax.set_ylabel("HD95 per case, mean of WT/TC/ET (mm)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
-    """In the manner of the paper's Figure 2: a t1c slice with the GT, U-Net and refined WT contours,
-    and the discrepancy |U(I) − refined| (the voxels the refiner flipped) beside it.
-
-    image ``[D, H, W, 4]``; gt, unet, refined ``[D, H, W, 3]`` binary region masks.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    z = int(np.argmax(gt[..., 0].sum((0, 1)))) if gt[..., 0].any() else image.shape[2] // 2
-    sl = image[:, :, z, 1].T
-    flipped = np.any(unet[:, :, z] != refined[:, :, z], -1).T
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    axes[0].imshow(sl, cmap="gray", origin="lower")
-    styles = (
-        (gt, "lime", "solid", 1.0, "ground truth"),
-        (unet, "red", "solid", 2.2, "U-Net"),
-        (refined, "cyan", "dashed", 1.2, "refined"),
-    )  # refined dashed over U-Net: both stay visible
-    for mask, colour, style, width, label in styles:
-        if mask[:, :, z, 0].any():
-            axes[0].contour(
-                mask[:, :, z, 0].T.astype(float), levels=[0.5], colors=colour, linewidths=width, linestyles=style
-            )
-        axes[0].plot([], [], color=colour, linestyle=style, label=label)
-    axes[0].legend(loc="lower right", fontsize=7)
-    axes[0].set_title("WT contours on t1c")
-    axes[1].imshow(sl, cmap="gray", origin="lower")
-    axes[1].imshow(np.ma.masked_where(~flipped, flipped), cmap="autumn", origin="lower", alpha=0.9)
-    axes[1].set_title("voxels the refiner flipped (any region)")
-    for a in axes:
-        a.set_xticks([])
-        a.set_yticks([])
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -113,7 +113,7 @@ def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
     assert proc.returncode == 2 and "maps of U-Net fold(s) [0] were made before the fold was trained" in proc.stdout
     proc = _train(workdir, "--stage=unet")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "unet fold 0 was trained again since its out-of-fold maps were made; remaking them" in proc.stdout
+    assert "unet fold 0: its out-of-fold maps were not made by its current training; remaking them" in proc.stdout
     assert all((workdir / "unet" / "oof" / f"{c}.nii.gz").stat().st_mtime_ns != stamps[c] for c in folds[0])
     assert all((workdir / "unet" / "oof" / f"{c}.nii.gz").stat().st_mtime_ns == stamps[c] for c in folds[1])
     assert json.loads((workdir / "unet" / "oof" / "runs.json").read_text()) == {**runs, "0": "trained-again"}
@@ -132,28 +132,19 @@ def test_unet_fold_trained_again_remakes_its_maps(finished, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_refiner_from_an_older_version_is_adopted(finished, tmp_path):
-    """A refiner whose settings predate ``oof_runs`` takes the current U-Net trainings instead of being
-    refused (nothing retrained); one with other settings besides is still refused."""
+def test_refiner_without_a_record_of_its_unets_is_refused(finished, tmp_path):
+    """A refiner whose settings do not record the U-Net trainings it was trained on (``oof_runs``) is not
+    adopted: train.py refuses it, naming the keys, and --overwrite retrains it."""
     import json
 
     workdir = tmp_path / "run"
-    shutil.copytree(finished[0], workdir)
+    shutil.copytree(finished[0], workdir, ignore=shutil.ignore_patterns("eval"))
     stage = workdir / "rediffinet"
     flat = json.loads((stage / "config.json").read_text())
-    runs = {k: v for k, v in flat.items() if k.startswith("oof_runs.")}
-    assert sorted(runs) == ["oof_runs.0", "oof_runs.1"]
-    old = {k: v for k, v in flat.items() if k not in runs}
-    (stage / "config.json").write_text(json.dumps({**old, "diffusion.lr": 0.5}))
+    assert sorted(k for k in flat if k.startswith("oof_runs.")) == ["oof_runs.0", "oof_runs.1"]
+    (stage / "config.json").write_text(json.dumps({k: v for k, v in flat.items() if not k.startswith("oof_runs.")}))
     proc = _train(workdir, "--noevaluate")
-    assert proc.returncode == 2 and "diffusion.lr" in proc.stdout
-    (stage / "config.json").write_text(json.dumps(old))
-    stamps = {p: p.stat().st_mtime_ns for p in stage.rglob("*") if p.is_file() and "checkpoints" in p.parts}
-    proc = _train(workdir, "--noevaluate")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "kept no record of its U-Nets' trainings; taking the current ones" in proc.stdout
-    assert json.loads((stage / "config.json").read_text()) == flat
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert proc.returncode == 2 and "oof_runs.0" in proc.stdout and "--overwrite" in proc.stdout
 
 
 def test_unknown_key_and_missing_root(tmp_path):
@@ -459,3 +450,43 @@ def test_evaluate_and_predict_refuse_before_writing(finished, tmp_path):
     out = tmp_path / "out"
     proc = _run("predict.py", "-i", str(src / "data"), "-o", str(out), f"--workdir={w}")
     assert proc.returncode == 2 and "not trained" in proc.stdout and not out.exists(), proc.stdout[-2000:]
+
+
+def test_refinement_benchmark_over_two_seeds(finished, tmp_path):
+    """benchmarks/refinement.py on the smoke config, 2 seeds (seed 0 is the finished run, resumed with nothing
+    to do; seed 1 trains from scratch): its table equals the numbers recomputed here from the case rows."""
+    import json
+
+    from rediffinet_jax import metrics
+    from rediffinet_jax.evaluation import read_rows
+
+    root = tmp_path / "bench"
+    shutil.copytree(finished[0], root / "seed_0")
+    proc = _run("benchmarks/refinement.py", f"--config={SMOKE}", "--seeds=2", f"--root={root}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((root / "refinement.json").read_text())
+    assert sorted(result["seeds"]) == ["0", "1"] and (root / "refinement.md").is_file()
+    changes, nets = [], []
+    for s in ("0", "1"):
+        rows = {
+            m: [r for k in (0, 1) for r in read_rows(root / f"seed_{s}" / "eval" / m / f"fold_{k}" / "cases.csv")]
+            for m in ("unet", "rediffinet")
+        }
+        fold_hd = {
+            m: [
+                np.mean([r["hd95"] for r in read_rows(root / f"seed_{s}" / "eval" / m / f"fold_{k}" / "cases.csv")])
+                for k in (0, 1)
+            ]
+            for m in rows
+        }
+        unet, ref = np.mean(fold_hd["unet"]), np.mean(fold_hd["rediffinet"])
+        assert result["seeds"][s]["rediffinet"]["hd95"]["avg"] == pytest.approx(ref)
+        changes.append(100 * (ref - unet) / unet)
+        et = [r for r in rows["rediffinet"] if r["region"] == "ET"]
+        nets.append(sum(r["flipped"] - 2 * r["fixed"] for r in et))
+        assert result["seeds"][s]["rediffinet"]["flips"]["ET"]["net_error_change"] == nets[-1]
+        assert all(r["convention"] == "brats2023" for r in rows["unet"]) and metrics.FLIP_KEYS
+    mean = result["mean"]["rediffinet"]
+    assert mean["hd95_change_percent"]["avg"] == pytest.approx(np.mean(changes))
+    assert result["std"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(np.std(changes))
+    assert mean["flips"]["ET"]["net_error_change"] == sum(nets)

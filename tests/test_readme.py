@@ -1,0 +1,109 @@
+"""The README's result blocks come from the committed result records; the benchmark tables from case rows."""
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import readme_results as rr
+from benchmarks import refinement
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_blocks_are_rendered_from_the_records():
+    """Numbers in the README cannot go stale: they are exactly what the records in benchmarks/results/
+    render to (python benchmarks/readme_results.py render)."""
+    text = (ROOT / "README.md").read_text()
+    assert rr.render_readme(text) == text
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert rr.render_docs(docs) == docs
+    assert len(text.encode()) <= 12 * 1024
+    assert "../" not in text and "SPEC" not in text
+
+
+def _row(case, region, dice, hd95, errors=0, flipped=0, fixed=0):
+    return {
+        "case": case,
+        "region": region,
+        "dice": dice,
+        "hd95": hd95,
+        "lesionwise_dice": dice,
+        "lesionwise_hd95": hd95,
+        "unet_errors": errors,
+        "flipped": flipped,
+        "fixed": fixed,
+    }
+
+
+def _seed(unet_hd, ref_hd, ref_dice, flips):
+    """One fold of two cases; every region alike. flips = (U-Net errors, flipped, fixed) per case."""
+    rows = {"unet": {}, "rediffinet": {}}
+    for name, hd, dice in (("unet", unet_hd, 0.9), ("rediffinet", ref_hd, ref_dice)):
+        rows[name][0] = [
+            _row(c, r, dice, h, *(flips[i] if name == "rediffinet" else (0, 0, 0)))
+            for i, (c, h) in enumerate(zip(("a", "b"), hd))
+            for r in ("WT", "TC", "ET")
+        ]
+    return rows
+
+
+def test_benchmark_table_recomputed_by_hand():
+    """Seed 0: U-Net HD95 2 and 4 (mean 3), refined 1 and 2 (1.5: −50 %); seed 1: U-Net 3 and 5 (4), refined 4
+    and 4 (4: 0 %). Dice 0.9 for the U-Net, 0.89 and 0.80 refined. Flips per case and region: seed 0
+    (10 errors, 6 flipped, 5 fixed) and (0, 0, 0): net 6 − 2·5 = −4; seed 1 (10, 8, 2): net +4."""
+    t0 = refinement.seed_table(_seed((2, 4), (1, 2), 0.89, [(10, 6, 5), (0, 0, 0)]))
+    t1 = refinement.seed_table(_seed((3, 5), (4, 4), 0.80, [(10, 8, 2), (0, 0, 0)]))
+    assert t0["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(-50.0)
+    assert t1["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(0.0)
+    assert t0["rediffinet"]["flips"]["TC"]["net_error_change"] == -4
+    result = refinement.combine({"0": t0, "1": t1})
+    assert result["mean"]["rediffinet"]["hd95_change_percent"]["WT"] == pytest.approx(-25.0)
+    assert result["std"]["rediffinet"]["hd95_change_percent"]["WT"] == pytest.approx(25.0)
+    assert result["mean"]["rediffinet"]["dice"]["avg"] == pytest.approx(84.5)
+    assert result["mean"]["rediffinet"]["flips"]["ET"] == {
+        "unet_errors": 20,
+        "flipped": 14,
+        "fixed": 7,
+        "precision": 0.5,
+        "recall": 0.35,
+        "net_error_change": 0,
+    }
+    v = result["verdicts"]["rediffinet"]
+    assert v["per_seed"]["0"] == {
+        "hd95_avg_10pct_lower": True,
+        "dice_avg_within_0.5": False,
+        "no_region_more_wrong": True,
+    }
+    assert v["per_seed"]["1"]["no_region_more_wrong"] is False and not v["all_met"]
+    md = refinement.markdown(result, "header")
+    assert "| mean ± std (2 seeds) | rediffinet |" in md and "NOT all met" in md
+
+
+def _demo_run(seed, unet_hd, ref_hd, nets):
+    flips = {
+        r: {"unet_errors": 10, "flipped": 4, "fixed": 2 + (n < 0), "net_error_change": n}
+        for r, n in zip(("WT", "TC", "ET"), nets)
+    }
+    models = {
+        n: {c: {"dice": 0.8, "hd95": h} for c in ("WT", "TC", "ET", "avg")}
+        for n, h in (("unet", unet_hd), ("rediffinet", ref_hd))
+    }
+    return {
+        "seed": seed,
+        "wall_s": 300.0 + seed,
+        "peak_rss_gib": 1.4,
+        "commit": "abc",
+        "machine": "m",
+        "summary": {"models": models, "flips": {"rediffinet": flips}, "convention": "brats2023"},
+    }
+
+
+def test_demo_block_states_ranges_and_the_target():
+    good, bad = _demo_run(0, 5.0, 4.0, (0, -2, 0)), _demo_run(1, 5.0, 6.0, (0, 0, +3))
+    assert rr.demo_no_harm(good) and not rr.demo_no_harm(bad)
+    text = rr.render_demo([good, bad])
+    assert "commit abc: 5.0 min, 1.40 GiB" in text and "met in 1 of 2 runs" in text
+    assert "| ET | 10 | 4 | 2 | +0 to +3 |" in text
+    assert "| Re-DiffiNet | 80.00 | 80.00 | 80.00 | 80.00 | 4.00 to 6.00 |" in text
+    assert "not as a result" in rr.render_status([good, bad], None)
+    assert "every one of 1 runs" in rr.render_status([good], None)
