@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -44,12 +44,16 @@ def run_demo(seed: int, root: Path) -> dict:
         raise SystemExit(f"error: {workdir} exists; the demo is timed from scratch")
     cmd = [sys.executable, "train.py", "--config=configs/rediffinet.py:demo", f"--workdir={workdir}"]
     cmd += [f"--config.seed={seed}", f"--config.data.phantoms.seed={seed}", f"--config.data.split_seed={seed}"]
+    log = root / f"demo_seed_{seed}.log"
+    root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this run's own peak memory, not the largest child so far
     wall = time.time() - t0
-    if proc.returncode:
-        raise SystemExit(f"error: the demo failed for seed {seed}:\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB, largest child so far
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"error: the demo failed for seed {seed}; see {log}")
+    peak = usage.ru_maxrss / 2**20  # KiB -> GiB
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
     return {
         "seed": seed,
@@ -158,14 +162,23 @@ def render_status(runs: list[dict], bench: dict | None) -> str:
 
 
 def render_bench(b: dict) -> str:
-    mins = [s / 60 for s in b["seconds"].values()]
     r = b["result"]
-    seeds = sorted(r["seeds"])
+    seeds, asked = sorted(r["seeds"]), r.get("seeds_asked", len(r["seeds"]))
+    mins = [s / 60 for s in b["seconds"].values()]
+    notes = sorted({c["note"] for cs in r.get("calls", {}).values() for c in cs if c.get("note")})
+    one = len(seeds) == 1
     lines = [
-        f"`{b['command']}` ({len(seeds)} seeds: `seed`, `data.phantoms.seed` and `data.split_seed`), on "
-        f"{'; '.join(b['machines'])}, commit {', '.join(b['commits'])}: "
-        f"{_span(mins, '{:.0f}') if mins else '?'} min per seed. Mean ± std over the seeds of each seed's "
-        f"mean over 5 folds (HD95 in mm, brats2023 convention):",
+        f"`{b['command']}`: {len(seeds)} of its {asked} seeds finished so far (a seed changes `seed`, "
+        f"`data.phantoms.seed` and `data.split_seed`), on {'; '.join(b['machines'])}, commit "
+        f"{', '.join(b['commits'])}: {_span(mins, '{:.0f}') if mins else '?'} min per seed"
+        + (f" ({'; '.join(notes)})" if notes else "")
+        + ". "
+        + (
+            "One seed's mean over 5 folds: not yet a mean over seeds"
+            if one
+            else "Mean ± std over the seeds of each seed's mean over 5 folds"
+        )
+        + " (HD95 in mm, brats2023):",
         "",
         "| model | "
         + " | ".join(f"Dice {c}" for c in COLS)
@@ -176,8 +189,8 @@ def render_bench(b: dict) -> str:
     ]
     for name in r["mean"]:
         m, s = r["mean"][name], r["std"][name]
-        cells = [f"{m['dice'][c]:.2f} ± {s['dice'][c]:.2f}" for c in COLS]
-        cells += [f"{m['hd95'][c]:.2f} ± {s['hd95'][c]:.2f}" for c in COLS]
+        cells = [f"{m['dice'][c]:.2f}" + ("" if one else f" ± {s['dice'][c]:.2f}") for c in COLS]
+        cells += [f"{m['hd95'][c]:.2f}" + ("" if one else f" ± {s['hd95'][c]:.2f}") for c in COLS]
         change = "" if name == "unet" else f"{m['hd95_change_percent']['avg']:+.1f} %"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} |")
     lines += [
@@ -197,6 +210,7 @@ def render_bench(b: dict) -> str:
         "",
         "Targets (HD95 avg ≥ 10 % below the U-Net's, Dice avg at most 0.5 points below, no region with more "
         "wrong voxels; in the mean and in every seed):",
+        "",
     ]
     for name, v in r["verdicts"].items():
         missed = sorted({k for x in [v["mean"], *v["per_seed"].values()] for k, ok in x.items() if not ok})

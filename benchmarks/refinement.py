@@ -154,15 +154,7 @@ def combine(tables: dict) -> dict:
 
 
 def _pooled(flips: list[dict]) -> dict:
-    err, flip, fixed = (sum(f[k] for f in flips) for k in ("unet_errors", "flipped", "fixed"))
-    return {
-        "unet_errors": err,
-        "flipped": flip,
-        "fixed": fixed,
-        "precision": fixed / flip if flip else float("nan"),
-        "recall": fixed / err if err else float("nan"),
-        "net_error_change": flip - 2 * fixed,
-    }
+    return reports.flip_record(*(sum(f[k] for f in flips) for k in ("unet_errors", "flipped", "fixed")))
 
 
 def markdown(result: dict, header: str = "") -> str:
@@ -260,8 +252,10 @@ def main(argv=None) -> None:
         raise SystemExit("error: no finished seed to tabulate")
     result = combine(tables)
     result["calls"] = calls
+    result["seeds_asked"] = a.seeds
     result["seconds"] = {s: sum(c["seconds"] for c in cs) for s, cs in calls.items()}
-    result["command"] = " ".join(["python benchmarks/refinement.py", *(argv if argv is not None else sys.argv[1:])])
+    args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--table_only"]  # not how it was made
+    result["command"] = " ".join(["python benchmarks/refinement.py", *args])
     machines = sorted({c["machine"] for cs in calls.values() for c in cs})
     commits = sorted({c["commit"] for cs in calls.values() for c in cs})
     header = (

@@ -1,4 +1,4 @@
-"""Shared defaults: the paper's values (SPEC §1–6). Each experiment file adjusts the ``diffusion`` block.
+"""Shared defaults: the paper's values (docs/method.md). Each experiment file adjusts the ``diffusion`` block.
 
 Steps are not given in the paper; the defaults here (stage 1: 25k steps of batch 2, stage 2: 50k steps
 of batch 4) are ours, in the range Diff-UNet and the NVIDIA recipe train for.
@@ -71,8 +71,8 @@ def base() -> ConfigDict:
             keep=2,
             overlap=0.5,
             batch_windows=1,
-            # chunk: samples denoised at once. 2 of the paper's 10 ran as fast as all 10 on an H200 (bfloat16
-            # window 1.447 s against 1.434 s) in a third of the memory (13.8 GiB against 43.6); README, "On a GPU"
+            # chunk: samples denoised at once. 2 of the paper's 10 ran as fast as all 10 on an H200 in a third
+            # of the memory (docs/benchmarks.md, "On a GPU")
             sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=2)),
             val_sampler=ConfigDict(dict(steps=10, samples=1)),
         )

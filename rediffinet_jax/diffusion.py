@@ -1,4 +1,4 @@
-"""Diffusion for masks (SPEC §5): schedule, q_sample, variants, loss, the DDIM sampler, fusion, refinement.
+"""Diffusion for masks (docs/method.md): schedule, q_sample, variants, training inputs, DDIM, fusion, refinement.
 
 Masks m ∈ {0, 1} enter the diffusion as x0 = 2m − 1; the network predicts x0 as raw logits
 (sign > 0 ↔ m = 1). Arrays are channels-last, region channels [WT, TC, ET].

@@ -167,17 +167,22 @@ def _write_oof(stage, layout: wd.Layout, data: Data, k: int, todo, which: str, l
     log(f"unet fold {k}: wrote {len(todo)} out-of-fold predictions to {layout.oof}")
 
 
-def run_unet(
-    config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwrite, stop_after, progress_bars, log
-) -> dict | None:
-    """Stage 1: settings checked, the U-Net of each fold, then its out-of-fold maps."""
-    stage = stages.make("unet", config.unet)
-    settings = {
+def _unet_settings(config) -> dict:
+    """What stage 1's results depend on (and so every stage 2 trained on its maps)."""
+    return {
         "seed": config.seed,
         "data": config.data.to_dict(),
         "unet": config.unet.to_dict(),
         wd.OOF_KEY: config.eval.checkpoint,
     }
+
+
+def run_unet(
+    config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwrite, stop_after, progress_bars, log
+) -> dict | None:
+    """Stage 1: settings checked, the U-Net of each fold, then its out-of-fold maps."""
+    stage = stages.make("unet", config.unet)
+    settings = _unet_settings(config)
     with parallel.main_first("unet settings"):
         if stage_flag in (None, "unet"):  # the maps are remade below
             wd.renew_oof_if_checkpoint_changed(layout, settings, log)
@@ -196,13 +201,7 @@ def run_diffusion(
 ) -> tuple[str, dict | None]:
     """Stage 2: settings checked (with the U-Net trainings whose maps it trains on), each fold trained."""
     stage = stages.make("diffusion", config.diffusion)
-    settings = {
-        "seed": config.seed,
-        "data": config.data.to_dict(),
-        "unet": config.unet.to_dict(),
-        wd.OOF_KEY: config.eval.checkpoint,
-        "diffusion": config.diffusion.to_dict(),
-    }
+    settings = {**_unet_settings(config), "diffusion": config.diffusion.to_dict()}
     with parallel.main_first(f"{stage.name} settings"):
         if stage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
             pipeline.attach_unet_masks(data.refs, layout.oof)

@@ -3,7 +3,7 @@
 Counts every 3-D convolution (k³·cin·cout multiply-adds per output voxel; a k2 s2 transposed
 convolution costs cin·cout per output voxel); dense layers, norms and activations are left out
 (under 0.1 %). At 128×192×128 the Re-DiffiNet denoiser is 3.67 TFLOP per forward and the encoder
-1.06 TFLOP, 79 % of the denoiser's at full resolution (SPEC §4).
+1.06 TFLOP, 79 % of the denoiser's at full resolution (docs/method.md).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Segmentation scores per case and region (SPEC §6): Dice, HD95 in three conventions, BraTS 2023
+"""Segmentation scores per case and region (docs/method.md, "Metrics"): Dice, HD95 in three conventions, BraTS 2023
 lesion-wise Dice and HD95, with every empty-mask rule.
 
 Masks are ``[D, H, W]`` binary arrays on the full original grid (or ``[D, H, W, 3]`` in [WT, TC, ET]
 for :func:`score_case`); spacing is the NIfTI voxel size in mm along D, H, W. Work is done on the
 bounding box of both masks plus a margin (never padded past the volume, so borders behave exactly as
-on the full grid): a whole 240×240×155 case is scored in well under a second.
+on the full grid), so a whole 240×240×155 case is quick to score (docs/benchmarks.md).
 """
 
 from __future__ import annotations

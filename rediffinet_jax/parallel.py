@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 # A process that stops answering (one that failed and left) ends the others after this long; JAX's
-# default (100 s) kept a failed run's other processes waiting for minutes.
+# default kept a failed run's other processes waiting for minutes.
 HEARTBEAT_S = 30
 _COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 

@@ -57,16 +57,21 @@ def flip_summary(per_fold: dict, baseline: str = "unet") -> dict:
         out[name] = {}
         for region in REGIONS:
             sel = [r for r in rows if r["region"] == region]
-            err, flip, fixed = (int(sum(r[k] for r in sel)) for k in FLIP_KEYS)
-            out[name][region] = {
-                "unet_errors": err,
-                "flipped": flip,
-                "fixed": fixed,
-                "precision": fixed / flip if flip else float("nan"),
-                "recall": fixed / err if err else float("nan"),
-                "net_error_change": flip - 2 * fixed,
-            }
+            out[name][region] = flip_record(*(int(sum(r[k] for r in sel)) for k in FLIP_KEYS))
     return out
+
+
+def flip_record(err: int, flip: int, fixed: int) -> dict:
+    """Pooled flip counts with precision = fixed / flipped, recall = fixed / U-Net errors and the net change
+    in wrong voxels (flipped − 2·fixed: a right flip removes an error, a wrong one adds one)."""
+    return {
+        "unet_errors": err,
+        "flipped": flip,
+        "fixed": fixed,
+        "precision": fixed / flip if flip else float("nan"),
+        "recall": fixed / err if err else float("nan"),
+        "net_error_change": flip - 2 * fixed,
+    }
 
 
 def flip_markdown(flips: dict) -> list[str]:

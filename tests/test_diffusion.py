@@ -17,7 +17,7 @@ SMALL_FEATURES = (8, 8, 16, 16, 32, 8)
 def test_schedule():
     acp = D.alphas_cumprod()
     assert acp.dtype == np.float32 and acp.shape == (1000,)
-    assert acp[-1] == pytest.approx(4.04e-5, rel=2e-3)  # SPEC: ᾱ_999 ≈ 4.04e-5
+    assert acp[-1] == pytest.approx(4.04e-5, rel=2e-3)  # the published ᾱ_999 ≈ 4.04e-5
     assert acp[0] == pytest.approx(1 - 1e-4, rel=1e-7)
     assert np.all(np.diff(acp) < 0)
 

@@ -15,7 +15,7 @@ SMALL_FEATURES = (8, 8, 16, 16, 32, 8)
 SHAPE = (32, 48, 32)
 
 
-# ---------------------------------------------------------------- parameter counts at the paper's size (SPEC)
+# ---------------------------------------------------------------- parameter counts at the paper's size (docs/method.md)
 
 
 @pytest.mark.parametrize("cin,expected", [(5, 50_838_665), (4, 50_836_937)])

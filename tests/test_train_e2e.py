@@ -400,7 +400,7 @@ def test_two_processes_run_the_pipeline_as_one(finished, tmp_path):
     single = _run("predict.py", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "one"), f"--workdir={workdir}")
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
-        [f"{c}.nii.gz" for c in ids] + ["prediction.json"]
+        [f"{c}.nii.gz" for c in ids] + ["prediction.json", ".lock"]  # the lock of the writing command, released
     )
     for c in ids:
         np.testing.assert_array_equal(

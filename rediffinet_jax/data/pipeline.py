@@ -107,9 +107,9 @@ def _window(array: np.ndarray, start, size) -> np.ndarray:
 
 def _resize(array: np.ndarray, size) -> np.ndarray:
     """Resizes ``[D, H, W, C]`` to ``size + [C]``, voxel centres aligned (half-pixel, as DALI and
-    ``jax.image.resize``). Floats are interpolated linearly (DALI uses cubic: 5× slower here, 1.5 s for
-    4 channels at 128³), integer masks take the nearest voxel so they stay binary. Channel by channel:
-    one 4-D call interpolating along C as well was 2× slower."""
+    ``jax.image.resize``). Floats are interpolated linearly (DALI uses cubic, several times slower here:
+    docs/decisions.md), integer masks take the nearest voxel so they stay binary. Channel by channel: one
+    4-D call interpolating along C as well was slower."""
     order = 1 if np.issubdtype(array.dtype, np.floating) else 0
     factors = np.asarray(size) / array.shape[:3]
     return np.stack(
@@ -142,8 +142,7 @@ class SamplePatch(grain.transforms.RandomMap):
         else:
             centre = np.asarray([rng.integers(d) for d in dims])
         # A zoom by z reads a window of patch / z voxels and resizes it up to the patch: cheap, since only
-        # the smaller window is read and the resize runs on 15 % of the patches (0.33 s at 128³ with
-        # both masks, on one core).
+        # the smaller window is read and the resize runs on 15 % of the patches.
         zoom = rng.uniform(1.0, self.augment.zoom_max) if rng.uniform() < self.augment.zoom_p else 1.0
         p = np.maximum(1, np.rint(patch / zoom).astype(int))
         lo, hi = np.minimum(0, dims - p), np.maximum(0, dims - p)
@@ -213,7 +212,7 @@ def train_dataset(
     if process_count > 1:
         ds = ds[process_index::process_count]
     # One background thread per process prepares the next batches while the step runs; grain's default
-    # of 16 threads is ten times slower on a 2-core machine (GIL contention).
+    # of 16 threads was many times slower on a 2-core machine (GIL contention).
     it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
     )

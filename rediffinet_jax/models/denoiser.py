@@ -1,4 +1,4 @@
-"""The Diff-UNet denoiser, its time embedding and its conditioning encoder ξ (stage 2): SPEC §4.
+"""The Diff-UNet denoiser, its time embedding and its conditioning encoder ξ (stage 2): docs/method.md.
 
 Layout NDHWC. The denoiser takes ``[condition image, x_t]`` concatenated on channels and predicts x0
 as raw logits ``[B, D, H, W, 3]``; the encoder takes the condition image alone and its per-stage
@@ -61,9 +61,9 @@ def _maxpool2(x):
     """2×2×2 max pooling, stride 2, of ``[B, D, H, W, C]`` with even D, H, W.
 
     A max over reshaped axes rather than ``lax.reduce_window``: the same values, and its gradient is an
-    elementwise mask where reduce_window's tracks argmax indices on the CPU (a small-width Re-DiffiNet
-    train step at 64³: 0.80 s against 0.91 s). At ties the gradient is shared equally instead of going
-    to one voxel (PyTorch: the first); ties between float activations are rare.
+    elementwise mask where reduce_window's tracks argmax indices on the CPU (slower: docs/decisions.md).
+    At ties the gradient is shared equally instead of going to one voxel (PyTorch: the first); ties between
+    float activations are rare.
     """
     b, d, h, w, c = x.shape
     return jnp.max(x.reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c), axis=(2, 4, 6))

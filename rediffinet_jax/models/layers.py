@@ -27,12 +27,9 @@ def conv_impl() -> str:
     :func:`conv3d`; the CPU and GPUs) or ``xla`` (XLA's native 3-D convolution; TPUs and other backends).
     REDIFFINET_CONV overrides.
 
-    ``2d`` was measured faster on both CPU and GPU: on an H200 (benchmarks/layers.py, bfloat16, 128×192×128)
-    XLA's native k2 s2 transposed convolution took 4.8 ms forward and 735 ms backward, the matrix product
-    1.1 ms and 1.5 ms; the 3³ convolutions 64→64 and 128→64 ran 1.4–1.6× faster forward and 1.3–2.1×
-    backward as 2-D convolutions; in the models (bfloat16) the Re-DiffiNet train step went from 0.975 s to
-    0.121 s and the sampler window from 1.908 s to 1.434 s, for about twice the peak memory (README, "On a
-    GPU"). TPUs were never measured, so they keep XLA's own."""
+    ``2d`` was measured faster on both the CPU and an H200 (above all XLA's transposed convolution's backward;
+    docs/benchmarks.md has the numbers), for more peak memory. TPUs were never measured, so they keep
+    XLA's own."""
     forced = os.environ.get("REDIFFINET_CONV")
     if forced:
         if forced not in CONV_IMPLS:
@@ -46,11 +43,10 @@ def conv3d(x, kernel, stride: int, padding: int, impl: str | None = None):
     ``padding`` on every axis.
 
     ``xla``: ``lax.conv_general_dilated``. ``2d``: 2-D convolutions over (H, W) with the depth taps
-    moved to channels, which XLA runs 2.6–18× faster forward+backward on the CPU than its 3-D convolution
-    (whose strided backward is the slowest), and 1.1–2.1× faster at stride 1 on an H200 (:func:`conv_impl`;
-    strided, not yet measured there): a "same" stride-1 kernel through :func:`_depth_taps_on_outputs`,
+    moved to channels, which XLA runs faster than its 3-D convolution on the CPU and (at stride 1) on an
+    H200 (:func:`conv_impl`; docs/benchmarks.md): a "same" stride-1 kernel through :func:`_depth_taps_on_outputs`,
     other strides through :func:`_depth_taps_on_inputs`; a 1×1×1 kernel with stride 1 is a matrix product.
-    Both give the same result to float rounding. Compile with :data:`XLA_OPTIONS` (see :func:`jit`) for the
+    Both give the same result to float rounding. Compile through ``compiling.jit`` (its CPU options) for the
     fast 2-D convolution.
     """
     impl = impl or conv_impl()
@@ -67,9 +63,8 @@ def conv3d(x, kernel, stride: int, padding: int, impl: str | None = None):
 def _depth_taps_on_outputs(x, kernel, padding: int):
     """Stride-1 "same" convolution: one 2-D convolution of every depth slice with kd·cout outputs (one
     group per depth tap), then each output slice sums its kd neighbours' groups (zero past the edges).
-    Nothing the size of the input is copied. Faster than :func:`_depth_taps_on_inputs` in the networks
-    (64³, paper widths: denoiser forward 1.37 s against 1.69 s, U-Net train step 1.85 s against 1.96 s),
-    although a single layer's backward alone is slower."""
+    Nothing the size of the input is copied. Faster than :func:`_depth_taps_on_inputs` in the networks,
+    although a single layer's backward alone is slower (docs/benchmarks.md)."""
     b, d, h, w, c = x.shape
     kd, kh, kw, _, co = kernel.shape
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, kd * co)
@@ -95,7 +90,7 @@ def _depth_taps_on_inputs(x, kernel, stride: int, padding: int):
     xp = jnp.pad(x, ((0, 0), (padding, padding), (0, 0), (0, 0), (0, 0)))
     d_out = (d + 2 * padding - kd) // stride + 1
     span = stride * (d_out - 1) + 1
-    # stack on a new axis, not concatenate on channels: XLA's CPU concatenation is 2× slower here
+    # stack on a new axis, not concatenate on channels: XLA's CPU concatenation measured slower
     stacked = jnp.stack([xp[:, a : a + span : stride] for a in range(kd)], axis=-2)  # [B, Do, H, W, kd, cin]
     k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, co)
     y = jax.lax.conv_general_dilated(
@@ -112,8 +107,8 @@ def conv_transpose3d(x, kernel, stride: int, impl: str | None = None):
     """Transposed convolution with kernel size = stride (no overlap), ``lax.conv_transpose``'s orientation.
 
     ``2d``: every input voxel times the kernel is one matrix product ``[N, cin] @ [cin, s³·cout]``
-    followed by a reshape into the s×s×s blocks (exact; XLA's CPU transposed convolution is 25–80×
-    slower, and its GPU one's backward 500× slower in bfloat16). ``xla``: ``lax.conv_transpose``.
+    followed by a reshape into the s×s×s blocks (exact; XLA's own transposed convolution is far slower on the
+    CPU, and its backward on a GPU: docs/benchmarks.md). ``xla``: ``lax.conv_transpose``.
     """
     impl = impl or conv_impl()
     if impl == "xla":
@@ -130,7 +125,7 @@ def _uniform(rngs: nnx.Rngs, shape, fan_in: int) -> nnx.Param:
     """U(−1/√fan_in, 1/√fan_in) from the module's ``params`` key stream.
 
     Outside a trace the values are drawn with NumPy from a generator seeded by the key, because XLA on
-    the CPU compiles every new random op (about 1 s each, 30 s for a full model); under a trace
+    the CPU compiles every new random op (seconds per model); under a trace
     (``nnx.eval_shape``, ``nnx.jit``) ``jax.random`` is used and nothing is allocated.
     """
     bound = 1.0 / math.sqrt(fan_in)

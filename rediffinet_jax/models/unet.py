@@ -1,4 +1,4 @@
-"""The optimized 3-D U-Net of Futrega et al. 2021 (stage 1): SPEC §3.
+"""The optimized 3-D U-Net of Futrega et al. 2021 (stage 1): docs/method.md.
 
 Input ``[B, D, H, W, C]`` (C = 4 modalities, or 5 with the foreground channel), output logits
 ``[B, D, H, W, 3]`` in [WT, TC, ET]. D, H, W must be multiples of the product of the strides
