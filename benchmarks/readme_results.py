@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 RESULTS = ROOT / "benchmarks" / "results"
-DEMO, BENCH = RESULTS / "demo_runs.json", RESULTS / "phantom_bench.json"
+DEMO, BENCH, SWEEP = RESULTS / "demo_runs.json", RESULTS / "phantom_bench.json", RESULTS / "sampler_sweep.json"
 REGIONS, COLS = ("WT", "TC", "ET"), ("WT", "TC", "ET", "avg")
 DEMO_CMD = "python train.py --config configs/rediffinet.py:demo --workdir runs/demo"
 
@@ -88,6 +88,43 @@ def record_bench(root: Path) -> dict:
         "seconds": result.get("seconds", {}),
         "result": result,
     }
+
+
+def record_sweep(workdir: Path, folds: str) -> dict:
+    """``<workdir>/eval/sampler_sweep.json`` (benchmarks/sampler_sweep.py) with its command and machine; its
+    figure is copied to docs/sampler_sweep.png."""
+    import shutil
+
+    from benchmarks import common
+
+    shutil.copy(workdir / "eval" / "sampler_sweep.png", ROOT / "docs" / "sampler_sweep.png")
+    data = json.loads((workdir / "eval" / "sampler_sweep.json").read_text())
+    return {
+        "command": f"python benchmarks/sampler_sweep.py --workdir {workdir} --folds {folds}",
+        "commit": common.commit(ROOT),
+        "machine": common.machine(),
+        **data,
+    }
+
+
+def render_sweep(w: dict) -> str:
+    u = w["unet"]
+    lines = [
+        f"`{w['command']}` on {w['machine']}, commit {w['commit']}: {u['n_cases']} held-out cases; the U-Net "
+        f"there: Dice avg {u['dice_avg']:.2f} %, HD95 avg {u['hd95_avg']:.2f} mm. Seconds per case are the "
+        f"refiner's prediction (sliding window and sampler) on the benchmark's widths.",
+        "",
+        "![Sampler sweep](sampler_sweep.png)",
+        "",
+        "| fusion | K | S | Dice avg | HD95 avg | net WT | net TC | net ET | s / case |",
+        "|" + "---|" * 9,
+    ]
+    lines += [
+        f"| {r['fusion']} | {r['steps']} | {r['samples']} | {r['dice_avg']:.2f} | {r['hd95_avg']:.2f} | "
+        f"{r['net_WT']:+d} | {r['net_TC']:+d} | {r['net_ET']:+d} | {r['seconds_per_case']:.2f} |"
+        for r in w["combinations"]
+    ]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -245,7 +282,9 @@ def render_docs(text: str) -> str:
         f"{'yes' if demo_no_harm(r) else 'no'} |"
         for r in runs
     ]
-    return replace_block(text, "demo-runs", "\n".join(lines) if runs else "Not measured yet.")
+    text = replace_block(text, "demo-runs", "\n".join(lines) if runs else "Not measured yet.")
+    sweep = json.loads(SWEEP.read_text()) if SWEEP.is_file() else None
+    return replace_block(text, "sampler-sweep", render_sweep(sweep) if sweep else "Not run yet.")
 
 
 def render_readme(text: str) -> str:
@@ -264,6 +303,9 @@ def main(argv=None) -> None:
     d.add_argument("--root", default="runs")
     b = sub.add_parser("bench")
     b.add_argument("--root", default="runs/bench")
+    w = sub.add_parser("sweep")
+    w.add_argument("--workdir", default="runs/bench/seed_0")
+    w.add_argument("--folds", default="0")
     sub.add_parser("render")
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -274,6 +316,8 @@ def main(argv=None) -> None:
             DEMO.write_text(json.dumps(sorted(runs, key=lambda r: r["seed"]), indent=1))
     elif a.what == "bench":
         BENCH.write_text(json.dumps(record_bench(Path(a.root)), indent=1))
+    elif a.what == "sweep":
+        SWEEP.write_text(json.dumps(record_sweep(Path(a.workdir), a.folds), indent=1))
     readme, docs = ROOT / "README.md", ROOT / "docs" / "benchmarks.md"
     readme.write_text(render_readme(readme.read_text()))
     docs.write_text(render_docs(docs.read_text()))
