@@ -58,6 +58,7 @@ def figure(results: list[dict], base: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fusions = sorted({r["fusion"] for r in results})
     fig, axes = plt.subplots(2, len(fusions), figsize=(5.2 * len(fusions), 7.4), squeeze=False)
@@ -75,6 +76,8 @@ def figure(results: list[dict], base: dict, path: Path) -> None:
                     ax.annotate(f"K{k}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
             ax.axhline(base[key], color="k", ls="--", lw=1, label="U-Net")
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())  # the default labels every minor tick: unreadable
             ax.set_xlabel("seconds per case (log scale)")
             ax.set_ylabel(label)
             ax.set_title(f"{fusion} fusion: {label.split(' (')[0]}")
