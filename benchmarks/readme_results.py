@@ -108,6 +108,8 @@ def record_sweep(workdir: Path, folds: str) -> dict:
 
 
 def render_sweep(w: dict) -> str:
+    from benchmarks import sampler_sweep
+
     u = w["unet"]
     lines = [
         f"`{w['command']}` on {w['machine']}, commit {w['commit']}: {u['n_cases']} held-out cases; the U-Net "
@@ -116,13 +118,7 @@ def render_sweep(w: dict) -> str:
         "",
         "![Sampler sweep](sampler_sweep.png)",
         "",
-        "| fusion | K | S | Dice avg | HD95 avg | net WT | net TC | net ET | s / case |",
-        "|" + "---|" * 9,
-    ]
-    lines += [
-        f"| {r['fusion']} | {r['steps']} | {r['samples']} | {r['dice_avg']:.2f} | {r['hd95_avg']:.2f} | "
-        f"{r['net_WT']:+d} | {r['net_TC']:+d} | {r['net_ET']:+d} | {r['seconds_per_case']:.2f} |"
-        for r in w["combinations"]
+        *sampler_sweep.table(w["combinations"]),
     ]
     return "\n".join(lines)
 

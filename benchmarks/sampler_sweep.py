@@ -53,6 +53,16 @@ def score(rows: list[dict]) -> dict:
     return out
 
 
+def table(results: list[dict]) -> list[str]:
+    """The markdown rows of the sweep: one per combination of fusion, K and S."""
+    head = ["| fusion | K | S | Dice avg | HD95 avg | net WT | net TC | net ET | s / case |", "|" + "---|" * 9]
+    return head + [
+        f"| {r['fusion']} | {r['steps']} | {r['samples']} | {r['dice_avg']:.2f} | {r['hd95_avg']:.2f} | "
+        f"{r['net_WT']:+d} | {r['net_TC']:+d} | {r['net_ET']:+d} | {r['seconds_per_case']:.2f} |"
+        for r in results
+    ]
+
+
 def figure(results: list[dict], base: dict, path: Path) -> None:
     import matplotlib
 
@@ -140,13 +150,7 @@ def main(argv=None) -> None:
         f"Sampler sweep of {a.model} in {workdir}, folds {folds} ({base['n_cases']} cases); U-Net: Dice avg "
         f"{base['dice_avg']:.2f} %, HD95 avg {base['hd95_avg']:.2f} mm",
         "",
-        "| fusion | K | S | Dice avg | HD95 avg | net WT | net TC | net ET | s / case |",
-        "|" + "---|" * 9,
-    ]
-    lines += [
-        f"| {r['fusion']} | {r['steps']} | {r['samples']} | {r['dice_avg']:.2f} | {r['hd95_avg']:.2f} | "
-        f"{r['net_WT']:+d} | {r['net_TC']:+d} | {r['net_ET']:+d} | {r['seconds_per_case']:.2f} |"
-        for r in results
+        *table(results),
     ]
     (out / "sampler_sweep.md").write_text("\n".join(lines) + "\n")
     figure(results, base, out / "sampler_sweep.png")
