@@ -3,11 +3,13 @@
 python evaluate.py --workdir runs/demo
 python evaluate.py --workdir runs/rd --models rediffinet --folds 0,1 --checkpoint latest
 python evaluate.py --workdir runs/rd --fusion suf --samples 4    # Diff-UNet's fusion, beside the default
+python evaluate.py --workdir runs/demo --scorer official          # the official BraTS package's numbers too
 """
 
 from absl import app, flags
 
 from rediffinet_jax.diffusion import FUSIONS
+from rediffinet_jax.metrics import CONVENTIONS
 
 flags.DEFINE_string("workdir", None, "Work directory of train.py.", required=True)
 flags.DEFINE_list("models", None, "Models to score besides the U-Net baseline (default: all trained).")
@@ -24,8 +26,16 @@ flags.DEFINE_integer("samples", None, "Samples S per window (default: each model
 flags.DEFINE_enum(
     "convention",
     None,
-    ["brats2023", "monai", "medpy"],
-    "HD95 convention (default: the run's eval.convention, else brats2023).",
+    list(CONVENTIONS),
+    "Convention of our scores (default: the run's eval.convention, else brats2023); brats2025 follows the "
+    "current official package's rules.",
+)
+flags.DEFINE_enum(
+    "scorer",
+    "ours",
+    ["ours", "official"],
+    "official: also run the official BraTS package (pip install -e '.[official]') on the label maps, its numbers "
+    "beside ours.",
 )
 FLAGS = flags.FLAGS
 
@@ -41,6 +51,7 @@ def main(argv):
         FLAGS.checkpoint,
         FLAGS.convention,
         {"fusion": FLAGS.fusion, "steps": FLAGS.steps, "samples": FLAGS.samples},
+        FLAGS.scorer,
     )
 
 

@@ -2,6 +2,7 @@
 
 python predict.py -i cases/ -o out/ --workdir runs/demo
 python predict.py -i cases/ -o out/ --workdir runs/rd --model rediffinet --folds 0,1,2,3,4 --save_uncertainty
+python predict.py -i cases/ --baseline masks/ -o out/ --workdir runs/x   # refine another model's masks
 """
 
 from absl import app, flags
@@ -14,6 +15,11 @@ flags.DEFINE_list("folds", None, "Fold models to ensemble (default: all).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of each fold.")
 flags.DEFINE_bool("save_probabilities", False, "Also write the U-Net probabilities.")
 flags.DEFINE_bool("save_uncertainty", False, "Also write the refiner's per-voxel uncertainty.")
+flags.DEFINE_string(
+    "baseline",
+    None,
+    "Folder of another model's <case>.nii.gz label maps to refine (refiners trained on baseline.maps).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -30,6 +36,7 @@ def main(argv):
         FLAGS.checkpoint,
         FLAGS.save_probabilities,
         FLAGS.save_uncertainty,
+        FLAGS.baseline,
     )
 
 

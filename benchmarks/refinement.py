@@ -3,6 +3,7 @@
     python benchmarks/refinement.py                       # 3 seeds of configs/rediffinet.py:bench
     python benchmarks/refinement.py --variants            # + Diff-U-Net and UA-Diffusion concat
     python benchmarks/refinement.py --seeds 5 --root runs/bench --set diffusion.steps=3000
+    python benchmarks/refinement.py --baseline grown_edema --seeds 1   # the refiner on another model's maps
 
 Seed ``s`` changes ``seed``, ``data.phantoms.seed`` and ``data.split_seed`` (new phantoms, new folds, new
 initialisation) and runs ``train.py`` (both stages on every fold, then the evaluation) in
@@ -11,6 +12,11 @@ again (train.py resumes), a finished one is only re-read. The table is recompute
 (``eval/<model>/fold_k/cases.csv``) of every seed and written to ``<root>/refinement.{md,csv,json}``:
 per seed and mean ± std over seeds, each model's Dice and HD95 per region and averaged, the HD95 change
 against the seed's U-Net, the flips pooled over every held-out case, and the targets' verdicts.
+
+``--baseline grown_edema`` trains the refiner on another baseline than the U-Net, one whose errors are
+systematic: each case's ground truth with its edema grown by 2 voxels (``config.baseline.maps``), on the
+phantoms of ``<root>/seed_<s>/data`` (the U-Net benchmark's seed must have been run), in
+``<root>/grown_edema/seed_<s>``; its table goes to ``<root>/grown_edema/refinement.*``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from benchmarks import common  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
 from rediffinet_jax.evaluation import BASELINE, read_rows  # noqa: E402
 from rediffinet_jax.labels import REGIONS  # noqa: E402
+from rediffinet_jax.workdir import GIVEN  # noqa: E402
 
 VARIANTS = ("configs/diff_unet.py:{v}", "configs/ua_diffusion.py:concat,{v}")
 COLS = (*REGIONS, "avg")
@@ -83,24 +90,58 @@ def seed_calls(workdir: Path) -> list[dict]:
     return data.get("calls", [{"commit": "unknown", "machine": "unknown", "seconds": data.get("seconds", 0.0)}])
 
 
+def grown_edema_maps(data: Path, folder: Path, voxels: int = 2) -> list[str]:
+    """Writes ``folder/<case>.nii.gz`` for every case of ``data``: its ground truth with the edema grown by
+    ``voxels`` around the whole tumour (a model that over-segments oedema); returns the case ids. Made
+    once: a finished ``folder`` (its ``done`` file) is kept."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    ids = sorted(p.name for p in data.iterdir() if p.is_dir())
+    if (folder / "done").is_file():
+        return ids
+    folder.mkdir(parents=True, exist_ok=True)
+    for cid in ids:
+        seg = nib.load(str(data / cid / f"{cid}-seg.nii.gz"))
+        labels = np.rint(seg.get_fdata()).astype(np.uint8)
+        labels[ndimage.binary_dilation(labels > 0, iterations=voxels) & (labels == 0)] = 2
+        nib.save(nib.Nifti1Image(labels, seg.affine), str(folder / f"{cid}.nii.gz"))
+    (folder / "done").write_text(f"{len(ids)} maps, edema grown by {voxels} voxels\n")
+    return ids
+
+
+def baseline_args(root: Path, seed: int, baseline: str) -> tuple[Path, list[str]]:
+    """(the seed's work directory, the train.py flags of the baseline)."""
+    if baseline == "unet":
+        return root / f"seed_{seed}", []
+    data = root / f"seed_{seed}" / "data"
+    if not data.is_dir():
+        raise SystemExit(f"error: --baseline {baseline} needs the phantoms of {data}: run the U-Net benchmark first")
+    workdir = root / baseline / f"seed_{seed}"
+    grown_edema_maps(data, workdir / "maps")
+    return workdir, [f"--config.data.root={data.resolve()}", f"--config.baseline.maps={(workdir / 'maps').resolve()}"]
+
+
 def seed_rows(workdir: Path) -> dict:
     """``{model: {fold: rows}}`` of a finished seed, read from its cases.csv files (no other sampler)."""
     eval_dir = workdir / "eval"
     n_folds = len(json.loads((workdir / "splits.json").read_text())["folds"])
     per_fold = {}
     for folder in sorted(p for p in eval_dir.iterdir() if (p / "settings.json").is_file()):
-        if folder.name != BASELINE and "-k" in folder.name:  # another sampler's evaluation
+        if folder.name not in (BASELINE, GIVEN) and "-k" in folder.name:  # another sampler's evaluation
             continue
         rows = {k: read_rows(folder / f"fold_{k}" / "cases.csv") for k in range(n_folds)}
         per_fold[folder.name] = {k: r for k, r in rows.items() if r}
-    return {BASELINE: per_fold.pop(BASELINE), **per_fold}
+    base = GIVEN if GIVEN in per_fold else BASELINE
+    return {base: per_fold.pop(base), **per_fold}  # the baseline first
 
 
 def seed_table(per_fold: dict) -> dict:
     """Per model: Dice (%) and HD95 (mm) per region and avg (mean over folds of the per-fold case means),
-    the HD95 change in % against the U-Net (negative = better) and the pooled flips."""
-    s = reports.summary_tables(per_fold, "")
-    base = s["models"][BASELINE]["mean"]
+    the HD95 change in % against the baseline (the first model; negative = better) and the pooled flips."""
+    base_name = next(iter(per_fold))
+    s = reports.summary_tables(per_fold, "", base_name)
+    base = s["models"][base_name]["mean"]
     out = {}
     for name, m in s["models"].items():
         row = {
@@ -146,7 +187,7 @@ def combine(tables: dict) -> dict:
     verdicts = {
         name: {"per_seed": {s: verdict(t[name]) for s, t in tables.items()}, "mean": verdict(mean[name])}
         for name in models
-        if name != BASELINE
+        if name not in (BASELINE, GIVEN)
     }
     for v in verdicts.values():
         v["all_met"] = all(all(x.values()) for x in [v["mean"], *v["per_seed"].values()])
@@ -234,6 +275,7 @@ def main(argv=None) -> None:
         help="a config value for every model of every seed (repeatable)",
     )
     p.add_argument("--table_only", action="store_true", help="only rewrite the table from finished seeds")
+    p.add_argument("--baseline", choices=("unet", "grown_edema"), default="unet", help="U(I): see the docstring")
     a = p.parse_args(argv)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -242,9 +284,9 @@ def main(argv=None) -> None:
     extra = [f"--config.{kv}" for kv in a.set]
     tables, calls = {}, {}
     for seed in range(a.seeds):
-        workdir = root / f"seed_{seed}"
+        workdir, given = baseline_args(root, seed, a.baseline)
         if not a.table_only:
-            run_seed(workdir, configs, seed, extra)
+            run_seed(workdir, configs, seed, extra + given)
         if (workdir / "eval").is_dir():
             tables[str(seed)] = seed_table(seed_rows(workdir))
             calls[str(seed)] = seed_calls(workdir)
@@ -259,10 +301,10 @@ def main(argv=None) -> None:
     machines = sorted({c["machine"] for cs in calls.values() for c in cs})
     commits = sorted({c["commit"] for cs in calls.values() for c in cs})
     header = (
-        f"Phantom benchmark: {', '.join(configs)}, {len(tables)} seed(s), HD95 in mm (brats2023 "
+        f"Phantom benchmark: {', '.join(configs)}, baseline {a.baseline}, {len(tables)} seed(s), HD95 in mm (brats2023 "
         f"convention), Dice in %; {result['command']}; commit {', '.join(commits)}; {'; '.join(machines)}"
     )
-    write_outputs(root, result, header)
+    write_outputs(root if a.baseline == "unet" else root / a.baseline, result, header)
     print(markdown(result, header))
 
 

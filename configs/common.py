@@ -81,6 +81,9 @@ def base() -> ConfigDict:
     # the checkpoint on the very cases it is then scored on (and conditioned on, for stage 2's U(I)).
     c.eval = ConfigDict(dict(convention="brats2023", lesion_wise=True, checkpoint="latest"))
     c.stages = "all"  # all | unet (stage 1 and out-of-fold predictions only)
+    # maps: a folder of another model's out-of-fold label maps (<case>.nii.gz), used as U(I) in place of
+    # stage 1's U-Net, which is then not trained (docs/baseline_maps.md)
+    c.baseline = ConfigDict(dict(maps=""))
     return c
 
 

@@ -27,7 +27,7 @@ def train(config, workdir, *, fold=None, stage=None, overwrite=False, evaluate=T
     from rediffinet_jax import workdir as wd
 
     with _guard():
-        driver.check_request(config, fold)
+        driver.check_request(config, fold, stage)
         with wd.lock(workdir):
             results = driver.run(
                 config, workdir, fold=fold, stage=stage, overwrite=overwrite, stop_after=stop_after, log=_log
@@ -154,7 +154,7 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
     sys.exit(2)
 
 
-def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None) -> None:
+def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None, scorer="ours") -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
     from rediffinet_jax import evaluation
@@ -169,6 +169,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None,
             convention,
             sampler,
             log=_log,
+            scorer=scorer,
         )
 
 
@@ -181,6 +182,7 @@ def predict(
     checkpoint="best",
     save_probabilities=False,
     save_uncertainty=False,
+    baseline=None,
 ) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
@@ -188,7 +190,16 @@ def predict(
 
     with _guard():
         errors = prediction.predict_folder(
-            input_dir, output_dir, workdir, model, folds, checkpoint, save_probabilities, save_uncertainty, log=_log
+            input_dir,
+            output_dir,
+            workdir,
+            model,
+            folds,
+            checkpoint,
+            save_probabilities,
+            save_uncertainty,
+            log=_log,
+            baseline_maps=baseline,
         )
     if errors:
         _log(f"{len(errors)} case(s) failed:\n  " + "\n  ".join(str(e) for e in errors))

@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import inference, parallel, progress, stages
+from rediffinet_jax import given_maps, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats, phantoms, pipeline, splits
 from rediffinet_jax.errors import ConfigError
@@ -40,15 +40,17 @@ class Data:
     folds: list
 
 
-def check_request(config, fold: int | None) -> None:
+def check_request(config, fold: int | None, stage: str | None = None) -> None:
     """What can be refused before any work (phantoms, cache, splits) is done.
 
     Raises:
-      ConfigError: a fold outside ``0..n_folds-1``.
+      ConfigError: a fold outside ``0..n_folds-1``; stage 1 asked for where ``baseline.maps`` replaces it.
     """
     n = config.data.n_folds
     if fold is not None and not 0 <= fold < n:
         raise ConfigError(f"--fold {fold} is outside 0..{n - 1} (data.n_folds = {n})")
+    if given_maps.configured(config) and (stage == "unet" or config.stages == "unet"):
+        raise ConfigError("baseline.maps is given: there is no U-Net to train (--stage unet, stages=unet)")
 
 
 def resolve_data(config, layout: wd.Layout, log=print) -> Path:
@@ -168,7 +170,10 @@ def _write_oof(stage, layout: wd.Layout, data: Data, k: int, todo, which: str, l
 
 
 def _unet_settings(config) -> dict:
-    """What stage 1's results depend on (and so every stage 2 trained on its maps)."""
+    """What stage 1's results depend on (and so every stage 2 trained on its maps); with ``baseline.maps``,
+    what the given maps' import depends on."""
+    if given_maps.configured(config):
+        return given_maps.settings(config)
     return {
         "seed": config.seed,
         "data": config.data.to_dict(),
@@ -224,16 +229,21 @@ def run(
 ) -> dict:
     """Runs what is missing of the two-stage pipeline; returns {stage: {fold: done.json}} of the stages
     finished (a stage stopped by ``stop_after`` is left out)."""
-    check_request(config, fold)
-    layout = wd.Layout(workdir)
+    check_request(config, fold, stage)
+    given = given_maps.configured(config)
+    layout = wd.Layout(workdir, wd.GIVEN if given else wd.BASELINE)
     data = prepare(config, layout, progress, log)
     fold_ids = list(range(config.data.n_folds)) if fold is None else [fold]
     results: dict = {}
-    unet = run_unet(config, layout, data, fold_ids, stage, overwrite, stop_after, progress, log)
+    if given:
+        imported = given_maps.import_maps(config, layout, data, overwrite and stage is None, log)
+        unet = {k: imported[k] for k in fold_ids}
+    else:
+        unet = run_unet(config, layout, data, fold_ids, stage, overwrite, stop_after, progress, log)
     if unet is None:
         return results
     if unet:
-        results["unet"] = unet
+        results[layout.baseline] = unet
     if config.stages == "unet" or stage == "unet":
         return results
     name, done = run_diffusion(config, layout, data, fold_ids, overwrite, stop_after, progress, log)

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import figures, inference, metrics, parallel, progress, reports, stages
+from rediffinet_jax import figures, inference, metrics, official, parallel, progress, reports, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import ConfigError
@@ -45,7 +45,10 @@ CASE_COLUMNS = (
     *metrics.FLIP_KEYS,
     "seconds",
     "convention",
+    "gt_empty",
+    "lesions_dropped",
 )
+_OLD_COLUMNS = CASE_COLUMNS[:-2]  # 0.2.0 wrote no ground-truth counts: still read (they are left out)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -55,7 +58,7 @@ def read_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    if tuple(reader.fieldnames or ()) != CASE_COLUMNS:
+    if tuple(reader.fieldnames or ()) not in (CASE_COLUMNS, _OLD_COLUMNS):
         raise ConfigError(
             f"{path} has the columns {reader.fieldnames}, not {list(CASE_COLUMNS)} (an older "
             f"version wrote it); delete {path.parents[2]} to rescore"
@@ -65,13 +68,17 @@ def read_rows(path: Path) -> list[dict]:
             r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
         for k in metrics.FLIP_KEYS:
             r[k] = int(r[k])
+        for k in ("gt_empty", "lesions_dropped"):
+            r[k] = int(r[k]) if r.get(k) not in (None, "") else None
     return rows
 
 
 def _append_rows(path: Path, rows: list[dict]) -> None:
+    """Adds rows to ``cases.csv`` in the columns its header has (an older file's stay as they are)."""
     new = not path.is_file()
+    columns = CASE_COLUMNS if new else path.read_text().partition("\n")[0].strip().split(",")
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CASE_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerows(rows)
@@ -119,7 +126,7 @@ def _open_run(workdir, folds, checkpoint, convention) -> Run:
         fold_ids,
         convention,
         checkpoint or saved.get("checkpoint", "latest"),
-        wd.load_settings(layout.stage(BASELINE)).get(wd.OOF_KEY),
+        wd.load_settings(layout.stage(layout.baseline)).get(wd.OOF_KEY),
         wd.oof_record(layout),
     )
 
@@ -141,9 +148,10 @@ def _models(run: Run, models, sampler, log) -> list[Model]:
     if models:
         if unknown := sorted(set(models) - set(names)):
             raise ConfigError(f"no trained model {unknown} in {run.layout.root}; found {names}")
-        names = [BASELINE] + [n for n in names if n in models and n != BASELINE]
+        names = [names[0]] + [n for n in names[1:] if n in models]
     run.names = names
-    out = [Model(BASELINE, BASELINE, None, {wd.OOF_KEY: run.oof_checkpoint})]
+    base = run.layout.baseline
+    out = [Model(base, base, None, {wd.OOF_KEY: run.oof_checkpoint})]
     for name in names[1:]:
         settings = wd.load_settings(run.layout.stage(name))
         if settings.get(wd.OOF_KEY) != run.oof_checkpoint:
@@ -184,6 +192,7 @@ def evaluate(
     sampler: dict | None = None,
     progress: bool = True,
     log=print,
+    scorer: str = "ours",
 ) -> dict:
     """Scores every (model, fold), writes cases.csv per fold and eval/summary.{md,csv,json} + figures.
 
@@ -194,31 +203,47 @@ def evaluate(
     sampler: ``{"fusion", "steps", "samples"}`` overriding the diffusion models' own (None: keep); results
     then go to ``eval/<model>-<fusion>-k<K>-s<S>/``. A folder's rows made with another checkpoint or
     sampler, or from other out-of-fold maps, are refused.
+    scorer: ``official`` also runs the official BraTS package on the label maps scored (checked before any
+    work; :mod:`official`) and puts its numbers beside ours, under its names (summary "official").
     Returns the summary dict (see :func:`reports.summary_tables`).
 
     Raises:
       ConfigError: nothing could be scored (no trained fold among ``folds``), or a refused folder.
     """
+    package = official.require() if scorer == "official" else None
     run = _open_run(workdir, folds, checkpoint, convention)
-    per_fold: dict = {}
-    scored = []  # eval/ labels, in order
-    for model in _models(run, models, sampler, log):
-        # what its rows are made with (checkpoint, sampler, the checkpoints of the out-of-fold maps)
-        wd.check_record(run.layout.eval_settings(model.label), model.settings, "delete it to rescore")
-        scored.append(model.label)
-        for k in run.fold_ids:
-            rows = _score_fold(run, model, k, progress, log)
-            if rows is not None:
-                per_fold.setdefault(model.label, {})[k] = rows
+    per_fold, scored = _score_models(run, _models(run, models, sampler, log), progress, log)
     if not any(rows for folds_ in per_fold.values() for rows in folds_.values()):
         raise ConfigError(f"nothing was scored in {run.layout.root}: no trained fold among folds {run.fold_ids}")
     _add_other_samplers(run, per_fold, log)
-    summary = reports.write_summary(run.layout.eval, per_fold, run.convention, run.checkpoint, write=parallel.is_main())
+    scores = _official(run, per_fold, package, progress) if package and parallel.is_main() else None
+    summary = reports.write_summary(
+        run.layout.eval,
+        per_fold,
+        run.convention,
+        run.checkpoint,
+        write=parallel.is_main(),
+        official=scores,
+        baseline=run.layout.baseline,
+    )
     if parallel.is_main():
         figures.hd95_by_model_figure(per_fold, run.layout.figure("hd95_by_model.png"))
         _case_figures(run, per_fold, scored)
     log(reports.summary_markdown(summary))
     return summary
+
+
+def _score_models(run: Run, models: list[Model], progress_bar: bool, log) -> tuple[dict, list]:
+    """Scores every fold of every model: ({label: {k: rows}}, the labels scored, in order)."""
+    per_fold: dict = {}
+    for model in models:
+        # what its rows are made with (checkpoint, sampler, the checkpoints of the out-of-fold maps)
+        wd.check_record(run.layout.eval_settings(model.label), model.settings, "delete it to rescore")
+        for k in run.fold_ids:
+            rows = _score_fold(run, model, k, progress_bar, log)
+            if rows is not None:
+                per_fold.setdefault(model.label, {})[k] = rows
+    return per_fold, [m.label for m in models]
 
 
 def _score_fold(run: Run, model: Model, k: int, progress_bar: bool, log) -> list[dict] | None:
@@ -307,7 +332,7 @@ def _add_other_samplers(run: Run, per_fold: dict, log) -> None:
     """Adds to ``per_fold`` the rows of earlier evaluations of the scored models with another sampler
     (their own, or ``eval/<model>-<fusion>-k<K>-s<S>/``; same HD95 convention, same training of the fold
     and of its U-Net maps), so that the summary compares them."""
-    names = [n for n in run.names if n != BASELINE]
+    names = run.names[1:]
     for folder in sorted(run.layout.eval.iterdir()):
         owners = [n for n in names if folder.name == n or folder.name.startswith(f"{n}-")]
         if folder.name in per_fold or not run.layout.eval_settings(folder.name).is_file() or not owners:
@@ -327,13 +352,40 @@ def _add_other_samplers(run: Run, per_fold: dict, log) -> None:
             per_fold.setdefault(folder.name, {})[k] = rows
 
 
+def _official(run: Run, per_fold: dict, package: str, progress_bar: bool) -> dict:
+    """The official package's scores of every scored (model, fold): {"version", "scores"}; the ground
+    truth is written to ``eval/official/gt/`` first (label maps from the cached regions)."""
+    evaluator = official._evaluator()
+    scores: dict = {}
+    for label, folds_ in per_fold.items():
+        for k, rows in folds_.items():
+            cases = sorted({r["case"] for r in rows})
+            pairs = []
+            for cid in progress.bar(cases, f"official {label} fold {k}", enabled=progress_bar):
+                pred = run.layout.oof_map(cid) if label == run.layout.baseline else run.layout.pred_map(label, k, cid)
+                pairs.append((cid, pred, _official_gt(run.layout, cid)))
+            scores.setdefault(label, {})[k] = official.score(pairs, evaluator)
+    return {"version": package, "scores": official.folds_summary(scores)}
+
+
+def _official_gt(layout: wd.Layout, cid: str) -> Path:
+    path = layout.eval / "official" / "gt" / f"{cid}.nii.gz"
+    if not path.is_file():
+        meta = brats.cached_meta(layout.cache / cid)
+        gt = brats.paste(np.load(layout.cache / cid / "regions.npy"), meta["box"], meta["full_shape"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_pred(regions_to_labels(gt), path, layout, cid)
+    return path
+
+
 def _case_figures(run: Run, per_fold, labels, n: int = 2) -> None:
     """For the first refiner: the U-Net-against-refined HD95 scatter, and Figure-2-style PNGs of the ``n``
     cases whose masks it changed most (voxels flipped, any region); none when it changed nothing."""
-    refined = next((x for x in labels if x != BASELINE), None)
+    base = run.layout.baseline
+    refined = next((x for x in labels if x != base), None)
     if refined is None:
         return
-    figures.hd95_scatter_figure(per_fold, refined, run.layout.figure(f"hd95_unet_vs_{refined}.png"))
+    figures.hd95_scatter_figure(per_fold, refined, run.layout.figure(f"hd95_{base}_vs_{refined}.png"), base)
     changed = {}
     for k in run.fold_ids:
         for r in per_fold.get(refined, {}).get(k, []):
@@ -356,4 +408,5 @@ def _case_figures(run: Run, per_fold, labels, n: int = 2) -> None:
             ref,
             run.layout.figure(f"{cid}_{refined}.png"),
             f"{cid} (fold {k}): {refined}, {count} voxels flipped",
+            reports.baseline_name(base),
         )

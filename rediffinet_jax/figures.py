@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rediffinet_jax import reports
 from rediffinet_jax.labels import MODALITIES, REGIONS
 
 _LABEL_COLOURS = {1: (1.0, 0.2, 0.2), 2: (0.2, 0.9, 0.2), 3: (1.0, 0.9, 0.1)}  # NCR red, ED green, ET yellow
@@ -146,9 +147,10 @@ def hd95_by_model_figure(per_fold: dict, path) -> None:
 
 
 def hd95_scatter_figure(per_fold: dict, refined: str, path, baseline: str = "unet") -> None:
-    """The U-Net's HD95 against the refined HD95: a dot per case and region, the diagonal drawn; dots
-    below it are cases the refiner made better."""
+    """The baseline's (U-Net's) HD95 against the refined HD95: a dot per case and region, the diagonal
+    drawn; dots below it are cases the refiner made better."""
     plt = _pyplot()
+    name = reports.baseline_name(baseline)
     base = {(r["case"], r["region"]): r["hd95"] for rows in per_fold.get(baseline, {}).values() for r in rows}
     pairs = [
         (r["region"], base[(r["case"], r["region"])], r["hd95"])
@@ -170,10 +172,10 @@ def hd95_scatter_figure(per_fold: dict, refined: str, path, baseline: str = "une
     ax.set_ylim(0, top)
     _mm_axis(ax.xaxis)
     _mm_axis(ax.yaxis)
-    ax.set_xlabel("U-Net HD95 (mm, log above 10)")
+    ax.set_xlabel(f"{name} HD95 (mm, log above 10)")
     ax.set_ylabel(f"{refined} HD95 (mm, log above 10)")
     ax.set_title(
-        f"{refined} against the U-Net: {better} better, {worse} worse,\n"
+        f"{refined} against the {name}: {better} better, {worse} worse,\n"
         f"{len(pairs) - better - worse} unchanged (case × region)",
         fontsize=10,
     )
@@ -182,12 +184,13 @@ def hd95_scatter_figure(per_fold: dict, refined: str, path, baseline: str = "une
     plt.close(fig)
 
 
-def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
+def refinement_figure(image, gt, unet, refined, path, title: str = "", name: str = "U-Net") -> None:
     """In the manner of the paper's Figure 2, on the axial slice where the refiner flipped most voxels: the
     ground-truth, U-Net and refined contours of each region on t1c, and the flipped voxels of any region,
     those that fixed a U-Net error apart from those that made one.
 
-    image ``[D, H, W, 4]``; gt, unet, refined ``[D, H, W, 3]`` binary region masks.
+    image ``[D, H, W, 4]``; gt, unet (the baseline, called ``name``), refined ``[D, H, W, 3]`` binary region
+    masks.
     """
     plt = _pyplot()
     flipped = unet != refined
@@ -196,7 +199,7 @@ def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.9))
     styles = (
         (gt, "lime", "solid", 1.0, "ground truth"),
-        (unet, "red", "solid", 2.2, "U-Net"),
+        (unet, "red", "solid", 2.2, name),
         (refined, "cyan", "dashed", 1.2, "refined"),
     )  # refined dashed over the U-Net: both stay visible
     for r, region in enumerate(REGIONS):
@@ -217,7 +220,7 @@ def refinement_figure(image, gt, unet, refined, path, title: str = "") -> None:
     overlay[fixed] = (0.1, 0.9, 0.2, 0.9)
     overlay[broken & ~fixed] = (1.0, 0.1, 0.1, 0.9)
     axes[3].imshow(overlay, origin="lower")
-    axes[3].plot([], [], "s", color=(0.1, 0.9, 0.2), label=f"fixed a U-Net error ({int(fixed.sum())})")
+    axes[3].plot([], [], "s", color=(0.1, 0.9, 0.2), label=f"fixed a {name} error ({int(fixed.sum())})")
     axes[3].plot([], [], "s", color=(1.0, 0.1, 0.1), label=f"made an error ({int((broken & ~fixed).sum())})")
     axes[3].legend(loc="lower right", fontsize=7)
     axes[3].set_title("voxels the refiner flipped")

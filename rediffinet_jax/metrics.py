@@ -1,5 +1,6 @@
-"""Segmentation scores per case and region (docs/method.md, "Metrics"): Dice, HD95 in three conventions, BraTS 2023
-lesion-wise Dice and HD95, with every empty-mask rule.
+"""Segmentation scores per case and region (docs/evaluation.md, "Conventions"): Dice, HD95 in four conventions,
+lesion-wise Dice and HD95 by the BraTS 2023 script's rules or by the current BraTS package's, with every
+empty-mask rule.
 
 Masks are ``[D, H, W]`` binary arrays on the full original grid (or ``[D, H, W, 3]`` in [WT, TC, ET]
 for :func:`score_case`); spacing is the NIfTI voxel size in mm along D, H, W. Work is done on the
@@ -12,12 +13,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 from rediffinet_jax.labels import REGIONS
 
-CONVENTIONS = ("brats2023", "monai", "medpy")
+CONVENTIONS = ("brats2023", "monai", "medpy", "brats2025")
 EMPTY_HD95 = 373.13  # diagonal of the 240×240×155 BraTS grid, for exactly one empty mask
+OFFICIAL_EMPTY_HD95 = 373.0  # brats2025: the current package's parser turns its infinite HD95 into 373
+OFFICIAL_MATCH_DICE = 1e-6  # brats2025: the least Dice of a lesion pair that may be matched
 LESION_MISS_HD95 = 374.0  # BraTS 2023 lesion-wise penalty
 LESION_DILATIONS = 3
 LESION_MIN_VOLUME = 50.0  # mm³ (= voxels at BraTS's 1 mm); GT lesions at or below it are ignored
@@ -80,16 +83,21 @@ def hd95(pred, gt, spacing=(1.0, 1.0, 1.0), convention: str = "brats2023") -> fl
     directed 95th percentiles), as the BraTS 2023 challenge; ``monai`` — boundary voxels (mask XOR
     6-connected erosion), EDT with spacing, max of the two directed 95th percentiles; ``medpy`` — the
     same boundaries, the 95th percentile of both directions pooled. Both empty → 0, exactly one empty →
-    373.13 (applied before surface-distance, which fails on empty masks under NumPy 2).
+    373.13 (applied before surface-distance, which fails on empty masks under NumPy 2). ``brats2025`` —
+    the current BraTS package's: ``medpy`` with 1 mm voxels whatever ``spacing`` says, both empty → NaN
+    (left out of means), exactly one empty → 373.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown HD95 convention {convention!r}; choose one of {CONVENTIONS}")
     pred, gt = _check_pair(pred, gt, spacing)
     has_p, has_g = pred.any(), gt.any()
+    official = convention == "brats2025"
     if not has_p and not has_g:
-        return 0.0
+        return float("nan") if official else 0.0
     if has_p != has_g:
-        return EMPTY_HD95
+        return OFFICIAL_EMPTY_HD95 if official else EMPTY_HD95
+    if official:  # the package's command line passes no voxel size
+        convention, spacing = "medpy", (1.0, 1.0, 1.0)
     pred, gt = _crop_pair(pred, gt, 1)
     spacing = tuple(float(s) for s in spacing)
     if convention == "brats2023":
@@ -108,11 +116,12 @@ def lesion_wise(pred, gt, spacing=(1.0, 1.0, 1.0)) -> dict:
     surface-distance HD95 against their union; none → Dice 0, HD95 374). GT lesions of ≤ 50 mm³ are
     then dropped (their matches still do not count as false positives). Predicted components touching
     no GT lesion are false positives (Dice 0, HD95 374). Scores are means over kept lesions plus false
-    positives; with neither, Dice 1 and HD95 0. Returns dict(dice, hd95, tp, fp, fn).
+    positives; with neither, Dice 1 and HD95 0. Returns dict(dice, hd95, tp, fp, fn, dropped), dropped:
+    the GT lesions left out as too small.
     """
     pred, gt = _check_pair(pred, gt, spacing)
     if not pred.any() and not gt.any():
-        return {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
+        return {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0, "dropped": 0}
     pred, gt = _crop_pair(pred, gt, LESION_DILATIONS + 1)
     voxel = float(np.prod(spacing))
     pred_cc, _ = ndimage.label(pred, _CONN26)
@@ -120,7 +129,7 @@ def lesion_wise(pred, gt, spacing=(1.0, 1.0, 1.0)) -> dict:
     dilated_cc, n_dilated = ndimage.label(ndimage.binary_dilation(gt, _DILATION, LESION_DILATIONS), _CONN26)
     merged = np.where(gt_cc > 0, dilated_cc, 0)  # GT lesions merged through the dilation
     matched_pred: set[int] = set()
-    scores, fn, tp = [], 0, 0
+    scores, fn, tp, dropped = [], 0, 0, 0
     for lesion in range(1, n_dilated + 1):
         gt_l = merged == lesion
         if not gt_l.any():
@@ -129,6 +138,7 @@ def lesion_wise(pred, gt, spacing=(1.0, 1.0, 1.0)) -> dict:
         hits = hits[hits != 0]
         matched_pred.update(hits.tolist())
         if gt_l.sum() * voxel <= LESION_MIN_VOLUME:
+            dropped += 1
             continue
         if hits.size == 0:
             scores.append((0.0, LESION_MISS_HD95))
@@ -138,41 +148,77 @@ def lesion_wise(pred, gt, spacing=(1.0, 1.0, 1.0)) -> dict:
         scores.append((dice(pred_l, gt_l), _brats_hd95(pred_l, gt_l, spacing)))
         tp += 1
     fp = len(set(np.unique(pred_cc[pred_cc > 0]).tolist()) - matched_pred)
-    n = len(scores) + fp
+    return _lesion_means(scores, {"tp": tp, "fp": fp, "fn": fn, "dropped": dropped})
+
+
+def _lesion_means(scores: list[tuple[float, float]], counts: dict) -> dict:
+    """The 2023 rules' means over kept lesions' (Dice, HD95) plus the false positives (0, 374)."""
+    n = len(scores) + counts["fp"]
     if n == 0:
-        return {"dice": 1.0, "hd95": 0.0, "tp": tp, "fp": fp, "fn": fn}
-    return {
-        "dice": sum(d for d, _ in scores) / n,
-        "hd95": (sum(h for _, h in scores) + fp * LESION_MISS_HD95) / n,
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-    }
+        return {"dice": 1.0, "hd95": 0.0, **counts}
+    dice_sum = sum(d for d, _ in scores)
+    hd_sum = sum(h for _, h in scores) + counts["fp"] * LESION_MISS_HD95
+    return {"dice": dice_sum / n, "hd95": hd_sum / n, **counts}
+
+
+def matched_lesions(pred, gt) -> dict:
+    """The current BraTS package's lesion-wise scores of one region (``brats2025``; panoptica's defaults).
+
+    Lesions: 26-connected components of each mask, no dilation, no size threshold. Matched one to one,
+    maximising the summed Dice over pairs that overlap (the Hungarian method). Dice and HD95 (``medpy``,
+    1 mm voxels) are means over the matched pairs only: unmatched lesions count only as fp / fn. No
+    match: both masks empty → NaN; otherwise Dice 0, HD95 inf (the package keeps it infinite).
+    Returns dict(dice, hd95, tp, fp, fn, dropped=0).
+    """
+    pred, gt = _check_pair(pred, gt)
+    counts = {"tp": 0, "fp": 0, "fn": 0, "dropped": 0}
+    if not pred.any() and not gt.any():
+        return {"dice": float("nan"), "hd95": float("nan"), **counts}
+    pred, gt = _crop_pair(pred, gt, 1)
+    pred_cc, n_pred = ndimage.label(pred, _CONN26)
+    gt_cc, n_gt = ndimage.label(gt, _CONN26)
+    overlap = np.zeros((n_gt + 1, n_pred + 1))
+    np.add.at(overlap, (gt_cc.ravel(), pred_cc.ravel()), 1)
+    sizes = overlap.sum(1)[1:, None] + overlap.sum(0)[None, 1:]
+    pair_dice = 2 * overlap[1:, 1:] / sizes
+    cost = np.where(pair_dice >= OFFICIAL_MATCH_DICE, 1 - pair_dice, 1 + 1e-6)
+    pairs = [(i, j) for i, j in zip(*optimize.linear_sum_assignment(cost)) if cost[i, j] < 1]
+    counts.update(tp=len(pairs), fp=n_pred - len(pairs), fn=n_gt - len(pairs))
+    if not pairs:
+        return {"dice": 0.0, "hd95": float("inf"), **counts}
+    hd = [hd95(pred_cc == j + 1, gt_cc == i + 1, convention="brats2025") for i, j in pairs]
+    return {"dice": float(np.mean([pair_dice[i, j] for i, j in pairs])), "hd95": float(np.mean(hd)), **counts}
 
 
 def score_case(
     pred_regions, gt_regions, spacing, case: str = "", convention: str = "brats2023", with_lesion_wise: bool = True
 ) -> list[dict]:
-    """One row per region [WT, TC, ET] for a case: dice, hd95, lesion-wise scores, TP/FP/FN counts.
+    """One row per region [WT, TC, ET] for a case: dice, hd95, gt_empty (1: no ground truth), lesion-wise
+    scores, TP/FP/FN lesion counts and lesions_dropped (GT lesions the rules left out as too small).
 
-    pred_regions, gt_regions: ``[D, H, W, 3]`` binary. Each row names the HD95 convention.
+    pred_regions, gt_regions: ``[D, H, W, 3]`` binary. Each row names the convention; ``brats2025`` follows
+    the current BraTS package in everything (Dice NaN when both masks are empty, :func:`matched_lesions`).
     """
     pred_regions, gt_regions = np.asarray(pred_regions), np.asarray(gt_regions)
     if pred_regions.shape != gt_regions.shape or pred_regions.shape[-1] != len(REGIONS):
         raise ValueError(f"region masks must both be [D, H, W, 3]; got {pred_regions.shape} and {gt_regions.shape}")
+    official = convention == "brats2025"
     rows = []
     for r, name in enumerate(REGIONS):
         p, g = pred_regions[..., r], gt_regions[..., r]
+        both_empty = not p.any() and not g.any()
         row = {
             "case": case,
             "region": name,
-            "dice": dice(p, g),
+            "dice": float("nan") if official and both_empty else dice(p, g),
             "hd95": hd95(p, g, spacing, convention),
+            "gt_empty": int(not g.any()),
             "convention": convention,
         }
         if with_lesion_wise:
-            lw = lesion_wise(p, g, spacing)
-            row.update(lesionwise_dice=lw["dice"], lesionwise_hd95=lw["hd95"], tp=lw["tp"], fp=lw["fp"], fn=lw["fn"])
+            lw = matched_lesions(p, g) if official else lesion_wise(p, g, spacing)
+            row.update(lesionwise_dice=lw["dice"], lesionwise_hd95=lw["hd95"], lesions_dropped=lw["dropped"])
+            row.update({k: lw[k] for k in ("tp", "fp", "fn")})
         rows.append(row)
     return rows
 

@@ -1,8 +1,9 @@
-"""Segments new cases with a trained work directory: U-Net fold ensemble, then the refiner.
+"""Segments new cases with a trained work directory: U-Net fold ensemble (or a given map), then the refiner.
 
-For each case: the U-Net of every chosen fold gives probabilities (averaged; U(I) = mean > 0.5); a
-diffusion model of every chosen fold gives its fused value Y on U(I) (averaged; mask = Y > 0,
-XOR-ed with U(I) for Re-DiffiNet). Outputs are BraTS label maps ``<case>.nii.gz`` with the source
+For each case: the U-Net of every chosen fold gives probabilities (averaged; U(I) = mean > 0.5), or, for
+refiners trained on another model's maps, U(I) is the case's map given with ``--baseline``; a diffusion
+model of every chosen fold gives its fused value Y on U(I) (averaged; mask = Y > 0, XOR-ed with U(I) for
+Re-DiffiNet). Outputs are BraTS label maps ``<case>.nii.gz`` with the source
 affine and header; optionally ``<case>_probabilities.nii.gz`` (U-Net, ``[D, H, W, 3]`` float32) and
 ``<case>_uncertainty.nii.gz`` (refiner's binary entropy in bits, ``[D, H, W, 3]``).
 """
@@ -16,7 +17,7 @@ import jax
 import nibabel as nib
 import numpy as np
 
-from rediffinet_jax import inference, parallel, progress, stages
+from rediffinet_jax import given_maps, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import CaseError, ConfigError
@@ -36,6 +37,9 @@ def _trainings(layout: wd.Layout, name: str, folds) -> list[dict]:
 
 
 def _fold_models(layout: wd.Layout, stage, folds, checkpoint: str, log):
+    """The stage's model of each fold ([] for no stage)."""
+    if stage is None:
+        return []
     return [inference.load_model(stage, layout.fold(stage.name, k), checkpoint, log=log) for k in folds]
 
 
@@ -47,17 +51,42 @@ def _write_volume(volume: np.ndarray, path: Path, reference: Path) -> None:
         nib.save(nib.Nifti1Image(volume.astype(np.float32), ref.affine, header), str(tmp))
 
 
-def _plan(layout: wd.Layout, model: str, folds, checkpoint: str):
-    """What a prediction will use, checked before anything is written: (U-Net settings, U-Net stage,
-    diffusion stage or None, folds, the record that ``prediction.json`` keeps)."""
-    unet_settings = wd.load_settings(layout.stage(wd.BASELINE))
+def _check_baseline(layout: wd.Layout, model: str, maps, save_probabilities: bool) -> None:
+    """Refuses a ``--baseline`` that does not fit the work directory's refiners (trained on given maps or
+    on this project's U-Net), and what is meaningless with given maps."""
+    if layout.baseline == wd.GIVEN and not maps:
+        raise ConfigError(
+            f"the refiners of {layout.root} were trained on another model's maps (baseline.maps): give each "
+            f"new case's map with --baseline DIR"
+        )
+    if maps and layout.baseline != wd.GIVEN:
+        raise ConfigError(
+            f"--baseline: the refiners of {layout.root} were trained on this project's U-Net maps, not on given "
+            f"ones; predict without --baseline, or train on your model's maps (config baseline.maps)"
+        )
+    if maps and model in (wd.BASELINE, wd.GIVEN):
+        raise ConfigError(f"--model {model} is meaningless with --baseline: the given maps are the baseline")
+    if maps and save_probabilities:
+        raise ConfigError("--save_probabilities: with --baseline there are no U-Net probabilities")
+    if maps and not Path(maps).is_dir():
+        raise ConfigError(f"--baseline {maps} is not a folder")
+
+
+def _plan(layout: wd.Layout, model: str, folds, checkpoint: str, maps=None, save_probabilities=False):
+    """What a prediction will use, checked before anything is written: (baseline settings, U-Net stage or
+    None (given maps), diffusion stage or None, folds, the record that ``prediction.json`` keeps)."""
+    _check_baseline(layout, model, maps, save_probabilities)
+    base = layout.baseline
+    unet_settings = wd.load_settings(layout.stage(base))
     n_folds = unet_settings.data.n_folds
     folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
     if bad := [k for k in folds if not 0 <= k < n_folds]:
         raise ConfigError(f"--folds {bad} outside 0..{n_folds - 1}")
-    record = {"model": model, "folds": folds, "checkpoint": checkpoint, "unet": _trainings(layout, wd.BASELINE, folds)}
+    record = {"model": model, "folds": folds, "checkpoint": checkpoint, base: _trainings(layout, base, folds)}
+    if maps:
+        record["baseline_maps"] = str(Path(maps).resolve())
     dstage = None
-    if model != wd.BASELINE:
+    if model != base:
         settings = wd.load_settings(layout.stage(model))
         if wd.OOF_RUNS in settings:  # conditioned on U(I): only with the U-Nets whose maps it was trained on
             if stale := wd.stale_folds(settings[wd.OOF_RUNS].to_dict(), wd.unet_runs(layout, n_folds)):
@@ -68,7 +97,8 @@ def _plan(layout: wd.Layout, model: str, folds, checkpoint: str):
         dstage = stages.make("diffusion", settings.diffusion)
         record[model] = _trainings(layout, model, folds)
         record["sampler"] = {k: dstage.cfg.sampler[k] for k in ("fusion", "steps", "samples")}
-    return unet_settings, stages.make("unet", unet_settings.unet), dstage, folds, record
+    ustage = None if maps else stages.make("unet", unet_settings.unet)
+    return unet_settings, ustage, dstage, folds, record
 
 
 def predict_folder(
@@ -82,38 +112,38 @@ def predict_folder(
     save_uncertainty: bool = False,
     show_progress: bool = True,
     log=print,
+    baseline_maps=None,
 ) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
 
-    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and the folds' trainings;
-    a later call with any of these different is refused before anything is written (one folder never mixes
-    two models' label maps). ``output_dir`` is made only once all is checked, and locked while cases are
-    written. A case's ``-seg``, if any, is never read. Returns the errors of the cases that failed (each
-    names its case and file); ends with one line: written, skipped (already there), failed, seconds.
+    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and trainings; a later call
+    with any of these different is refused before anything is written. ``output_dir`` is made only once all
+    is checked, and locked while cases are written. A case's ``-seg`` is never read. Returns the errors of
+    the cases that failed (each names its case and file); ends with one line: written, skipped, failed, time.
+    baseline_maps: a folder of another model's ``<case>.nii.gz`` maps, refined in place of the U-Net's (for
+    refiners trained on such maps: :mod:`given_maps`); a case without a usable map fails alone.
     """
     t_start = time.time()
     layout, out = wd.Layout(workdir), Path(output_dir)
-    unet_settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint)
-    _check_output(out)
-    cases, errors = _discover(input_dir, log)
+    settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint, baseline_maps, save_probabilities)
+    cases, errors = _discover(input_dir, out, log)
     with wd.lock(out, "predict.py"):
         wd.check_record(out / RECORD, record, "use another -o, or delete its label maps and prediction.json")
         todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
         log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
         parallel.barrier("predict: listed")  # every process has its list before process 0 writes a label map
-        unets = _fold_models(layout, ustage, folds, checkpoint, log)
-        refiners = _fold_models(layout, dstage, folds, checkpoint, log) if dstage is not None else []
+        unets, refiners = (_fold_models(layout, st, folds, checkpoint, log) for st in (ustage, dstage))
         failed = len(errors)
         for files in progress.bar(todo, "predict", enabled=show_progress, leave=True):
             try:
-                case = _load(files, unet_settings.data)
+                case, given = _load(files, settings.data, baseline_maps)
             except CaseError as e:
                 errors.append(e)
                 log(f"failed: {e}")
                 continue
-            regions, probs, uncertainty = _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty)
+            regions, probs, unc = _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty, given)
             if parallel.is_main():  # every process computed the case (the models run on all); one writes
-                _write_case(out, files, case, regions, probs if save_probabilities else None, uncertainty)
+                _write_case(out, files, case, regions, probs if save_probabilities else None, unc)
         parallel.barrier("predict: written")
     written = len(todo) - (len(errors) - failed)
     log(
@@ -123,8 +153,10 @@ def predict_folder(
     return errors
 
 
-def _discover(input_dir, log):
-    """(the cases of ``input_dir``, the errors of those that cannot be used: each logged, none raised)."""
+def _discover(input_dir, out: Path, log):
+    """(the cases of ``input_dir``, the errors of those that cannot be used: each logged, none raised),
+    once the output folder ``out`` is checked (:func:`_check_output`)."""
+    _check_output(out)
     errors: list[CaseError] = []
     cases = brats.discover_cases(input_dir, errors=errors)
     for err in errors:
@@ -141,21 +173,28 @@ def _check_output(out: Path) -> None:
         )
 
 
-def _load(files, data_cfg):
-    """A new case as prediction reads it: the modalities only (a ``-seg`` beside them is never read)."""
-    return brats.load_case(
+def _load(files, data_cfg, maps=None):
+    """A new case as prediction reads it: the modalities only (a ``-seg`` beside them is never read), and
+    its map in ``maps`` (given maps) as regions cropped like the image, else None."""
+    case = brats.load_case(
         files,
         data_cfg.normalization,
         data_cfg.old_brats,
         read_labels=False,
         allow_empty_modality=data_cfg.get("allow_empty_modality", False),
     )
+    given = brats.crop(given_maps.read(maps, files, data_cfg.old_brats), case.box) if maps else None
+    return case, given
 
 
-def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool):
-    """(regions, U-Net probabilities, uncertainty or None) of one loaded case, cropped, channels-last."""
-    probs = np.mean([inference.unet_probabilities(ustage.cfg, m, case.image) for m in unets], 0)
-    unet = (probs > 0.5).astype(np.uint8)
+def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool, given=None):
+    """(regions, U-Net probabilities or None, uncertainty or None) of one loaded case, cropped,
+    channels-last; ``given``: the case's given map as cropped regions, U(I) in place of the U-Net's."""
+    if given is not None:
+        probs, unet = None, given.astype(np.uint8)
+    else:
+        probs = np.mean([inference.unet_probabilities(ustage.cfg, m, case.image) for m in unets], 0)
+        unet = (probs > 0.5).astype(np.uint8)
     if dstage is None:
         return unet, probs, None
     s = dstage.cfg.sampler

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from rediffinet_jax import official as official_scores
 from rediffinet_jax.labels import REGIONS
 from rediffinet_jax.metrics import FLIP_KEYS, summarize
 
 # ----------------------------------------------------------------------------- tables
+
+
+def baseline_name(baseline: str) -> str:
+    """How figures and tables name a baseline row: this project's U-Net, or another model's given maps."""
+    return "U-Net" if baseline == "unet" else f"{baseline} (given maps)"
+
 
 _KEYS = ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95")
 
@@ -16,6 +23,8 @@ def summary_tables(per_fold: dict, convention: str, baseline: str = "unet") -> d
     """Per model: per-fold means, mean and std over folds; improvement of each model over the baseline
     (Dice in points, HD95 in % of the baseline's, positive = better), from the per-fold means."""
     out = {"convention": convention, "models": {}, "improvement": {}, "flips": flip_summary(per_fold, baseline)}
+    out["baseline"] = baseline
+    out["ground_truth"] = ground_truth_counts(per_fold.get(baseline, {}))
     for name, folds in per_fold.items():
         fm = {k: summarize(rows, _KEYS) for k, rows in folds.items() if rows}
         cols = [*REGIONS, "avg"]
@@ -42,6 +51,37 @@ def summary_tables(per_fold: dict, convention: str, baseline: str = "unet") -> d
             for c in [*REGIONS, "avg"]
         }
     return out
+
+
+def ground_truth_counts(folds: dict) -> dict:
+    """Per region, over the scored cases of ``folds`` ({k: rows}): how many there are, how many have an
+    empty ground truth (where conventions disagree most) and how many ground-truth lesions the lesion-wise
+    rules left out as too small. {} when the rows predate these columns."""
+    rows = [r for fold_rows in folds.values() for r in fold_rows]
+    if not rows or any(r.get("gt_empty") is None for r in rows):
+        return {}
+    out = {}
+    for region in REGIONS:
+        sel = [r for r in rows if r["region"] == region]
+        out[region] = {
+            "cases": len(sel),
+            "empty": sum(int(r["gt_empty"]) for r in sel),
+            "lesions_dropped": sum(int(r["lesions_dropped"]) for r in sel),
+        }
+    return out
+
+
+def ground_truth_markdown(counts: dict) -> list[str]:
+    if not counts:
+        return []
+    cells = [
+        f"{r}: {c['empty']} of {c['cases']} empty, {c['lesions_dropped']} lesions dropped" for r, c in counts.items()
+    ]
+    return [
+        "",
+        "Ground truth of the scored cases (empty: no voxel of the region; dropped: lesions the lesion-wise",
+        "rules left out as too small, which the lesion-wise scores above do not see): " + "; ".join(cells) + ".",
+    ]
 
 
 def flip_summary(per_fold: dict, baseline: str = "unet") -> dict:
@@ -74,15 +114,15 @@ def flip_record(err: int, flip: int, fixed: int) -> dict:
     }
 
 
-def flip_markdown(flips: dict) -> list[str]:
+def flip_markdown(flips: dict, name: str = "U-Net") -> list[str]:
     if not flips:
         return []
     lines = [
         "",
-        "Voxels each refiner flipped in the U-Net's masks, all held-out cases pooled (precision: flips",
-        "that fixed a U-Net error; recall: U-Net errors fixed; net: change in wrong voxels, negative = fewer):",
+        f"Voxels each refiner flipped in the {name}'s masks, all held-out cases pooled (precision: flips",
+        f"that fixed a {name} error; recall: {name} errors fixed; net: change in wrong voxels, negative = fewer):",
         "",
-        "| model | region | U-Net errors | flipped | fixed | precision | recall | net |",
+        f"| model | region | {name} errors | flipped | fixed | precision | recall | net |",
         "|" + "---|" * 8,
     ]
     for name, regions in flips.items():
@@ -116,6 +156,7 @@ def _score_row(label, name, vals, std=None) -> str:
 
 def summary_markdown(s: dict) -> str:
     """The summary as markdown: per fold and mean ± std, improvements, lesion-wise scores, flips."""
+    base_name = baseline_name(s.get("baseline", "unet"))
     lines = [
         f"HD95 convention: {s['convention']} (mm). Dice in %. Diffusion models: each fold's "
         f"{s.get('checkpoint', 'latest')} checkpoint.",
@@ -129,7 +170,7 @@ def summary_markdown(s: dict) -> str:
         if m["mean"]:
             lines.append(_score_row(f"mean ± std ({m['n_folds']} folds)", name, m["mean"], m["std"]))
     if s["improvement"]:
-        lines += ["", "Improvement over the U-Net (Dice in points, HD95 in %, positive = better):", ""]
+        lines += ["", f"Improvement over the {base_name} (Dice in points, HD95 in %, positive = better):", ""]
         lines += _md_head(["model"], ("Dice", "HD95"))
         for name, imp in s["improvement"].items():
             dice = [f"{imp[c]['dice_points']:+.2f}" for c in _COLS]
@@ -142,18 +183,31 @@ def summary_markdown(s: dict) -> str:
             dice = [f"{100 * mean[c]['lesionwise_dice']:.2f} ± {100 * std[c]['lesionwise_dice']:.2f}" for c in _COLS]
             hd = [f"{mean[c]['lesionwise_hd95']:.2f} ± {std[c]['lesionwise_hd95']:.2f}" for c in _COLS]
             lines.append(_md_row([name, *dice, *hd]))
-    lines += flip_markdown(s.get("flips", {}))
+    lines += ground_truth_markdown(s.get("ground_truth", {}))
+    lines += flip_markdown(s.get("flips", {}), base_name)
+    lines += official_scores.markdown(s.get("official"))
     return "\n".join(lines) + "\n"
 
 
-def write_summary(eval_dir, per_fold: dict, convention: str, checkpoint: str = "latest", write: bool = True) -> dict:
-    """Writes summary.json, summary.csv (long: model, fold, region, metric, value) and summary.md (unless
-    ``write`` is false: the other processes of a multi-host run); returns the summary."""
+def write_summary(
+    eval_dir,
+    per_fold: dict,
+    convention: str,
+    checkpoint: str = "latest",
+    write: bool = True,
+    official=None,
+    baseline: str = "unet",
+) -> dict:
+    """Writes summary.json, summary.csv (long: model, fold, region, metric, value, convention) and summary.md
+    (unless ``write`` is false: the other processes of a multi-host run); returns the summary. ``official``
+    (the official package's scores, :mod:`official`) goes in apart: its own key, table and tagged rows."""
     import csv
     import json
     from pathlib import Path
 
-    s = {**summary_tables(per_fold, convention), "checkpoint": checkpoint}
+    s = {**summary_tables(per_fold, convention, baseline), "checkpoint": checkpoint}
+    if official:
+        s["official"] = official
     if not write:
         return s
     eval_dir = Path(eval_dir)
@@ -168,5 +222,6 @@ def write_summary(eval_dir, per_fold: dict, convention: str, checkpoint: str = "
                 for region, d in vals.items():
                     for metric, value in d.items():
                         w.writerow([name, fold, region, metric, f"{value:.6g}", convention])
+        w.writerows(official_scores.csv_rows(official))
     (eval_dir / "summary.md").write_text(summary_markdown(s))
     return s

@@ -6,6 +6,7 @@ Layout (:class:`Layout`)::
     <stage>/settings.json  <stage>/config.json          what the stage was trained with (checked each run)
     <stage>/fold_k/checkpoints/ metrics.jsonl done.json  Orbax steps, one record per step, "finished"
     unet/oof/<case>.nii.gz  unet/oof/runs.json          out-of-fold U-Net maps, which training made them
+    baseline/oof/ baseline/fold_k/done.json             instead of unet/: another model's maps (baseline.maps)
     eval/<label>/settings.json  eval/<label>/fold_k/{cases.csv, trained.json, pred/}
     eval/summary.{md,csv,json}  eval/figures/
 
@@ -35,6 +36,7 @@ from rediffinet_jax.errors import ConfigError
 
 LOCK_FILE = ".lock"
 BASELINE = "unet"  # stage 1's folder, and the baseline row of every table
+GIVEN = "baseline"  # the same for another model's out-of-fold maps (config baseline.maps), imported
 SETTINGS_FILE, STAGE_CONFIG = "settings.json", "config.json"
 DONE, METRICS, CHECKPOINTS = "done.json", "metrics.jsonl", "checkpoints"
 OOF_KEY = "oof_checkpoint"  # which checkpoint of each fold made unet/oof/ (part of stage 1's settings)
@@ -44,13 +46,19 @@ _RUNTIME_KEYS = {"num_workers", "val_every", "keep", "batch_windows", "val_cases
 
 
 class Layout:
-    """The paths of one work directory (nothing is created here)."""
+    """The paths of one work directory (nothing is created here).
 
-    def __init__(self, root):
+    ``baseline``: the stage folder whose out-of-fold maps are U(I), :data:`BASELINE` (this project's U-Net)
+    or :data:`GIVEN` (another model's maps); by default what the run's config.json says."""
+
+    def __init__(self, root, baseline: str | None = None):
         self.root = Path(root)
         self.config, self.splits = self.root / "config.json", self.root / "splits.json"
         self.data, self.cache, self.eval = self.root / "data", self.root / "cache", self.root / "eval"
-        self.oof = self.root / BASELINE / "oof"
+        if baseline is None:
+            baseline = GIVEN if read_json(self.config, {}).get("baseline", {}).get("maps") else BASELINE
+        self.baseline = baseline
+        self.oof = self.root / baseline / "oof"
         self.oof_record = self.oof / "runs.json"
 
     def stage(self, name: str) -> Path:
@@ -168,7 +176,7 @@ def renew_oof_if_checkpoint_changed(layout: Layout, settings: dict, log=print) -
     when only that differs from stage 1's saved settings, delete the maps (and the U-Net's scores made from
     them) so that they are remade, and record the new choice, instead of refusing the stage. Stage 2's
     settings include it, so a refiner trained on the old maps is still refused."""
-    folder = layout.stage(BASELINE)
+    folder = layout.stage(layout.baseline)
     saved, flat, diff = _settings_diff(folder, settings)
     if saved is None or diff != [OOF_KEY]:
         return
@@ -177,7 +185,7 @@ def renew_oof_if_checkpoint_changed(layout: Layout, settings: dict, log=print) -
         f"the {flat[OOF_KEY]} ones (and the U-Net's scores in eval/unet)"
     )
     shutil.rmtree(layout.oof, ignore_errors=True)
-    shutil.rmtree(layout.eval_model(BASELINE), ignore_errors=True)
+    shutil.rmtree(layout.eval_model(layout.baseline), ignore_errors=True)
     _write_settings(folder, flat, settings)
 
 
@@ -193,10 +201,11 @@ def load_settings(folder):
 
 def trained_stages(layout: Layout) -> list[str]:
     """The stage folders of a work directory: the baseline first, then diffusion models by name."""
+    base = layout.baseline
     names = [p.name for p in sorted(layout.root.iterdir()) if (p / SETTINGS_FILE).is_file()]
-    if BASELINE not in names:
-        raise ConfigError(f"{layout.root} has no trained U-Net ({BASELINE}/{SETTINGS_FILE}); run train.py first")
-    return [BASELINE] + [n for n in names if n != BASELINE]
+    if base not in names:
+        raise ConfigError(f"{layout.root} has no baseline ({base}/{SETTINGS_FILE}); run train.py first")
+    return [base] + [n for n in names if n not in (BASELINE, GIVEN)]
 
 
 def check_record(path, record: dict, remedy: str) -> None:
@@ -236,7 +245,7 @@ def record_oof(layout: Layout, record: dict, k: int, run_id) -> None:
 
 def unet_runs(layout: Layout, n_folds: int) -> dict:
     """``{str(fold): run}`` of the U-Nets trained now (None for a fold not trained)."""
-    return {str(k): (trained(layout.fold(BASELINE, k)) or {}).get("run") for k in range(n_folds)}
+    return {str(k): (trained(layout.fold(layout.baseline, k)) or {}).get("run") for k in range(n_folds)}
 
 
 def stale_folds(runs: dict, made_by: dict) -> list[int]:

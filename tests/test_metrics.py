@@ -16,7 +16,10 @@ def _sphere(r, shape=(48, 48, 48)):
     return np.sqrt((c**2).sum(0)) <= r
 
 
-@pytest.mark.parametrize("convention", M.CONVENTIONS)
+IN_MM = [c for c in M.CONVENTIONS if c != "brats2025"]  # brats2025 counts in voxels (tests/test_brats2025.py)
+
+
+@pytest.mark.parametrize("convention", IN_MM)
 def test_shifted_cube(convention):
     a = _cube()
     for axis in range(3):
@@ -61,7 +64,7 @@ def test_dice_values_and_empty_rules():
     assert M.dice(a, b) == pytest.approx(0.5)
     empty = np.zeros_like(a)
     assert M.dice(empty, empty) == 1.0 and M.dice(a, empty) == 0.0 and M.dice(empty, a) == 0.0
-    for c in M.CONVENTIONS:
+    for c in IN_MM:
         assert M.hd95(empty, empty, (1, 1, 1), c) == 0.0
         assert M.hd95(a, empty, (1, 1, 1), c) == 373.13
         assert M.hd95(empty, a, (1, 1, 1), c) == 373.13
@@ -92,7 +95,7 @@ def test_lesion_wise_built_by_hand():
     pred[30:34, 40:44, 70:74] = True  # false positive
     out = M.lesion_wise(pred, gt)
     # kept lesions A (1, 0), B (0, 374), D (1, 0); one FP (0, 374)
-    assert (out["tp"], out["fn"], out["fp"]) == (2, 1, 1)
+    assert (out["tp"], out["fn"], out["fp"], out["dropped"]) == (2, 1, 1, 1)
     assert out["dice"] == pytest.approx((1 + 0 + 1 + 0) / 4)
     assert out["hd95"] == pytest.approx((0 + 374 + 0 + 374) / 4)
 
@@ -100,13 +103,13 @@ def test_lesion_wise_built_by_hand():
 def test_lesion_wise_empty_rules():
     empty = np.zeros((20, 20, 20), bool)
     blob = _cube((20, 20, 20), (5, 5, 5), 5)
-    assert M.lesion_wise(empty, empty) == {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0}
+    assert M.lesion_wise(empty, empty) == {"dice": 1.0, "hd95": 0.0, "tp": 0, "fp": 0, "fn": 0, "dropped": 0}
     fp_only = M.lesion_wise(blob, empty)
     assert (fp_only["dice"], fp_only["hd95"], fp_only["fp"]) == (0.0, 374.0, 1)
     missed = M.lesion_wise(empty, blob)
     assert (missed["dice"], missed["hd95"], missed["fn"]) == (0.0, 374.0, 1)
     tiny = _cube((20, 20, 20), (5, 5, 5), 3)  # 27 voxels: ignored, so nothing is scored
-    assert M.lesion_wise(empty, tiny)["dice"] == 1.0
+    assert M.lesion_wise(empty, tiny)["dice"] == 1.0 and M.lesion_wise(empty, tiny)["dropped"] == 1
 
 
 def test_score_case_rows_and_summary():

@@ -208,6 +208,36 @@ def _check_scores_against_files(workdir, k, rows) -> int:
     return wt_net
 
 
+def rows_of(workdir, model):
+    import csv
+
+    out = []
+    for k in (0, 1):
+        with open(workdir / "eval" / model / f"fold_{k}" / "cases.csv") as f:
+            out += list(csv.DictReader(f))
+    return out
+
+
+def _ground_truth_counts(workdir, rows) -> dict:
+    """Empty ground truths counted from the label files; dropped lesions: 26-connected GT components
+    (merged through 3 dilations) of at most 50 voxels, found here with scipy directly."""
+    from scipy import ndimage
+
+    from rediffinet_jax.labels import REGIONS, labels_to_regions
+
+    out = {r: {"cases": 0, "empty": 0, "lesions_dropped": 0} for r in REGIONS}
+    for cid in sorted({r["case"] for r in rows}):
+        gt = labels_to_regions(np.rint(nib.load(str(workdir / "data" / cid / f"{cid}-seg.nii.gz")).get_fdata()))
+        for i, region in enumerate(REGIONS):
+            g = gt[..., i].astype(bool)
+            merged, n = ndimage.label(ndimage.binary_dilation(g, ndimage.generate_binary_structure(3, 2), 3))
+            sizes = ndimage.sum(g, merged, range(1, n + 1))
+            out[region]["cases"] += 1
+            out[region]["empty"] += int(not g.any())
+            out[region]["lesions_dropped"] += int(sum(0 < s <= 50 for s in sizes))
+    return out
+
+
 def test_evaluate_writes_tables(finished):
     workdir = finished[0]
     proc = _run("evaluate.py", f"--workdir={workdir}")
@@ -235,6 +265,8 @@ def test_evaluate_writes_tables(finished):
                 "fixed",
                 "seconds",
                 "convention",
+                "gt_empty",
+                "lesions_dropped",
             ]
             assert len(rows) == 3 * 3  # 3 held-out cases × [WT, TC, ET]
             if model == "rediffinet":  # the scores and flips are those of the label maps written, recomputed
@@ -247,6 +279,8 @@ def test_evaluate_writes_tables(finished):
     )
     md = (workdir / "eval" / "summary.md").read_text()
     assert "mean ± std (2 folds)" in md and "| rediffinet | WT | " in md
+    assert summary["ground_truth"] == _ground_truth_counts(workdir, rows_of(workdir, "unet"))
+    assert "Ground truth of the scored cases" in md
     assert summary["checkpoint"] == "latest" and "each fold's latest checkpoint" in md  # the run's default
     assert (workdir / "eval" / "summary.csv").is_file()
     assert (workdir / "eval" / "figures" / "hd95_by_model.png").is_file()
@@ -438,6 +472,40 @@ def test_user_errors_are_one_line_and_do_no_work(finished, tmp_path):
     assert sorted(p.name for p in w.iterdir()) == [wd.LOCK_FILE]  # nothing else was made
 
 
+def test_official_scorer(finished, tmp_path):
+    """Without the package, --scorer official says how to install it before any work; with it (the
+    .[official] extra), the package's Dice of each fold equals ours: its numbers sit beside ours."""
+    import json
+
+    from rediffinet_jax import official
+
+    w = tmp_path / "w"
+    shutil.copytree(finished[0], w, ignore=shutil.ignore_patterns("eval"))
+    proc = _run("evaluate.py", f"--workdir={w}", "--scorer=official", "--models=unet")
+    if official.version() is None:
+        assert proc.returncode == 2 and 'pip install -e ".[official]"' in proc.stdout, proc.stdout[-2000:]
+        assert not (w / "eval").exists()
+        return
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((w / "eval" / "summary.json").read_text())
+    theirs = summary["official"]["scores"]["unet"]["folds"]
+    import csv
+
+    for k in (0, 1):
+        with open(w / "eval" / "unet" / f"fold_{k}" / "cases.csv") as f:
+            rows = list(csv.DictReader(f))
+        for region in ("WT", "TC", "ET"):
+            # the package leaves out a region empty in both maps, where ours scores Dice 1
+            kept = [
+                float(r["dice"])
+                for r in rows
+                if r["region"] == region and not (r["gt_empty"] == "1" and r["dice"] == "1.0")
+            ]
+            want = np.mean(kept) if kept else float("nan")
+            assert theirs[str(k)][f"global_dsc_{region.lower()}"] == pytest.approx(want, abs=1e-9, nan_ok=True)
+    assert "Official BraTS package" in (w / "eval" / "summary.md").read_text()
+
+
 def test_evaluate_and_predict_refuse_before_writing(finished, tmp_path):
     """evaluate.py with nothing to score exits non-zero; predict.py without a model makes no -o folder."""
     src = finished[0]
@@ -490,3 +558,52 @@ def test_refinement_benchmark_over_two_seeds(finished, tmp_path):
     assert mean["hd95_change_percent"]["avg"] == pytest.approx(np.mean(changes))
     assert result["std"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(np.std(changes))
     assert mean["flips"]["ET"]["net_error_change"] == sum(nets)
+
+
+def test_refiner_on_another_models_maps(finished, tmp_path):
+    """baseline.maps: maps checked (every problem named) before anything trains; the refiner trained on
+    them alone (no U-Net); the baseline scored as its own row; changed maps make the refiner stale;
+    predict.py --baseline refines new cases' given maps, and refuses what does not fit."""
+    import json
+
+    from benchmarks.refinement import grown_edema_maps
+
+    # maps no model of this project made: the ground truth with its edema grown by 2 voxels
+    data, maps, w = finished[0] / "data", tmp_path / "maps", tmp_path / "w"
+    ids = grown_edema_maps(data, maps)
+    bad = tmp_path / "bad"
+    shutil.copytree(maps, bad)
+    (bad / f"{ids[0]}.nii.gz").unlink()
+    img = nib.load(str(bad / f"{ids[1]}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(bad / f"{ids[1]}.nii.gz"))
+    args = [f"--config.data.root={data}"]
+    proc = _train(w, *args, f"--config.baseline.maps={bad}")
+    assert proc.returncode == 2 and "2 of 6 cases have no usable map" in proc.stdout, proc.stdout[-2000:]
+    assert f"no baseline map for this case (case {ids[0]}" in proc.stdout and f"case {ids[1]}" in proc.stdout
+    assert not (w / "rediffinet").exists() and not (w / "baseline").exists()
+    proc = _train(w, *args, f"--config.baseline.maps={maps}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (w / "unet").exists() and len(list((w / "baseline" / "oof").glob("*.nii.gz"))) == 6
+    summary = json.loads((w / "eval" / "summary.json").read_text())
+    assert list(summary["models"]) == ["baseline", "rediffinet"] and "rediffinet" in summary["improvement"]
+    gt = np.rint(nib.load(str(data / ids[0] / f"{ids[0]}-seg.nii.gz")).get_fdata()) > 0
+    given = np.asarray(nib.load(str(maps / f"{ids[0]}.nii.gz")).dataobj) > 0
+    (row,) = [r for r in rows_of(w, "baseline") if r["case"] == ids[0] and r["region"] == "WT"]
+    assert float(row["dice"]) == pytest.approx(2 * (gt & given).sum() / (gt.sum() + given.sum()))
+    assert "baseline (given maps) errors" in (w / "eval" / "summary.md").read_text()
+    # new cases: their given maps refined; the U-Net's row and a missing --baseline are refused
+    cases, out = tmp_path / "in", tmp_path / "out"
+    new = _predict_inputs(finished[0], cases)
+    for flags, msg in [((), "--baseline DIR"), ((f"--baseline={maps}", "--model=baseline"), "meaningless")]:
+        proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={w}", *flags)
+        assert proc.returncode == 2 and msg in proc.stdout and not out.exists(), proc.stdout[-2000:]
+    proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={w}", f"--baseline={maps}")
+    assert proc.returncode == 0 and "2 written" in proc.stdout, proc.stdout[-2000:]
+    for c in new:
+        assert nib.load(str(out / f"{c}.nii.gz")).shape == nib.load(str(maps / f"{c}.nii.gz")).shape
+    assert json.loads((out / "prediction.json").read_text())["baseline_maps"] == str(maps.resolve())
+    # a changed map: its fold is imported again, and the refiner trained on the old maps is refused
+    changed = nib.load(str(maps / f"{ids[0]}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(changed.shape, np.uint8), changed.affine), str(maps / f"{ids[0]}.nii.gz"))
+    proc = _train(w, *args, f"--config.baseline.maps={maps}")
+    assert proc.returncode == 2 and "oof_runs" in proc.stdout and "--overwrite" in proc.stdout, proc.stdout[-2000:]

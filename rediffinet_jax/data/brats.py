@@ -256,11 +256,22 @@ def _read_modalities(files: CaseFiles, allow_empty: bool):
 
 
 def _read_regions(files: CaseFiles, shape, old_brats: bool) -> np.ndarray:
-    """The seg as regions ``[D, H, W, 3]`` uint8, checked: the images' shape, integer labels in {0..3}."""
-    seg, _ = read_nifti(files.seg, files.case_id)
-    where = {"case": files.case_id, "path": str(files.seg)}
-    if seg.shape != shape:
-        raise CaseError(f"seg shape {seg.shape} differs from the images' {shape}", **where)
+    return read_label_map(files.seg, files.case_id, shape, None, old_brats, "seg")
+
+
+def read_label_map(path, case_id: str, shape, affine=None, old_brats: bool = False, what: str = "label map"):
+    """A BraTS label map as regions ``[D, H, W, 3]`` uint8, checked: the images' ``shape`` (and ``affine``
+    when given), integer labels in {0..3} (4 as ET only with ``old_brats``).
+
+    Raises:
+      CaseError: naming the case and file, for each of those and for an unreadable file.
+    """
+    seg, img = read_nifti(Path(path), case_id)
+    where = {"case": case_id, "path": str(path)}
+    if seg.shape != tuple(shape):
+        raise CaseError(f"{what} shape {seg.shape} differs from the images' {tuple(shape)}", **where)
+    if affine is not None and not np.allclose(img.affine, affine, atol=1e-4):
+        raise CaseError(f"{what} affine differs from the images' ({MODALITIES[0]})", **where)
     if not np.array_equal(seg, np.rint(seg)):
         odd = np.unique(seg[seg != np.rint(seg)])[:5].tolist()
         raise CaseError(f"non-integer label values {odd} (a resampled or float-saved seg?)", **where)
