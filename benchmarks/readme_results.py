@@ -2,6 +2,7 @@
 
     python benchmarks/readme_results.py demo --seeds 0,1,2      # runs the README's demo per seed, records it
     python benchmarks/readme_results.py bench --root runs/bench  # records benchmarks/refinement.py's table
+    python benchmarks/readme_results.py bench --baseline grown_edema   # ... of its --baseline grown_edema run
     python benchmarks/readme_results.py render                   # rewrites the README blocks from the records
 
 Records live in ``benchmarks/results/`` (``demo_runs.json``, ``phantom_bench.json``), each with the commit
@@ -27,6 +28,7 @@ if str(ROOT) not in sys.path:
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEMO, BENCH, SWEEP = RESULTS / "demo_runs.json", RESULTS / "phantom_bench.json", RESULTS / "sampler_sweep.json"
+GROWN = RESULTS / "phantom_bench_grown_edema.json"  # the refiner on a systematic-error baseline
 REGIONS, COLS = ("WT", "TC", "ET"), ("WT", "TC", "ET", "avg")
 DEMO_CMD = "python train.py --config configs/rediffinet.py:demo --workdir runs/demo"
 
@@ -230,7 +232,7 @@ def render_bench(b: dict) -> str:
         m, s = r["mean"][name], r["std"][name]
         cells = [f"{m['dice'][c]:.2f}" + ("" if one else f" ± {s['dice'][c]:.2f}") for c in COLS]
         cells += [f"{m['hd95'][c]:.2f}" + ("" if one else f" ± {s['hd95'][c]:.2f}") for c in COLS]
-        change = "" if name == "unet" else f"{m['hd95_change_percent']['avg']:+.1f} %"
+        change = "" if name in ("unet", "baseline") else f"{m['hd95_change_percent']['avg']:+.1f} %"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} |")
     lines += [
         "",
@@ -280,7 +282,10 @@ def render_docs(text: str) -> str:
     ]
     text = replace_block(text, "demo-runs", "\n".join(lines) if runs else "Not measured yet.")
     sweep = json.loads(SWEEP.read_text()) if SWEEP.is_file() else None
-    return replace_block(text, "sampler-sweep", render_sweep(sweep) if sweep else "Not run yet.")
+    text = replace_block(text, "sampler-sweep", render_sweep(sweep) if sweep else "Not run yet.")
+    grown = json.loads(GROWN.read_text()) if GROWN.is_file() else None
+    full = refinement.markdown(grown["result"], f"`{grown['command']}`") if grown else "Not run yet."
+    return replace_block(text, "bench-grown-edema", full.strip())
 
 
 def render_readme(text: str) -> str:
@@ -299,6 +304,7 @@ def main(argv=None) -> None:
     d.add_argument("--root", default="runs")
     b = sub.add_parser("bench")
     b.add_argument("--root", default="runs/bench")
+    b.add_argument("--baseline", choices=("unet", "grown_edema"), default="unet")
     w = sub.add_parser("sweep")
     w.add_argument("--workdir", default="runs/bench/seed_0")
     w.add_argument("--folds", default="0")
@@ -311,7 +317,8 @@ def main(argv=None) -> None:
             runs = [r for r in runs if r["seed"] != seed] + [run_demo(seed, Path(a.root))]
             DEMO.write_text(json.dumps(sorted(runs, key=lambda r: r["seed"]), indent=1))
     elif a.what == "bench":
-        BENCH.write_text(json.dumps(record_bench(Path(a.root)), indent=1))
+        root, record = Path(a.root), BENCH if a.baseline == "unet" else GROWN
+        record.write_text(json.dumps(record_bench(root if a.baseline == "unet" else root / a.baseline), indent=1))
     elif a.what == "sweep":
         SWEEP.write_text(json.dumps(record_sweep(Path(a.workdir), a.folds), indent=1))
     readme, docs = ROOT / "README.md", ROOT / "docs" / "benchmarks.md"

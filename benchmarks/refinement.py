@@ -223,7 +223,8 @@ def markdown(result: dict, header: str = "") -> str:
         "",
         "Flips, all held-out cases of every fold pooled (net: change in wrong voxels, negative = fewer):",
         "",
-        "| seed | model | region | U-Net errors | flipped | fixed | precision | recall | net |",
+        f"| seed | model | region | {reports.baseline_name(next(iter(result['mean'])))} errors | flipped | fixed "
+        "| precision | recall | net |",
         "|" + "---|" * 9,
     ]
     flip_rows = [(s, name, r["flips"]) for s, t in result["seeds"].items() for name, r in t.items() if "flips" in r]
