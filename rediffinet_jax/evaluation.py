@@ -355,7 +355,7 @@ def _add_other_samplers(run: Run, per_fold: dict, log) -> None:
 def _official(run: Run, per_fold: dict, package: str, progress_bar: bool) -> dict:
     """The official package's scores of every scored (model, fold): {"version", "scores"}; the ground
     truth is written to ``eval/official/gt/`` first (label maps from the cached regions)."""
-    evaluator = official._evaluator()
+    evaluator = official.make_evaluator()
     scores: dict = {}
     for label, folds_ in per_fold.items():
         for k, rows in folds_.items():

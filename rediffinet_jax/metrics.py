@@ -85,7 +85,7 @@ def hd95(pred, gt, spacing=(1.0, 1.0, 1.0), convention: str = "brats2023") -> fl
     same boundaries, the 95th percentile of both directions pooled. Both empty → 0, exactly one empty →
     373.13 (applied before surface-distance, which fails on empty masks under NumPy 2). ``brats2025`` —
     the current BraTS package's: ``medpy`` with 1 mm voxels whatever ``spacing`` says, both empty → NaN
-    (left out of means), exactly one empty → 373.
+    (left out of means), exactly one empty or no voxel in common → 373.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown HD95 convention {convention!r}; choose one of {CONVENTIONS}")
@@ -96,6 +96,8 @@ def hd95(pred, gt, spacing=(1.0, 1.0, 1.0), convention: str = "brats2023") -> fl
         return float("nan") if official else 0.0
     if has_p != has_g:
         return OFFICIAL_EMPTY_HD95 if official else EMPTY_HD95
+    if official and not (pred & gt).any():  # the package's rule for masks with no voxel in common
+        return OFFICIAL_EMPTY_HD95
     if official:  # the package's command line passes no voxel size
         convention, spacing = "medpy", (1.0, 1.0, 1.0)
     pred, gt = _crop_pair(pred, gt, 1)

@@ -15,8 +15,10 @@ Results are never cached: they are remade from the label maps on every call.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.metadata
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -57,7 +59,8 @@ def require() -> str:
     return found
 
 
-def _evaluator():
+def make_evaluator():
+    """The package's evaluator with its bundled ``gli`` config (made once per evaluation: it is slow to make)."""
     from importlib.resources import files
 
     from panoptica import Panoptica_Evaluator
@@ -77,14 +80,14 @@ def score(pairs: list[tuple[str, Path, Path]], evaluator=None) -> dict:
     from brats_evaluation.evaluation import evaluate_single_exam
     from brats_evaluation.metrics_parser import parse_seg_results
 
-    evaluator = evaluator or _evaluator()
+    evaluator = evaluator or make_evaluator()
     results = []
-    for case, pred, ref in pairs:
-        out = evaluate_single_exam(str(pred), str(ref), case, evaluator)
-        if "error" in out:
-            raise ConfigError(f"{case}: the official package failed on {pred}: {out['error']}")
-        results.append(out)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # its tables
+        for case, pred, ref in pairs:
+            out = evaluate_single_exam(str(pred), str(ref), case, evaluator)
+            if "error" in out:
+                raise ConfigError(f"{case}: the official package failed on {pred}: {out['error']}")
+            results.append(out)
         (Path(tmp) / "metrics.json").write_text(json.dumps({"metrics": results, "missings": []}, default=float))
         parse_seg_results(str(Path(tmp) / "metrics.json"), str(Path(tmp) / "metrics.csv"))
         with open(Path(tmp) / "metrics.csv", newline="") as f:

@@ -35,6 +35,9 @@ def test_empty_rules():
     empty = np.zeros(SHAPE, bool)
     assert math.isnan(metrics.hd95(empty, empty, convention="brats2025"))
     assert metrics.hd95(GT, empty, convention="brats2025") == 373.0
+    apart = cube((12, 12, 12), (15, 15, 15))  # no voxel in common with GT, its corner 3 voxels off
+    assert metrics.hd95(apart, GT, convention="brats2025") == 373.0
+    assert metrics.hd95(apart, GT, convention="medpy") < 20  # a distance in the other conventions
     assert metrics.hd95(GT, empty, convention="brats2023") == 373.13
     both = metrics.matched_lesions(empty, empty)
     assert math.isnan(both["dice"]) and math.isnan(both["hd95"])
@@ -81,6 +84,7 @@ CASES = {  # name: (prediction, ground truth), BraTS 2023+ labels 1 NETC, 2 SNFH
     ),
     "no_gt_et": (_label_map((SHIFTED, 2), (cube((7, 7, 7), (8, 8, 8)), 3)), _label_map((GT, 2))),
     "empty_pred": (_label_map(), _label_map((GT, 2), (cube((6, 6, 6), (8, 8, 8)), 1))),
+    "disjoint": (_label_map((cube((12, 12, 12), (15, 15, 15)), 3)), _label_map((GT, 3))),
     "two_to_one": (
         _label_map((cube((2, 2, 2), (6, 6, 12)), 2)),
         _label_map((cube((2, 2, 2), (6, 6, 6)), 2), (cube((2, 2, 8), (6, 6, 12)), 2)),
