@@ -9,6 +9,7 @@ the compiler, so no result changes; the key covers the program, the JAX version 
 
 import os
 import tempfile
+import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,3 +33,18 @@ def phantom_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     phantoms.write_dataset(root, 6, SMALL_SHAPE, seed=0, n_unlabelled=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The smoke config trained end to end (train.py, both stages, the evaluation): (work directory, seconds,
+    output, summary.json as the run left it). Module-scoped: each end-to-end file trains its own once."""
+    from e2e import _train
+
+    workdir = tmp_path_factory.mktemp("e2e") / "run"
+    t0 = time.time()
+    proc = _train(workdir)
+    elapsed = time.time() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the scores as the run left them (later tests evaluate this work directory again in other ways)
+    return workdir, elapsed, proc.stdout + proc.stderr, (workdir / "eval" / "summary.json").read_text()

@@ -3,37 +3,13 @@
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from e2e import SMOKE, _predict_inputs, _run, _train, rows_of
 from processes import run_distributed
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = "configs/rediffinet.py:smoke"
-
-
-def _train(workdir, *args, wait=True, timeout=300):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "train.py", f"--config={SMOKE}", f"--workdir={workdir}", *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("e2e") / "run"
-    t0 = time.time()
-    proc = _train(workdir)
-    elapsed = time.time() - t0
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # the scores as the run left them (later tests evaluate this work directory again in other ways)
-    return workdir, elapsed, proc.stdout + proc.stderr, (workdir / "eval" / "summary.json").read_text()
 
 
 def test_two_stage_run(finished):
@@ -178,13 +154,6 @@ def test_killed_in_stage_two_resumes(finished, tmp_path):
         assert (workdir / "rediffinet" / f"fold_{k}" / "done.json").is_file()
 
 
-def _run(script, *args):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def _check_scores_against_files(workdir, k, rows) -> int:
     """Recomputes each row from the written label maps; returns the change in wrong WT voxels over the
     fold's cases, |P ⊕ G| − |U ⊕ G|, counted directly."""
@@ -206,16 +175,6 @@ def _check_scores_against_files(workdir, k, rows) -> int:
             assert [int(row[c]) for c in metrics.FLIP_KEYS] == [flips[region][c] for c in metrics.FLIP_KEYS]
         wt_net += int((pred[..., 0] ^ gt[..., 0]).sum()) - int((unet[..., 0] ^ gt[..., 0]).sum())
     return wt_net
-
-
-def rows_of(workdir, model):
-    import csv
-
-    out = []
-    for k in (0, 1):
-        with open(workdir / "eval" / model / f"fold_{k}" / "cases.csv") as f:
-            out += list(csv.DictReader(f))
-    return out
 
 
 def _ground_truth_counts(workdir, rows) -> dict:
@@ -351,16 +310,6 @@ def test_retrained_stage_is_rescored(finished, tmp_path):
     assert set(summary["models"]) == {"unet", "rediffinet"}
 
 
-def _predict_inputs(workdir, folder, n=2):
-    """The first ``n`` phantom cases of ``workdir`` as new cases (without labels) in ``folder``; their ids."""
-    folder.mkdir()
-    ids = sorted(p.name for p in (workdir / "data").iterdir())[:n]
-    for c in ids:
-        shutil.copytree(workdir / "data" / c, folder / c)
-        (folder / c / f"{c}-seg.nii.gz").unlink()
-    return ids
-
-
 def test_predict_new_cases(finished, tmp_path):
     workdir = finished[0]
     cases = tmp_path / "in"
@@ -472,40 +421,6 @@ def test_user_errors_are_one_line_and_do_no_work(finished, tmp_path):
     assert sorted(p.name for p in w.iterdir()) == [wd.LOCK_FILE]  # nothing else was made
 
 
-def test_official_scorer(finished, tmp_path):
-    """Without the package, --scorer official says how to install it before any work; with it (the
-    .[official] extra), the package's Dice of each fold equals ours: its numbers sit beside ours."""
-    import json
-
-    from rediffinet_jax import official
-
-    w = tmp_path / "w"
-    shutil.copytree(finished[0], w, ignore=shutil.ignore_patterns("eval"))
-    proc = _run("evaluate.py", f"--workdir={w}", "--scorer=official", "--models=unet")
-    if official.version() is None:
-        assert proc.returncode == 2 and 'pip install -e ".[official]"' in proc.stdout, proc.stdout[-2000:]
-        assert not (w / "eval").exists()
-        return
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    summary = json.loads((w / "eval" / "summary.json").read_text())
-    theirs = summary["official"]["scores"]["unet"]["folds"]
-    import csv
-
-    for k in (0, 1):
-        with open(w / "eval" / "unet" / f"fold_{k}" / "cases.csv") as f:
-            rows = list(csv.DictReader(f))
-        for region in ("WT", "TC", "ET"):
-            # the package leaves out a region empty in both maps, where ours scores Dice 1
-            kept = [
-                float(r["dice"])
-                for r in rows
-                if r["region"] == region and not (r["gt_empty"] == "1" and r["dice"] == "1.0")
-            ]
-            want = np.mean(kept) if kept else float("nan")
-            assert theirs[str(k)][f"global_dsc_{region.lower()}"] == pytest.approx(want, abs=1e-9, nan_ok=True)
-    assert "Official BraTS package" in (w / "eval" / "summary.md").read_text()
-
-
 def test_evaluate_and_predict_refuse_before_writing(finished, tmp_path):
     """evaluate.py with nothing to score exits non-zero; predict.py without a model makes no -o folder."""
     src = finished[0]
@@ -518,92 +433,3 @@ def test_evaluate_and_predict_refuse_before_writing(finished, tmp_path):
     out = tmp_path / "out"
     proc = _run("predict.py", "-i", str(src / "data"), "-o", str(out), f"--workdir={w}")
     assert proc.returncode == 2 and "not trained" in proc.stdout and not out.exists(), proc.stdout[-2000:]
-
-
-def test_refinement_benchmark_over_two_seeds(finished, tmp_path):
-    """benchmarks/refinement.py on the smoke config, 2 seeds (seed 0 is the finished run, resumed with nothing
-    to do; seed 1 trains from scratch): its table equals the numbers recomputed here from the case rows."""
-    import json
-
-    from rediffinet_jax import metrics
-    from rediffinet_jax.evaluation import read_rows
-
-    root = tmp_path / "bench"
-    shutil.copytree(finished[0], root / "seed_0")
-    proc = _run("benchmarks/refinement.py", f"--config={SMOKE}", "--seeds=2", f"--root={root}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((root / "refinement.json").read_text())
-    assert sorted(result["seeds"]) == ["0", "1"] and (root / "refinement.md").is_file()
-    changes, nets = [], []
-    for s in ("0", "1"):
-        rows = {
-            m: [r for k in (0, 1) for r in read_rows(root / f"seed_{s}" / "eval" / m / f"fold_{k}" / "cases.csv")]
-            for m in ("unet", "rediffinet")
-        }
-        fold_hd = {
-            m: [
-                np.mean([r["hd95"] for r in read_rows(root / f"seed_{s}" / "eval" / m / f"fold_{k}" / "cases.csv")])
-                for k in (0, 1)
-            ]
-            for m in rows
-        }
-        unet, ref = np.mean(fold_hd["unet"]), np.mean(fold_hd["rediffinet"])
-        assert result["seeds"][s]["rediffinet"]["hd95"]["avg"] == pytest.approx(ref)
-        changes.append(100 * (ref - unet) / unet)
-        et = [r for r in rows["rediffinet"] if r["region"] == "ET"]
-        nets.append(sum(r["flipped"] - 2 * r["fixed"] for r in et))
-        assert result["seeds"][s]["rediffinet"]["flips"]["ET"]["net_error_change"] == nets[-1]
-        assert all(r["convention"] == "brats2023" for r in rows["unet"]) and metrics.FLIP_KEYS
-    mean = result["mean"]["rediffinet"]
-    assert mean["hd95_change_percent"]["avg"] == pytest.approx(np.mean(changes))
-    assert result["std"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(np.std(changes))
-    assert mean["flips"]["ET"]["net_error_change"] == sum(nets)
-
-
-def test_refiner_on_another_models_maps(finished, tmp_path):
-    """baseline.maps: maps checked (every problem named) before anything trains; the refiner trained on
-    them alone (no U-Net); the baseline scored as its own row; changed maps make the refiner stale;
-    predict.py --baseline refines new cases' given maps, and refuses what does not fit."""
-    import json
-
-    from benchmarks.refinement import grown_edema_maps
-
-    # maps no model of this project made: the ground truth with its edema grown by 2 voxels
-    data, maps, w = finished[0] / "data", tmp_path / "maps", tmp_path / "w"
-    ids = grown_edema_maps(data, maps)
-    bad = tmp_path / "bad"
-    shutil.copytree(maps, bad)
-    (bad / f"{ids[0]}.nii.gz").unlink()
-    img = nib.load(str(bad / f"{ids[1]}.nii.gz"))
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(bad / f"{ids[1]}.nii.gz"))
-    args = [f"--config.data.root={data}"]
-    proc = _train(w, *args, f"--config.baseline.maps={bad}")
-    assert proc.returncode == 2 and "2 of 6 cases have no usable map" in proc.stdout, proc.stdout[-2000:]
-    assert f"no baseline map for this case (case {ids[0]}" in proc.stdout and f"case {ids[1]}" in proc.stdout
-    assert not (w / "rediffinet").exists() and not (w / "baseline").exists()
-    proc = _train(w, *args, f"--config.baseline.maps={maps}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not (w / "unet").exists() and len(list((w / "baseline" / "oof").glob("*.nii.gz"))) == 6
-    summary = json.loads((w / "eval" / "summary.json").read_text())
-    assert list(summary["models"]) == ["baseline", "rediffinet"] and "rediffinet" in summary["improvement"]
-    gt = np.rint(nib.load(str(data / ids[0] / f"{ids[0]}-seg.nii.gz")).get_fdata()) > 0
-    given = np.asarray(nib.load(str(maps / f"{ids[0]}.nii.gz")).dataobj) > 0
-    (row,) = [r for r in rows_of(w, "baseline") if r["case"] == ids[0] and r["region"] == "WT"]
-    assert float(row["dice"]) == pytest.approx(2 * (gt & given).sum() / (gt.sum() + given.sum()))
-    assert "baseline (given maps) errors" in (w / "eval" / "summary.md").read_text()
-    # new cases: their given maps refined; the U-Net's row and a missing --baseline are refused
-    cases, out = tmp_path / "in", tmp_path / "out"
-    new = _predict_inputs(finished[0], cases)
-    for flags, msg in [((), "--baseline DIR"), ((f"--baseline={maps}", "--model=baseline"), "meaningless")]:
-        proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={w}", *flags)
-        assert proc.returncode == 2 and msg in proc.stdout and not out.exists(), proc.stdout[-2000:]
-    proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={w}", f"--baseline={maps}")
-    assert proc.returncode == 0 and "2 written" in proc.stdout, proc.stdout[-2000:]
-    for c in new:
-        assert nib.load(str(out / f"{c}.nii.gz")).shape == nib.load(str(maps / f"{c}.nii.gz")).shape
-    assert json.loads((out / "prediction.json").read_text())["baseline_maps"] == str(maps.resolve())
-    # a changed map: its fold is imported again, and the refiner trained on the old maps is refused
-    changed = nib.load(str(maps / f"{ids[0]}.nii.gz"))
-    nib.save(nib.Nifti1Image(np.zeros(changed.shape, np.uint8), changed.affine), str(maps / f"{ids[0]}.nii.gz"))
-    proc = _train(w, *args, f"--config.baseline.maps={maps}")
-    assert proc.returncode == 2 and "oof_runs" in proc.stdout and "--overwrite" in proc.stdout, proc.stdout[-2000:]

@@ -1,0 +1,132 @@
+"""End to end, beyond the U-Net's own pipeline: the official scorer, the refiner on another model's maps, and
+the refinement benchmark over seeds, on the smoke config."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from e2e import SMOKE, _predict_inputs, _run, _train, rows_of
+
+
+def test_official_scorer(finished, tmp_path):
+    """Without the package, --scorer official says how to install it before any work; with it (the
+    .[official] extra), the package's Dice of each fold equals ours: its numbers sit beside ours."""
+    import json
+
+    from rediffinet_jax import official
+
+    w = tmp_path / "w"
+    shutil.copytree(finished[0], w, ignore=shutil.ignore_patterns("eval"))
+    proc = _run("evaluate.py", f"--workdir={w}", "--scorer=official", "--models=unet")
+    if official.version() is None:
+        assert proc.returncode == 2 and 'pip install -e ".[official]"' in proc.stdout, proc.stdout[-2000:]
+        assert not (w / "eval").exists()
+        return
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((w / "eval" / "summary.json").read_text())
+    theirs = summary["official"]["scores"]["unet"]["folds"]
+    import csv
+
+    for k in (0, 1):
+        with open(w / "eval" / "unet" / f"fold_{k}" / "cases.csv") as f:
+            rows = list(csv.DictReader(f))
+        for region in ("WT", "TC", "ET"):
+            # the package leaves out a region empty in both maps, where ours scores Dice 1
+            kept = [
+                float(r["dice"])
+                for r in rows
+                if r["region"] == region and not (r["gt_empty"] == "1" and r["dice"] == "1.0")
+            ]
+            want = np.mean(kept) if kept else float("nan")
+            assert theirs[str(k)][f"global_dsc_{region.lower()}"] == pytest.approx(want, abs=1e-9, nan_ok=True)
+    assert "Official BraTS package" in (w / "eval" / "summary.md").read_text()
+
+
+def test_refinement_benchmark_over_two_seeds(finished, tmp_path):
+    """benchmarks/refinement.py on the smoke config, 2 seeds (seed 0 is the finished run, resumed with nothing
+    to do; seed 1 trains from scratch): its table equals the numbers recomputed here from the case rows."""
+    import json
+
+    from rediffinet_jax import metrics
+    from rediffinet_jax.evaluation import read_rows
+
+    root = tmp_path / "bench"
+    shutil.copytree(finished[0], root / "seed_0")
+    proc = _run("benchmarks/refinement.py", f"--config={SMOKE}", "--seeds=2", f"--root={root}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((root / "refinement.json").read_text())
+    assert sorted(result["seeds"]) == ["0", "1"] and (root / "refinement.md").is_file()
+    changes, nets = [], []
+    for s in ("0", "1"):
+        rows = {
+            m: [r for k in (0, 1) for r in read_rows(root / f"seed_{s}" / "eval" / m / f"fold_{k}" / "cases.csv")]
+            for m in ("unet", "rediffinet")
+        }
+        fold_hd = {
+            m: [
+                np.mean([r["hd95"] for r in read_rows(root / f"seed_{s}" / "eval" / m / f"fold_{k}" / "cases.csv")])
+                for k in (0, 1)
+            ]
+            for m in rows
+        }
+        unet, ref = np.mean(fold_hd["unet"]), np.mean(fold_hd["rediffinet"])
+        assert result["seeds"][s]["rediffinet"]["hd95"]["avg"] == pytest.approx(ref)
+        changes.append(100 * (ref - unet) / unet)
+        et = [r for r in rows["rediffinet"] if r["region"] == "ET"]
+        nets.append(sum(r["flipped"] - 2 * r["fixed"] for r in et))
+        assert result["seeds"][s]["rediffinet"]["flips"]["ET"]["net_error_change"] == nets[-1]
+        assert all(r["convention"] == "brats2023" for r in rows["unet"]) and metrics.FLIP_KEYS
+    mean = result["mean"]["rediffinet"]
+    assert mean["hd95_change_percent"]["avg"] == pytest.approx(np.mean(changes))
+    assert result["std"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(np.std(changes))
+    assert mean["flips"]["ET"]["net_error_change"] == sum(nets)
+
+
+def test_refiner_on_another_models_maps(finished, tmp_path):
+    """baseline.maps: maps checked (every problem named) before anything trains; the refiner trained on
+    them alone (no U-Net); the baseline scored as its own row; changed maps make the refiner stale;
+    predict.py --baseline refines new cases' given maps, and refuses what does not fit."""
+    import json
+
+    from benchmarks.refinement import grown_edema_maps
+
+    # maps no model of this project made: the ground truth with its edema grown by 2 voxels
+    data, maps, w = finished[0] / "data", tmp_path / "maps", tmp_path / "w"
+    ids = grown_edema_maps(data, maps)
+    bad = tmp_path / "bad"
+    shutil.copytree(maps, bad)
+    (bad / f"{ids[0]}.nii.gz").unlink()
+    img = nib.load(str(bad / f"{ids[1]}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(bad / f"{ids[1]}.nii.gz"))
+    args = [f"--config.data.root={data}"]
+    proc = _train(w, *args, f"--config.baseline.maps={bad}")
+    assert proc.returncode == 2 and "2 of 6 cases have no usable map" in proc.stdout, proc.stdout[-2000:]
+    assert f"no baseline map for this case (case {ids[0]}" in proc.stdout and f"case {ids[1]}" in proc.stdout
+    assert not (w / "rediffinet").exists() and not (w / "baseline").exists()
+    proc = _train(w, *args, f"--config.baseline.maps={maps}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (w / "unet").exists() and len(list((w / "baseline" / "oof").glob("*.nii.gz"))) == 6
+    summary = json.loads((w / "eval" / "summary.json").read_text())
+    assert list(summary["models"]) == ["baseline", "rediffinet"] and "rediffinet" in summary["improvement"]
+    gt = np.rint(nib.load(str(data / ids[0] / f"{ids[0]}-seg.nii.gz")).get_fdata()) > 0
+    given = np.asarray(nib.load(str(maps / f"{ids[0]}.nii.gz")).dataobj) > 0
+    (row,) = [r for r in rows_of(w, "baseline") if r["case"] == ids[0] and r["region"] == "WT"]
+    assert float(row["dice"]) == pytest.approx(2 * (gt & given).sum() / (gt.sum() + given.sum()))
+    assert "baseline (given maps) errors" in (w / "eval" / "summary.md").read_text()
+    # new cases: their given maps refined; the U-Net's row and a missing --baseline are refused
+    cases, out = tmp_path / "in", tmp_path / "out"
+    new = _predict_inputs(finished[0], cases)
+    for flags, msg in [((), "--baseline DIR"), ((f"--baseline={maps}", "--model=baseline"), "meaningless")]:
+        proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={w}", *flags)
+        assert proc.returncode == 2 and msg in proc.stdout and not out.exists(), proc.stdout[-2000:]
+    proc = _run("predict.py", "-i", str(cases), "-o", str(out), f"--workdir={w}", f"--baseline={maps}")
+    assert proc.returncode == 0 and "2 written" in proc.stdout, proc.stdout[-2000:]
+    for c in new:
+        assert nib.load(str(out / f"{c}.nii.gz")).shape == nib.load(str(maps / f"{c}.nii.gz")).shape
+    assert json.loads((out / "prediction.json").read_text())["baseline_maps"] == str(maps.resolve())
+    # a changed map: its fold is imported again, and the refiner trained on the old maps is refused
+    changed = nib.load(str(maps / f"{ids[0]}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(changed.shape, np.uint8), changed.affine), str(maps / f"{ids[0]}.nii.gz"))
+    proc = _train(w, *args, f"--config.baseline.maps={maps}")
+    assert proc.returncode == 2 and "oof_runs" in proc.stdout and "--overwrite" in proc.stdout, proc.stdout[-2000:]
