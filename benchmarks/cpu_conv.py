@@ -6,7 +6,8 @@
 
 Layers (forward and forward+backward): a 3³ convolution 16→16 and 64→64 at 64³, a strided one 32→64
 (64³ → 32³), a k2 s2 transposed convolution 32→32 and 128→128 (32³ → 64³); each in XLA's native form
-(``xla``), the package's CPU path (rediffinet_jax.models.layers) and, with ``--all_formulations``, the
+(``xla``), the package's CPU path (rediffinet_jax.models.layers), the GPUs' (``2d_sum``, stride-1 only: the
+others are the CPU's) and, with ``--all_formulations``, the
 depth taps on the inputs at stride 1, im2col with one matrix product, and one matrix product per tap.
 Models: the whole denoiser forward and a stage-1 train step (U-Net, batch 1) at 64³ with each
 ``REDIFFINET_CONV``. Prints JAX/PyTorch ratios. PyTorch is an optional extra for this script only,
@@ -73,6 +74,7 @@ def shifted_matmuls(x, w, stride):
 CONV_FORMULATIONS = {
     "xla": lambda x, w, s: layers.conv3d(x, w, s, 1, "xla"),
     "2d (package)": lambda x, w, s: layers.conv3d(x, w, s, 1, "2d"),
+    "2d_sum (GPUs)": lambda x, w, s: layers.conv3d(x, w, s, 1, "2d_sum"),
     "2d taps on inputs": lambda x, w, s: layers._depth_taps_on_inputs(x, w, s, 1),
     "im2col": im2col,
     "27 matmuls": shifted_matmuls,
@@ -292,12 +294,14 @@ def main():
         ref = torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, True) if have_torch else None
         if kind == "conv":
             forms = (
-                CONV_FORMULATIONS if a.all_formulations else {k: CONV_FORMULATIONS[k] for k in ("xla", "2d (package)")}
+                CONV_FORMULATIONS
+                if a.all_formulations
+                else {k: CONV_FORMULATIONS[k] for k in ("xla", "2d (package)", "2d_sum (GPUs)")}
             )
         else:
             forms = {
                 impl: (lambda impl: lambda x, w: layers.conv_transpose3d(x, w, 2, impl))(impl)  # noqa: B023
-                for impl in layers.CONV_IMPLS
+                for impl in ("xla", "2d")  # 2d_sum is 2d here
             }
         for label, fn in forms.items():
             rows.append((name, label, *jax_layer_times(kind, cin, cout, a.size, stride, fn, a.repeats), ref))

@@ -248,11 +248,11 @@ def _chunk_denoiser(model, cond: jax.Array, chunk: int):
     def tile(a):  # [B, ...] -> [chunk·B, ...], sample-major
         return jnp.broadcast_to(a[None], (chunk,) + a.shape).reshape((chunk * b,) + a.shape[1:])
 
-    cond_c, feats_c = tile(cond), [tile(f) for f in feats]
+    cond_c = tile(cond)  # the features stay [B, ...]: the denoiser broadcasts them (a copy per sample is GiBs)
 
     def model_fn(x, t):  # x [chunk, B, ...]
         flat = x.reshape((chunk * b,) + x.shape[2:])
-        z = model.denoise(cond_c, flat, jnp.full((chunk * b,), t, jnp.int32), feats_c)
+        z = model.denoise(cond_c, flat, jnp.full((chunk * b,), t, jnp.int32), feats)
         return z.reshape(x.shape)
 
     return model_fn

@@ -27,7 +27,8 @@ def _rel(a, b):
         ((2, 6, 6, 6), 1, 1, 0, 4, 3),
     ],
 )
-def test_conv3d_2d_equals_native_with_gradients(shape, stride, k, pad, cin, cout):
+@pytest.mark.parametrize("impl", ["2d", "2d_sum"])
+def test_conv3d_2d_equals_native_with_gradients(shape, stride, k, pad, cin, cout, impl):
     kx, kk = jax.random.split(jax.random.key(sum(shape) + stride))
     x = jax.random.normal(kx, shape + (cin,))
     kernel = jax.random.normal(kk, (k, k, k, cin, cout))
@@ -35,11 +36,11 @@ def test_conv3d_2d_equals_native_with_gradients(shape, stride, k, pad, cin, cout
     def loss(impl):
         return lambda x, w: jnp.sum(jnp.sin(conv3d(x, w, stride, pad, impl)))
 
-    a = conv3d(x, kernel, stride, pad, "2d")
+    a = conv3d(x, kernel, stride, pad, impl)
     b = conv3d(x, kernel, stride, pad, "xla")
     assert a.shape == b.shape
     assert _rel(a, b) < 1e-5
-    ga = jax.grad(loss("2d"), argnums=(0, 1))(x, kernel)
+    ga = jax.grad(loss(impl), argnums=(0, 1))(x, kernel)
     gb = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
     for u, v in zip(ga, gb):
         assert _rel(u, v) < 1e-5
@@ -70,8 +71,9 @@ def test_impl_override(monkeypatch):
         layers.conv_impl()
     monkeypatch.delenv("REDIFFINET_CONV")
     assert layers.conv_impl() == "2d"  # the tests run on the CPU
-    # a GPU takes the 2-D formulations too (measured faster there, benchmarks/results/h200-*-layers.log), a TPU XLA's
-    for backend, impl in (("gpu", "2d"), ("cuda", "2d"), ("tpu", "xla")):
+    # a GPU takes the 2-D formulations too (measured faster there, benchmarks/results/h200-*-layers.log) with
+    # the depth taps summed in place (less memory), a TPU XLA's
+    for backend, impl in (("gpu", "2d_sum"), ("cuda", "2d_sum"), ("tpu", "xla")):
         monkeypatch.setattr(layers.jax, "default_backend", lambda b=backend: b)
         assert layers.conv_impl() == impl, backend
 
@@ -102,3 +104,41 @@ def test_jit_passes_the_cpu_options_on_the_cpu_only(monkeypatch):
     monkeypatch.setattr(compiling.jax, "default_backend", lambda: "gpu")
     assert "__ynn_fusion" in f.lower(x, w).compile().as_text()
     assert f(x, w).shape == (1, 16, 16, 16, 8)
+
+
+def test_summed_taps_plan_less_memory_than_stacked():
+    """XLA's memory plan of one stride-1 layer's forward and backward: the taps summed in place need less
+    than one convolution with three times the outputs, whose output and gradient are 3× the result."""
+    x = jnp.ones((1, 32, 32, 32, 16))
+    w = jnp.ones((3, 3, 3, 16, 16))
+    temp = {}
+    for impl in ("2d", "2d_sum"):
+        g = jax.jit(jax.grad(lambda x, w, i=impl: jnp.sum(jnp.sin(conv3d(x, w, 1, 1, i))), argnums=(0, 1)))
+        temp[impl] = g.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+    result = x.size * 4  # bytes of one 32³×16 float32 volume
+    assert temp["2d"] >= 5 * result  # y and its gradient (3× each) cannot both be avoided
+    assert temp["2d_sum"] <= temp["2d"] - 2 * result, temp
+
+
+def test_gpu_formulation_in_the_whole_model_with_remat(monkeypatch):
+    """The denoiser's gradients with the GPUs' 2d_sum (its own backward) under jax.checkpoint equal the
+    CPU's 2d ones: the custom backward composes with remat and the rest of the network."""
+    from flax import nnx
+
+    from rediffinet_jax.models.denoiser import DiffusionNet
+
+    cond = jax.random.normal(jax.random.key(0), (2, 16, 16, 16, 7))
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 16, 3))
+    grads = {}
+    for impl in ("2d", "2d_sum"):
+        monkeypatch.setenv("REDIFFINET_CONV", impl)
+        net = DiffusionNet(7, 3, (4, 4, 8, 8, 16, 4), remat=True, rngs=nnx.Rngs(0))
+        gd, st = nnx.split(net)
+        loss = lambda st: jnp.sum(jnp.sin(nnx.merge(gd, st)(cond, x, jnp.array([3, 700]))))  # noqa: E731
+        grads[impl] = jax.tree.leaves(jax.jit(jax.grad(loss))(st))
+    flat = {k: jnp.concatenate([g.ravel() for g in v]) for k, v in grads.items()}
+    assert _rel(flat["2d_sum"], flat["2d"]) < 1e-5
+    # leaf by leaf, up to rounding of the whole's size (a conv bias before a norm has a zero gradient)
+    scale = float(jnp.max(jnp.abs(flat["2d"])))
+    for a, b in zip(grads["2d_sum"], grads["2d"]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale)

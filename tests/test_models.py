@@ -193,3 +193,36 @@ def test_maxpool_values_and_gradient_by_hand():
     np.testing.assert_array_equal(grad, expected)
     ref = jax.lax.reduce_window(-x, -jnp.inf, jax.lax.max, (1, 2, 2, 2, 1), (1, 2, 2, 2, 1), "VALID")
     np.testing.assert_array_equal(_maxpool2(-x), ref)  # maxima at voxel (0, 0, 0) of each block
+
+
+def test_instance_norm_by_hand_and_with_an_offset_channel():
+    """Statistics from one pass (of the data shifted by one of its values) against NumPy's two-pass float64
+    normalisation, on
+    channels of mean 0, 10 and 300 (std 1-3), with the affine scale and shift applied."""
+    from rediffinet_jax.models.layers import InstanceNorm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 12, 10, 8, 3)) * np.array([1.0, 2.0, 3.0]) + np.array([0.0, 10.0, 300.0])
+    norm = InstanceNorm(3)
+    norm.scale[...] = jnp.array([1.0, 0.5, 2.0])
+    norm.bias[...] = jnp.array([0.0, 1.0, -1.0])
+    got = np.asarray(norm(jnp.asarray(x, jnp.float32)))
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    ref = (x - mean) / np.sqrt(x.var(axis=(1, 2, 3), keepdims=True) + 1e-5) * [1.0, 0.5, 2.0] + [0.0, 1.0, -1.0]
+    # E[x²] − E[x]² unshifted would be off by ~5e-3 in the third channel (mean/std = 100)
+    np.testing.assert_allclose(got, ref, atol=3e-5)
+
+
+def test_shared_encoder_features_equal_tiled_ones(small_diff):
+    """The sampler's S samples share the encoder's features by broadcast: the same logits as when the features
+    are copied per sample."""
+    net = small_diff
+    cond = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, net.cond_channels))
+    x = jax.random.normal(jax.random.key(1), (3, 16, 16, 16, 3))
+    t = jnp.array([5, 500, 900])
+    feats = net.encode(cond)
+    tiled = [jnp.broadcast_to(f, (3,) + f.shape[1:]) for f in feats]
+    cond3 = jnp.broadcast_to(cond, (3,) + cond.shape[1:])
+    np.testing.assert_allclose(net.denoise(cond3, x, t, feats), net.denoise(cond3, x, t, tiled), atol=1e-6)
+    with pytest.raises(ValueError, match="do not divide"):
+        net.denoise(cond3[:2], x[:2], t[:2], [jnp.concatenate([f] * 3) for f in feats])

@@ -113,9 +113,20 @@ class Encoder(nnx.Module):
         return feats
 
 
+def _add_shared(x, feature):
+    """``x`` ``[n·b, ...]`` plus ``feature`` ``[b, ...]``, the same feature for each of the n sample-major
+    blocks of x (n = 1: a plain sum). Broadcast inside the addition, so the sampler's S samples never hold
+    S copies of the encoder's features."""
+    n = x.shape[0] // feature.shape[0]
+    if n * feature.shape[0] != x.shape[0]:
+        raise ValueError(f"encoder features of batch {feature.shape[0]} do not divide the denoiser's {x.shape[0]}")
+    return (x.reshape((n,) + feature.shape) + feature.astype(x.dtype)[None]).reshape(x.shape)
+
+
 class Denoiser(nnx.Module):
     """The Diff-UNet denoiser: input ``[B, D, H, W, in_channels]``, ``t`` ``[B]``, optional encoder
-    features (added after each encoder stage); returns x0 logits ``[B, D, H, W, out_channels]`` float32."""
+    features (added after each encoder stage; their batch may be B or any b dividing it, shared by the
+    B/b sample-major blocks: :func:`_add_shared`); returns x0 logits ``[B, D, H, W, out_channels]`` float32."""
 
     def __init__(
         self,
@@ -155,7 +166,7 @@ class Denoiser(nnx.Module):
         for i, stage in enumerate(self.stages):
             x = self._run(stage, x, temb)
             if features is not None:
-                x = x + features[i].astype(x.dtype)
+                x = _add_shared(x, features[i])
             skips.append(x)
         x = skips.pop()
         for up in self.ups:

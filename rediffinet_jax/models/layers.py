@@ -9,6 +9,7 @@ PyTorch's fan_in is out_channels · kernel volume, and so it is here).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -19,35 +20,37 @@ from flax import nnx
 
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS2 = ("NHWC", "HWIO", "NHWC")
-CONV_IMPLS = ("xla", "2d")
+CONV_IMPLS = ("xla", "2d", "2d_sum")
 
 
 def conv_impl() -> str:
-    """Which convolution formulation to trace: ``2d`` (2-D convolutions and matrix products, see
-    :func:`conv3d`; the CPU and GPUs) or ``xla`` (XLA's native 3-D convolution; TPUs and other backends).
-    REDIFFINET_CONV overrides.
+    """Which convolution formulation to trace (:func:`conv3d`): ``2d`` on the CPU, ``2d_sum`` on GPUs,
+    ``xla`` (XLA's native 3-D convolution) on TPUs and other backends. REDIFFINET_CONV overrides.
 
-    ``2d`` was measured faster on both the CPU and an H200 (above all XLA's transposed convolution's backward;
-    docs/benchmarks.md has the numbers), for more peak memory. TPUs were never measured, so they keep
-    XLA's own."""
+    Both ``2d`` forms run as 2-D convolutions and matrix products, measured faster than XLA's own on the
+    CPU and an H200 (above all its transposed convolution's backward; docs/benchmarks.md). They differ only
+    in the stride-1 convolution's depth taps: ``2d`` makes them in one convolution with three times the
+    output (the fastest on the CPU), ``2d_sum`` one convolution per tap summed in place (a third of that
+    memory, for GPUs, where memory is what bounds the batch and the samples at once). TPUs were never
+    measured, so they keep XLA's own."""
     forced = os.environ.get("REDIFFINET_CONV")
     if forced:
         if forced not in CONV_IMPLS:
             raise ValueError(f"REDIFFINET_CONV must be one of {CONV_IMPLS}, got {forced!r}")
         return forced
-    return "2d" if jax.default_backend() in ("cpu", "gpu", "cuda", "rocm") else "xla"
+    backend = jax.default_backend()
+    return "2d" if backend == "cpu" else "2d_sum" if backend in ("gpu", "cuda", "rocm") else "xla"
 
 
 def conv3d(x, kernel, stride: int, padding: int, impl: str | None = None):
     """3-D convolution ``x`` ``[B, D, H, W, cin]`` * ``kernel`` ``[kd, kh, kw, cin, cout]``, symmetric
     ``padding`` on every axis.
 
-    ``xla``: ``lax.conv_general_dilated``. ``2d``: 2-D convolutions over (H, W) with the depth taps
-    moved to channels, which XLA runs faster than its 3-D convolution on the CPU and (at stride 1) on an
-    H200 (:func:`conv_impl`; docs/benchmarks.md): a "same" stride-1 kernel through :func:`_depth_taps_on_outputs`,
-    other strides through :func:`_depth_taps_on_inputs`; a 1×1×1 kernel with stride 1 is a matrix product.
-    Both give the same result to float rounding. Compile through ``compiling.jit`` (its CPU options) for the
-    fast 2-D convolution.
+    ``xla``: ``lax.conv_general_dilated``. ``2d`` and ``2d_sum``: 2-D convolutions over (H, W) with the
+    depth handled apart (:func:`conv_impl`): a "same" stride-1 kernel through :func:`_depth_taps_on_outputs`
+    (``2d``) or :func:`_depth_taps_summed` (``2d_sum``), other strides through :func:`_depth_taps_on_inputs`;
+    a 1×1×1 kernel with stride 1 is a matrix product. All give the same result to float rounding. Compile
+    through ``compiling.jit`` (its CPU options) for the fast 2-D convolution.
     """
     impl = impl or conv_impl()
     kd = kernel.shape[0]
@@ -56,28 +59,84 @@ def conv3d(x, kernel, stride: int, padding: int, impl: str | None = None):
     if kernel.shape[:3] == (1, 1, 1) and stride == 1 and padding == 0:
         return x @ kernel.reshape(kernel.shape[3:])
     if stride == 1 and 2 * padding == kd - 1:
-        return _depth_taps_on_outputs(x, kernel, padding)
+        same = _depth_taps_summed if impl == "2d_sum" else _depth_taps_on_outputs
+        return same(x, kernel, padding)
     return _depth_taps_on_inputs(x, kernel, stride, padding)
+
+
+def _conv2d(x2, kernel2, stride: int, padding: int):
+    """2-D convolution of ``[N, H, W, cin]`` by ``[kh, kw, cin, cout]``, symmetric padding."""
+    return jax.lax.conv_general_dilated(
+        x2, kernel2, (stride, stride), [(padding, padding)] * 2, dimension_numbers=_DIMS2
+    )
 
 
 def _depth_taps_on_outputs(x, kernel, padding: int):
     """Stride-1 "same" convolution: one 2-D convolution of every depth slice with kd·cout outputs (one
     group per depth tap), then each output slice sums its kd neighbours' groups (zero past the edges).
-    Nothing the size of the input is copied. Faster than :func:`_depth_taps_on_inputs` in the networks,
-    although a single layer's backward alone is slower (docs/benchmarks.md)."""
+    Nothing the size of the input is copied, but the convolution's output (and its gradient in the
+    backward) is kd times the result's size."""
     b, d, h, w, c = x.shape
     kd, kh, kw, _, co = kernel.shape
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, kd * co)
-    y = jax.lax.conv_general_dilated(
-        x.reshape(b * d, h, w, c), k2, (1, 1), [(padding, padding)] * 2, dimension_numbers=_DIMS2
-    ).reshape(b, d, h, w, kd, co)
-    out = y[..., padding, :]
+    y = _conv2d(x.reshape(b * d, h, w, c), k2, 1, padding).reshape(b, d, h, w, kd, co)
+    return _sum_depth_taps(lambda a: y[..., a, :], d, kd, padding)
+
+
+def _taps_summed_forward(x, kernel, padding: int):
+    b, d, h, w, c = x.shape
+    kd, kh, kw, _, co = kernel.shape
+    x2 = x.reshape(b * d, h, w, c)
+    return _sum_depth_taps(lambda a: _conv2d(x2, kernel[a], 1, padding).reshape(b, d, h, w, co), d, kd, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depth_taps_summed(x, kernel, padding: int):
+    """Stride-1 "same" convolution as one 2-D convolution of every depth slice per depth tap (cout outputs
+    each), each added in place into the result shifted by its tap: at most one tap's output exists beside
+    the result. Its own backward (a ``custom_vjp``; reverse mode only) keeps to the same: the input gradient
+    is this convolution of the output gradient by the mirrored kernel, summed in place, and each tap's kernel
+    gradient is taken alone, where autodiff's transpose of the in-place sums made all three taps' input
+    gradients before adding them (XLA's plan of the float32 step at 64×96×64: 4.67 → 4.12 GiB)."""
+    return _taps_summed_forward(x, kernel, padding)
+
+
+def _taps_summed_fwd(x, kernel, padding):
+    return _taps_summed_forward(x, kernel, padding), (x, kernel)
+
+
+def _taps_summed_bwd(padding, res, g):
+    x, kernel = res
+    b, d, h, w, c = x.shape
+    kd, co = kernel.shape[0], kernel.shape[-1]
+    # the input gradient of a "same" stride-1 convolution: the same convolution of g by the kernel
+    # mirrored in space, its channel axes swapped
+    dx = _taps_summed_forward(g, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), padding).astype(x.dtype)
+    x2 = x.reshape(b * d, h, w, c)
+    dk = []
+    for a in range(kd):  # tap a enters out[:, i] as tap[:, i + s]: its output's gradient is g moved by s
+        s = a - padding
+        ga = jnp.zeros_like(g)
+        ga = ga.at[:, s:].set(g[:, : d - s]) if s >= 0 else ga.at[:, : d + s].set(g[:, -s:])
+        dk.append(jax.vjp(lambda k: _conv2d(x2, k, 1, padding), kernel[a])[1](ga.reshape(b * d, h, w, co))[0])
+    return dx, jnp.stack(dk).astype(kernel.dtype)
+
+
+_depth_taps_summed.defvjp(_taps_summed_fwd, _taps_summed_bwd)
+
+
+def _sum_depth_taps(tap, d: int, kd: int, padding: int):
+    """``out[:, i] = Σ_a tap(a)[:, i + a − padding]`` over the kd taps (zero past the depth edges), where
+    ``tap(a)`` is ``[B, D, H, W, cout]``. In-place additions (``.at[].add``): XLA keeps ``out`` as one
+    buffer; a sum of shifted terms would instead be fused into every consumer, which then keeps all the
+    terms alive (3× the memory) until the backward."""
+    out = tap(padding)
     for a in range(kd):
-        s = a - padding  # out[:, i] += y[:, i + s, ..., a, :]
-        if s > 0 and s < d:
-            out = out.at[:, : d - s].add(y[:, s:, ..., a, :])
-        elif s < 0 and -s < d:
-            out = out.at[:, -s:].add(y[:, : d + s, ..., a, :])
+        s = a - padding  # out[:, i] += tap(a)[:, i + s]
+        if 0 < s < d:
+            out = out.at[:, : d - s].add(tap(a)[:, s:])
+        elif 0 < -s < d:
+            out = out.at[:, -s:].add(tap(a)[:, : d + s])
     return out
 
 
@@ -93,13 +152,7 @@ def _depth_taps_on_inputs(x, kernel, stride: int, padding: int):
     # stack on a new axis, not concatenate on channels: XLA's CPU concatenation measured slower
     stacked = jnp.stack([xp[:, a : a + span : stride] for a in range(kd)], axis=-2)  # [B, Do, H, W, kd, cin]
     k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kd * c, co)
-    y = jax.lax.conv_general_dilated(
-        stacked.reshape(b * d_out, h, w, kd * c),
-        k2,
-        (stride, stride),
-        [(padding, padding)] * 2,
-        dimension_numbers=_DIMS2,
-    )
+    y = _conv2d(stacked.reshape(b * d_out, h, w, kd * c), k2, stride, padding)
     return y.reshape((b, d_out) + y.shape[1:])
 
 
@@ -197,7 +250,8 @@ class Dense(nnx.Module):
 class InstanceNorm(nnx.Module):
     """Per-sample, per-channel normalization over the spatial axes (biased variance, eps 1e-5), affine.
 
-    Statistics in float32 whatever the input dtype; the output has the input's dtype.
+    Statistics in float32 whatever the input dtype, both from one pass over the data (shifted by one of its
+    values, so that a channel's mean far from zero costs no precision); the output has the input's dtype.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
@@ -207,10 +261,14 @@ class InstanceNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=(1, 2, 3), keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 2, 3), keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+        # both statistics in one pass over x, of x less one of its own values per channel (k): the variance
+        # E[(x−k)²] − E[x−k]² does not depend on k, and with k within a few deviations of the mean it keeps
+        # float32's precision where E[x²] − E[x]² would cancel. The normalisation is one scale and shift.
+        k = jax.lax.stop_gradient(x32[:, :1, :1, :1, :])
+        shifted_mean = jnp.mean(x32 - k, axis=(1, 2, 3), keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(x32 - k), axis=(1, 2, 3), keepdims=True) - jnp.square(shifted_mean), 0.0)
+        scale = jax.lax.rsqrt(var + self.eps) * self.scale[...]
+        return (x32 * scale + (self.bias[...] - (shifted_mean + k) * scale)).astype(x.dtype)
 
 
 def check_spatial(shape, multiple: int, name: str) -> None:
