@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: sampler and train steps at the paper's size (128×192×128, K = 10, S = 10, batch 2),
-# bfloat16 and float32, with only the packages the GPU machines already have (jax, flax, optax, orbax);
+# The GPU check: sampler and train steps at the paper's size (128×192×128, K = 10, S = 10, batch 2; the float32
+# Re-DiffiNet step also at the paper's batch of 4), bfloat16 and float32, with only the packages the GPU
+# machines already have (jax, flax, optax, orbax);
 # last, if time is left, each finest-level layer alone in bfloat16 (benchmarks/layers.py). The bfloat16
 # sampler and train steps are also profiled once each (benchmarks/hlo_profile.py: PREFIX.trace.json.gz and
 # PREFIX.hlo.txt.gz in $OUT, the tables in device.log, the Re-DiffiNet step's by source printed).
@@ -8,6 +9,7 @@
 # gets at most 170 s of what is left, the two that carry the targets run first, and one that no longer
 # fits is skipped and named. Ends with markdown tables (benchmarks/summary.py) and the targets.
 # Every JSON line goes to $OUT/device.jsonl and the whole output to $OUT/device.log (OUT: /tmp if unset).
+# PROFILE=0 leaves the profiles out (six files fewer in $OUT: gpu_check.sh, which brings back at most eight).
 # SMOKE=1 runs the same sequence at 16³ with tiny widths, for a CPU (tests/test_benchmarks.py).
 # PYTHON (default python3: the GPU machines' jax lives in their python3, and a bare python may not exist).
 set -uo pipefail
@@ -52,11 +54,17 @@ run() {  # one benchmark in its own process; table lines to the terminal, JSON l
   ((rc == 0)) || echo "exit status $rc: $*" | tee -a "$full"
 }
 
-run benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16 --profile "$out/sampler"
-run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage diffusion --profile "$out/step"
-run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage unet --profile "$out/step"
+if [[ ${PROFILE:-1} == 1 ]]; then
+  profile=(--profile) sprof=("$out/sampler") tprof=("$out/step")
+else
+  profile=() sprof=() tprof=()
+fi
+run benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16 "${profile[@]}" "${sprof[@]}"
+run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage diffusion "${profile[@]}" "${tprof[@]}"
+run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage unet "${profile[@]}" "${tprof[@]}"
 run benchmarks/sampler.py "${sampler[@]}" --dtype float32 --chunk "$chunk"
 run benchmarks/train_step.py "${train[@]}" --dtype float32 --stage diffusion
+run benchmarks/train_step.py "${train[@]}" --dtype float32 --stage diffusion --batch 4
 run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --remat --stage diffusion
 run benchmarks/layers.py "${layer[@]}" --dtype bfloat16
 rm -f "$out/last.out"

@@ -1,6 +1,8 @@
 """Markdown tables from the JSON lines of benchmarks/sampler.py, train_step.py and layers.py.
 
     python benchmarks/summary.py $OUT/device.jsonl
+    python benchmarks/summary.py --memory $OUT/memory_plan.jsonl   # XLA's plans (--compile_only)
+    python benchmarks/summary.py --pipeline $OUT/gpu_pipeline.jsonl  # benchmarks/gpu_pipeline.sh's stages
 
 Prints the device, one row per sampler or train-step record (the form README.md's GPU table takes),
 whether the GPU targets of issue #8 are met (one bfloat16 inference window ≤ 1.5 s at ≥ 30 % of the
@@ -21,6 +23,9 @@ WINDOW_TARGET_S = 1.5
 PEAK_TARGET = 0.30
 
 
+MEMORY_HEADER = (
+    "| program | dtype | remat | size | batch or S×K (chunk) | temporaries (GiB) | arguments + outputs (GiB) |"
+)
 LAYER_HEADER = "| layer | dtype | input | forward (ms) | forward + backward (ms) | TFLOP/s forward | TFLOP/s f + b |"
 
 
@@ -84,6 +89,43 @@ def layer_table(recs: list[dict]) -> str:
     return "\n".join([LAYER_HEADER, "|" + "---|" * (LAYER_HEADER.count("|") - 1)] + rows)
 
 
+def memory_table(recs: list[dict]) -> str:
+    """One row per memory-plan record (``--compile_only`` of sampler.py and train_step.py)."""
+    rows = []
+    for r in recs:
+        sampler = r["bench"] == "sampler_memory"
+        name = "sampler, one window" if sampler else r["bench"].removeprefix("train_step_memory_") + " train step"
+        work = f"{r['samples']}×{r['steps']} ({r['chunk'] or 'all'})" if sampler else str(r["batch"])
+        rows.append(
+            f"| {name} | {r['dtype']} | {'yes' if r.get('remat') else 'no'} | {'×'.join(map(str, r['size']))} "
+            f"| {work} | {r['temp_gib']:.2f} | {r['argument_gib'] + r['output_gib']:.2f} |"
+        )
+    return "\n".join([MEMORY_HEADER, "|" + "---|" * (MEMORY_HEADER.count("|") - 1)] + rows)
+
+
+PIPELINE_HEADER = "| stage | exit | seconds | peak GPU memory (GiB) | peak host memory (GiB) | trained folds |"
+
+
+def pipeline_table(recs: list[dict]) -> str:
+    """benchmarks/gpu_pipeline.sh's records: one row per stage, then the label-map check."""
+    rows, notes = [], []
+    for r in recs:
+        if r.get("bench") == "label_maps":
+            bad = len(r["problems"])
+            notes.append(
+                f"label maps: {r['cases']} cases, {bad} problems" + (f" ({r['problems'][0]} ...)" if bad else "")
+            )
+        elif r.get("skipped"):
+            rows.append(f"| {r['stage']} | skipped (no time left) | | | | |")
+        elif r.get("bench") == "pipeline_stage":
+            trained = "; ".join(f"{k} {','.join(map(str, v))}" for k, v in (r.get("trained") or {}).items())
+            exit_ = "stopped at the deadline" if r["rc"] == 124 else str(r["rc"])
+            gpu = r["peak_device_gib"] if r["peak_device_gib"] is not None else "–"
+            rows.append(f"| {r['stage']} | {exit_} | {r['seconds']} | {gpu} | {r['peak_host_gib']} | {trained} |")
+    sep = "|" + "---|" * (PIPELINE_HEADER.count("|") - 1)
+    return "\n".join([PIPELINE_HEADER, sep] + rows + ([""] + notes if notes else []))
+
+
 def table(recs: list[dict]) -> str:
     devices = sorted({r["device"] for r in recs})
     peaks = sorted({(r["dtype"], round(r["matmul_peak_tflops"], 1)) for r in recs if "matmul_peak_tflops" in r})
@@ -100,6 +142,14 @@ def table(recs: list[dict]) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--memory"], ["--pipeline"]) and len(argv) == 2:
+        with open(argv[1]) as f:
+            recs = [json.loads(line) for line in f if line.startswith("{")]
+        if argv[0] == "--memory":
+            print(memory_table([r for r in recs if "temp_gib" in r]))
+        else:
+            print(pipeline_table(recs))
+        return 0
     if len(argv) != 1:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ reference formulations of benchmarks/cpu_conv.py compute the convolution they st
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,7 +62,7 @@ def test_gpu_like_env_blocks_the_missing_packages(tmp_path):
 
 
 def test_device_script_smoke(tmp_path):
-    """The GPU script's whole sequence at 16³ on the CPU, without the packages the GPU machines lack: six
+    """The GPU script's whole sequence at 16³ on the CPU, without the packages the GPU machines lack: seven
     benchmarks, one table, the targets judged, then the single layers and their table."""
     r = _device_sh(tmp_path, SMOKE="1")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -72,24 +73,27 @@ def test_device_script_smoke(tmp_path):
         ("train_step_unet", "bfloat16", False),
         ("sampler", "float32", False),
         ("train_step_rediffinet", "float32", False),
+        ("train_step_rediffinet", "float32", False),
         ("train_step_rediffinet", "bfloat16", True),
     ]
     assert all(x["tflop_per_window"] > 0 and x["window_s"] > 0 for x in recs if x["bench"] == "sampler")
-    assert all(x["batch"] == 2 and x["step_s"] > 0 for x in recs if x["bench"] != "sampler")
+    assert [x["batch"] for x in recs if x["bench"] != "sampler"] == [2, 2, 2, 4, 2]
+    assert all(x["step_s"] > 0 for x in recs if x["bench"] != "sampler")
     assert all(0 < x["fraction_of_peak"] < 1.5 for x in recs)
     table = r.stdout[r.stdout.index("| benchmark |") : r.stdout.index("| layer |")]
-    assert table.count("\n| ") == 6 and "| sampler, one window | bfloat16 | no | 16×16×16 | 2×2 |" in table
+    assert table.count("\n| ") == 7 and "| sampler, one window | bfloat16 | no | 16×16×16 | 2×2 |" in table
     assert "target, bfloat16 window ≤ 1.5 s at ≥ 30% of peak: " in table and "not measured" not in table
-    assert (tmp_path / "device.log").read_text().count("--- benchmarks/") == 7
-    # the finest level's layers, both formulations of each convolution, bfloat16: 3 + 1 + 1 convolutions × 2, pool, norm
+    assert (tmp_path / "device.log").read_text().count("--- benchmarks/") == 8
+    # the finest level's layers, bfloat16: 3 stride-1 convolutions × 3 formulations, the strided and the
+    # transposed one × 2 (2d_sum is 2d there), pool, norm
     layer_recs = summary.read(tmp_path / "device.jsonl", "layer")
-    assert len(layer_recs) == 12 and {x["dtype"] for x in layer_recs} == {"bfloat16"}
+    assert len(layer_recs) == 15 and {x["dtype"] for x in layer_recs} == {"bfloat16"}
     assert all(x["forward_ms"] > 0 and x["train_ms"] > 0 for x in layer_recs)
     strided = [x for x in layer_recs if x["layer"].startswith("conv k3 s2")]
     assert [x["output"] for x in strided] == [[2, 8, 8, 8, 8]] * 2 and [x["input"] for x in strided] == [
         [2, 16, 16, 16, 4]
     ] * 2
-    assert r.stdout.count("\n| conv") == 10 and "| maxpool2 8 | bfloat16 | 2×16×16×16×8 |" in r.stdout
+    assert r.stdout.count("\n| conv") == 13 and "| maxpool2 8 | bfloat16 | 2×16×16×16×8 |" in r.stdout
     # one profile of each bfloat16 sampler and train step: two files each, the reports in the log, the
     # Re-DiffiNet step's table by source printed, naming the model's convolutions
     prefixes = ("sampler-bfloat16", "step-rediffinet-bfloat16", "step-unet-bfloat16")
@@ -97,12 +101,12 @@ def test_device_script_smoke(tmp_path):
         f"{p}.{e}.gz" for p in prefixes for e in ("hlo.txt", "trace.json")
     )
     assert all(f"profile {p}: " in (tmp_path / "device.log").read_text() for p in prefixes)
-    assert "profile step-rediffinet-bfloat16: " in r.stdout and "conv3d" in r.stdout.split("by source")[1]
+    assert "profile step-rediffinet-bfloat16: " in r.stdout and "conv3d" in r.stdout.split("by source")[1].lower()
 
 
 def test_device_script_deadline(tmp_path):
     r = _device_sh(tmp_path, DEADLINE_S="10")
-    assert r.returncode == 0 and r.stdout.count("skipped, ") == 7
+    assert r.returncode == 0 and r.stdout.count("skipped, ") == 8
     assert "target, bfloat16 window: not measured" in r.stdout
 
 
@@ -179,7 +183,18 @@ def _middle(x):
 
 def test_profile_names_the_costly_line(tmp_path):
     """A traced run on the CPU: the product's instructions come first, attributed to _inner's line with
-    its callers, forward and backward told apart; the stack frames read from XLA's text are the calls."""
+    its callers, forward and backward told apart; the stack frames read from XLA's text are the calls.
+    Compiled afresh: a program from the shared compilation cache keeps the line numbers of when it was
+    cached (the cache's key leaves source locations out), and they move when this file is edited."""
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        _profile_and_check(tmp_path)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+
+
+def _profile_and_check(tmp_path):
     f = jax.jit(jax.value_and_grad(_middle))
     x = jax.random.normal(jax.random.key(0), (256, 256))
     jax.block_until_ready(f(x))
@@ -247,3 +262,112 @@ def test_profile_of_the_h200_train_step():
     assert unjoined / s["total_us"] < 0.01
     top = s["by_source"][0]
     assert top["direction"] == "bwd" and "conv3d" in top["source"] and "__cudnn$convBackwardFilter" in top["kinds"]
+
+
+def test_stage_run_records_exit_status_and_an_interruption(tmp_path):
+    """stage_run.py records a script's own exit status, and a SIGTERM (``timeout``) as 124 after the script
+    saw it as a KeyboardInterrupt (what lets train.py stop as on Ctrl-C)."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import sys, time\nif sys.argv[1] == 'fail':\n    sys.exit(3)\n"
+        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('interrupted')\n    raise\n"
+    )
+    jsonl = tmp_path / "r.jsonl"
+    run = ["benchmarks/stage_run.py", "x", str(jsonl), "--", str(script)]
+    assert subprocess.run([sys.executable, *run, "fail"]).returncode == 3
+    r = subprocess.run(["timeout", "3", sys.executable, *run, "sleep"], capture_output=True, text=True)
+    assert r.returncode == 124 and "interrupted" in r.stdout
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [x["rc"] for x in recs] == [3, 124]
+    assert recs[1]["seconds"] >= 2.5 and recs[1]["peak_host_gib"] > 0 and recs[1]["peak_device_gib"] is None
+
+
+def test_check_label_maps_names_each_problem(phantom_root, tmp_path):
+    """A missing map, a map of another shape and one with label 5 are each reported with their case."""
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks import check_label_maps
+    from rediffinet_jax.data import brats
+
+    cases = brats.discover_cases(phantom_root)[:4]
+    out = tmp_path / "out"
+    out.mkdir()
+    for i, c in enumerate(cases[1:], 1):
+        ref = nib.load(c.images["t1n"])
+        seg = np.asarray(nib.load(c.seg).dataobj).astype(np.uint8)
+        seg = seg[:-1] if i == 2 else seg
+        if i == 3:
+            seg[0, 0, 0] = 5
+        nib.save(nib.Nifti1Image(seg, ref.affine), out / f"{c.case_id}.nii.gz")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for c in cases:
+        shutil.copytree(c.images["t1n"].parent, inputs / c.case_id)
+    rec = check_label_maps.check(str(inputs), str(out))
+    assert rec["cases"] == 4 and len(rec["problems"]) == 3
+    assert [p.split(":")[0] for p in rec["problems"]] == [c.case_id for c in cases[:1] + cases[2:]]
+    assert "shape" in rec["problems"][1] and "[5" in rec["problems"][2]
+
+
+def test_memory_and_pipeline_tables(tmp_path, capsys):
+    """summary.py --memory and --pipeline: one row per record, with the numbers of the records."""
+    mem = tmp_path / "m.jsonl"
+    mem.write_text(
+        json.dumps(
+            dict(
+                bench="sampler_memory",
+                dtype="bfloat16",
+                size=[8, 8, 8],
+                steps=10,
+                samples=10,
+                chunk=0,
+                temp_gib=43.21,
+                argument_gib=0.2,
+                output_gib=0.05,
+            )
+        )
+        + "\n"
+        + json.dumps(
+            dict(
+                bench="train_step_memory_rediffinet",
+                dtype="float32",
+                remat=False,
+                size=[8, 8, 8],
+                batch=4,
+                temp_gib=7.5,
+                argument_gib=0.5,
+                output_gib=0.25,
+            )
+        )
+        + "\nnot json\n"
+    )
+    assert summary.main(["--memory", str(mem)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows == [
+        "| sampler, one window | bfloat16 | no | 8×8×8 | 10×10 (all) | 43.21 | 0.25 |",
+        "| rediffinet train step | float32 | no | 8×8×8 | 4 | 7.50 | 0.75 |",
+    ]
+    pipe = tmp_path / "p.jsonl"
+    pipe.write_text(
+        json.dumps(
+            dict(
+                bench="pipeline_stage",
+                stage="train_bench",
+                rc=124,
+                seconds=300.5,
+                peak_device_gib=3.2,
+                peak_host_gib=2.1,
+                trained={"unet": [0, 1]},
+            )
+        )
+        + "\n"
+        + json.dumps(dict(bench="label_maps", cases=2, problems=["c1: no map"]))
+        + "\n"
+        + json.dumps(dict(bench="pipeline_stage", stage="predict", skipped=True))
+        + "\n"
+    )
+    assert summary.main(["--pipeline", str(pipe)]) == 0
+    out = capsys.readouterr().out
+    assert "| train_bench | stopped at the deadline | 300.5 | 3.2 | 2.1 | unet 0,1 |" in out
+    assert "| predict | skipped (no time left) |" in out and "label maps: 2 cases, 1 problems (c1: no map ...)" in out

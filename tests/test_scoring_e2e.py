@@ -2,6 +2,7 @@
 the refinement benchmark over seeds, on the smoke config."""
 
 import shutil
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -130,3 +131,29 @@ def test_refiner_on_another_models_maps(finished, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros(changed.shape, np.uint8), changed.affine), str(maps / f"{ids[0]}.nii.gz"))
     proc = _train(w, *args, f"--config.baseline.maps={maps}")
     assert proc.returncode == 2 and "oof_runs" in proc.stdout and "--overwrite" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_gpu_pipeline_script_runs_its_whole_sequence(finished, tmp_path):
+    """benchmarks/gpu_pipeline.sh with SMOKE=1: every stage exits 0 and is recorded, predict.py's label maps
+    pass the check, the table is written. The smoke work directory is the fixture's (training resumes it)."""
+    import json
+    import os
+    import subprocess
+
+    from e2e import ROOT
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    shutil.copytree(finished[0], work / "smoke")
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "WORK": str(work), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "benchmarks/gpu_pipeline.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "gpu_pipeline.jsonl").read_text().splitlines()]
+    stages = {x["stage"]: x for x in recs if x["bench"] == "pipeline_stage"}
+    assert list(stages) == ["train_smoke", "evaluate_smoke", "predict_smoke", "train_bench"]
+    assert all(x["rc"] == 0 and x["seconds"] > 0 for x in stages.values()), stages
+    assert stages["train_smoke"]["trained"] == {"rediffinet": [0, 1], "unet": [0, 1]}
+    assert stages["train_bench"]["trained"] == {}  # stopped after 2 steps: no fold finished
+    (maps,) = [x for x in recs if x["bench"] == "label_maps"]
+    assert maps["cases"] == 2 and maps["problems"] == [] and sum(maps["voxels_per_label"].values()) == 2 * 40 * 40 * 36
+    table = (out / "gpu_pipeline.md").read_text()
+    assert "| predict_smoke | 0 |" in table and "label maps: 2 cases, 0 problems" in table
