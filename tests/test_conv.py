@@ -134,7 +134,7 @@ def test_gpu_formulation_in_the_whole_model_with_remat(monkeypatch):
         monkeypatch.setenv("REDIFFINET_CONV", impl)
         net = DiffusionNet(7, 3, (4, 4, 8, 8, 16, 4), remat=True, rngs=nnx.Rngs(0))
         gd, st = nnx.split(net)
-        loss = lambda st: jnp.sum(jnp.sin(nnx.merge(gd, st)(cond, x, jnp.array([3, 700]))))  # noqa: E731
+        loss = lambda st, gd=gd: jnp.sum(jnp.sin(nnx.merge(gd, st)(cond, x, jnp.array([3, 700]))))  # noqa: E731
         grads[impl] = jax.tree.leaves(jax.jit(jax.grad(loss))(st))
     flat = {k: jnp.concatenate([g.ravel() for g in v]) for k, v in grads.items()}
     assert _rel(flat["2d_sum"], flat["2d"]) < 1e-5
