@@ -80,14 +80,21 @@ def _depth_taps_on_outputs(x, kernel, padding: int):
     kd, kh, kw, _, co = kernel.shape
     k2 = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, kd * co)
     y = _conv2d(x.reshape(b * d, h, w, c), k2, 1, padding).reshape(b, d, h, w, kd, co)
-    return _sum_depth_taps(lambda a: y[..., a, :], d, kd, padding)
+    return _sum_depth_taps(lambda a, after=None: y[..., a, :], d, kd, padding)
 
 
 def _taps_summed_forward(x, kernel, padding: int):
     b, d, h, w, c = x.shape
     kd, kh, kw, _, co = kernel.shape
     x2 = x.reshape(b * d, h, w, c)
-    return _sum_depth_taps(lambda a: _conv2d(x2, kernel[a], 1, padding).reshape(b, d, h, w, co), d, kd, padding)
+
+    def tap(a, after=None):
+        # tied to the sum so far (``after``) by a barrier, a tap's convolution waits for the previous
+        # addition: otherwise XLA may run all three convolutions first and hold their outputs at once
+        src = x2 if after is None else jax.lax.optimization_barrier((x2, after))[0]
+        return _conv2d(src, kernel[a], 1, padding).reshape(b, d, h, w, co)
+
+    return _sum_depth_taps(tap, d, kd, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -127,16 +134,16 @@ _depth_taps_summed.defvjp(_taps_summed_fwd, _taps_summed_bwd)
 
 def _sum_depth_taps(tap, d: int, kd: int, padding: int):
     """``out[:, i] = Σ_a tap(a)[:, i + a − padding]`` over the kd taps (zero past the depth edges), where
-    ``tap(a)`` is ``[B, D, H, W, cout]``. In-place additions (``.at[].add``): XLA keeps ``out`` as one
+    ``tap(a, after)`` is ``[B, D, H, W, cout]`` (``after``: the sum so far, to order against). In-place additions (``.at[].add``): XLA keeps ``out`` as one
     buffer; a sum of shifted terms would instead be fused into every consumer, which then keeps all the
     terms alive (3× the memory) until the backward."""
     out = tap(padding)
     for a in range(kd):
         s = a - padding  # out[:, i] += tap(a)[:, i + s]
         if 0 < s < d:
-            out = out.at[:, : d - s].add(tap(a)[:, s:])
+            out = out.at[:, : d - s].add(tap(a, out)[:, s:])
         elif 0 < -s < d:
-            out = out.at[:, -s:].add(tap(a)[:, : d + s])
+            out = out.at[:, -s:].add(tap(a, out)[:, : d + s])
     return out
 
 
