@@ -134,9 +134,9 @@ _depth_taps_summed.defvjp(_taps_summed_fwd, _taps_summed_bwd)
 
 def _sum_depth_taps(tap, d: int, kd: int, padding: int):
     """``out[:, i] = Σ_a tap(a)[:, i + a − padding]`` over the kd taps (zero past the depth edges), where
-    ``tap(a, after)`` is ``[B, D, H, W, cout]`` (``after``: the sum so far, to order against). In-place additions (``.at[].add``): XLA keeps ``out`` as one
-    buffer; a sum of shifted terms would instead be fused into every consumer, which then keeps all the
-    terms alive (3× the memory) until the backward."""
+    ``tap(a, after)`` is ``[B, D, H, W, cout]`` (``after``: the sum so far, to order against). In-place
+    additions (``.at[].add``): XLA keeps ``out`` as one buffer; a sum of shifted terms would instead be
+    fused into every consumer, which then keeps all the terms alive (3× the memory) until the backward."""
     out = tap(padding)
     for a in range(kd):
         s = a - padding  # out[:, i] += tap(a)[:, i + s]
