@@ -23,6 +23,7 @@ fi
 plan() { "$py" "$@" --compile_only | tee /dev/stderr | grep '^{' >> "$log"; }
 plan benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16
 plan benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16 --chunk 2
+plan benchmarks/sampler.py "${sampler[@]}" --dtype float32
 plan benchmarks/sampler.py "${sampler[@]}" --dtype float32 --chunk 5
 plan benchmarks/sampler.py "${sampler[@]}" --dtype float32 --chunk 2
 plan benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage diffusion
