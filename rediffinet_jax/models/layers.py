@@ -166,7 +166,7 @@ def _depth_taps_on_inputs(x, kernel, stride: int, padding: int):
 def conv_transpose3d(x, kernel, stride: int, impl: str | None = None):
     """Transposed convolution with kernel size = stride (no overlap), ``lax.conv_transpose``'s orientation.
 
-    ``2d``: every input voxel times the kernel is one matrix product ``[N, cin] @ [cin, s³·cout]``
+    ``2d`` and ``2d_sum``: every input voxel times the kernel is one matrix product ``[N, cin] @ [cin, s³·cout]``
     followed by a reshape into the s×s×s blocks (exact; XLA's own transposed convolution is far slower on the
     CPU, and its backward on a GPU: docs/benchmarks.md). ``xla``: ``lax.conv_transpose``.
     """
