@@ -211,7 +211,7 @@ def run_diffusion(
         if stage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
             pipeline.attach_unet_masks(data.refs, layout.oof)
             settings[wd.OOF_RUNS] = wd.oof_runs(layout, config.data.n_folds)
-        wd.check_stage_config(layout.stage(stage.name), settings, overwrite, log)
+        wd.check_stage_config(layout.stage(stage.name), settings, overwrite, log, stages.implied_settings(config))
     trainer = Trainer(stage, progress=progress_bars)
     return stage.name, _fit_folds(trainer, stage, layout, data, fold_ids, config, 100, stop_after, log)
 

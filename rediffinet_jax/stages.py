@@ -33,6 +33,13 @@ VARIANTS = {
 }
 
 
+def implied_settings(config) -> dict:
+    """The flat settings keys 0.2.0 saved beside ``diffusion.model`` and that the model now implies
+    (``diffusion.condition`` and ``.target``), with their values: a work directory of 0.2.0 resumes."""
+    condition, target = VARIANTS[config.diffusion.model]
+    return {"diffusion.condition": condition, "diffusion.target": target}
+
+
 def lr_schedule(lr: float, steps: int, warmup_frac: float) -> optax.Schedule:
     """Linear warmup from 0 over ``warmup_frac`` of the steps, then cosine to 0, per step."""
     warmup = max(1, int(round(steps * warmup_frac))) if warmup_frac > 0 else 0

@@ -140,10 +140,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _settings_diff(folder: Path, settings: dict):
-    """(saved flat settings or None, the new ones flattened, the sorted keys that differ)."""
+def _settings_diff(folder: Path, settings: dict, implied: dict | None = None):
+    """(saved flat settings or None, the new ones flattened, the sorted keys that differ). ``implied``:
+    flat keys that older versions saved and that the current settings imply (0.2.0's diffusion.condition
+    and .target, which diffusion.model now decides) with the values implied; a saved one equal to its
+    implied value is no difference."""
     flat = _flat(json.loads(json.dumps(settings)))
     saved = read_json(Path(folder) / STAGE_CONFIG)
+    retired = {k: v for k, v in (implied or {}).items() if k not in flat}
+    if saved is not None:
+        saved = {k: v for k, v in saved.items() if k not in retired or retired[k] != v}
     diff = sorted(k for k in set(saved or {}) | set(flat) if (saved or {}).get(k) != flat.get(k))
     return saved, flat, diff
 
@@ -153,10 +159,11 @@ def _write_settings(folder: Path, flat: dict, settings: dict) -> None:
     write_atomic(Path(folder) / SETTINGS_FILE, json.dumps(settings, indent=1))
 
 
-def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print) -> None:
+def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print, implied=None) -> None:
     """Writes the stage's settings the first time; afterwards refuses different settings (naming the
-    keys) unless ``overwrite``, which deletes the stage's folder and starts it again."""
-    saved, flat, diff = _settings_diff(folder, settings)
+    keys) unless ``overwrite``, which deletes the stage's folder and starts it again. ``implied``: see
+    :func:`_settings_diff` (what lets a work directory of an older version resume)."""
+    saved, flat, diff = _settings_diff(folder, settings, implied)
     if saved is not None:
         if diff and not overwrite:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])

@@ -76,3 +76,31 @@ def test_unwritable_or_missing_folder(tmp_path):
                 pass
     finally:
         ro.chmod(0o700)
+
+
+def test_a_refiner_of_0_2_0_resumes(tmp_path):
+    """0.2.0 saved diffusion.condition and .target beside diffusion.model; now the model implies them. A
+    stage folder saved so resumes when they are what the model implies, and is refused when not."""
+    import json
+
+    from ml_collections import ConfigDict
+
+    from rediffinet_jax import stages
+
+    folder = tmp_path / "rediffinet"
+    folder.mkdir()
+    settings = {"seed": 0, "diffusion": {"model": "rediffinet", "lr": 0.002}}
+    implied = stages.implied_settings(ConfigDict(settings))
+    assert implied == {"diffusion.condition": "concat", "diffusion.target": "discrepancy"}
+    old = {"seed": 0, "diffusion.model": "rediffinet", "diffusion.lr": 0.002}
+    for condition, ok in (("concat", True), ("image", False)):
+        saved = {**old, "diffusion.condition": condition, "diffusion.target": "discrepancy"}
+        (folder / workdir.STAGE_CONFIG).write_text(json.dumps(saved))
+        if ok:
+            workdir.check_stage_config(folder, settings, overwrite=False, implied=implied)
+        else:
+            with pytest.raises(ConfigError, match="diffusion.condition: 'image' -> None"):
+                workdir.check_stage_config(folder, settings, overwrite=False, implied=implied)
+    with pytest.raises(ConfigError, match="diffusion.condition: 'concat' -> None"):  # what 0.3 said without it
+        (folder / workdir.STAGE_CONFIG).write_text(json.dumps({**old, "diffusion.condition": "concat"}))
+        workdir.check_stage_config(folder, settings, overwrite=False)
