@@ -17,20 +17,16 @@ def check(cases_dir: str, out_dir: str) -> dict:
     """{"cases", "problems": ["case: what"], "voxels_per_label": {0: n, ...}} over every case."""
     import numpy as np
 
+    from rediffinet_jax import given_maps
     from rediffinet_jax.data import brats
     from rediffinet_jax.errors import CaseError
-    from rediffinet_jax.labels import MODALITIES, regions_to_labels
+    from rediffinet_jax.labels import regions_to_labels
 
     cases = brats.discover_cases(cases_dir)
     problems, counts = [], np.zeros(4, np.int64)
     for files in cases:
-        image, img = brats.read_nifti(files.images[MODALITIES[0]], files.case_id)
-        path = os.path.join(out_dir, f"{files.case_id}.nii.gz")
-        if not os.path.exists(path):
-            problems.append(f"{files.case_id}: no {path}")
-            continue
-        try:
-            regions = brats.read_label_map(path, files.case_id, image.shape, img.affine)
+        try:  # the same check as another model's maps get: file, shape, affine, labels
+            regions = given_maps.read(out_dir, files, old_brats=False, what="label map")
         except CaseError as e:
             problems.append(f"{files.case_id}: {e}")
             continue

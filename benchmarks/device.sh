@@ -54,14 +54,11 @@ run() {  # one benchmark in its own process; table lines to the terminal, JSON l
   ((rc == 0)) || echo "exit status $rc: $*" | tee -a "$full"
 }
 
-if [[ ${PROFILE:-1} == 1 ]]; then
-  profile=(--profile) sprof=("$out/sampler") tprof=("$out/step")
-else
-  profile=() sprof=() tprof=()
-fi
-run benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16 "${profile[@]}" "${sprof[@]}"
-run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage diffusion "${profile[@]}" "${tprof[@]}"
-run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage unet "${profile[@]}" "${tprof[@]}"
+sprof=() tprof=()
+[[ ${PROFILE:-1} == 1 ]] && sprof=(--profile "$out/sampler") tprof=(--profile "$out/step")
+run benchmarks/sampler.py "${sampler[@]}" --dtype bfloat16 "${sprof[@]}"
+run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage diffusion "${tprof[@]}"
+run benchmarks/train_step.py "${train[@]}" --dtype bfloat16 --stage unet "${tprof[@]}"
 run benchmarks/sampler.py "${sampler[@]}" --dtype float32 --chunk "$chunk"
 run benchmarks/train_step.py "${train[@]}" --dtype float32 --stage diffusion
 run benchmarks/train_step.py "${train[@]}" --dtype float32 --stage diffusion --batch 4

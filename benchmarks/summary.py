@@ -29,12 +29,21 @@ MEMORY_HEADER = (
 LAYER_HEADER = "| layer | dtype | input | forward (ms) | forward + backward (ms) | TFLOP/s forward | TFLOP/s f + b |"
 
 
+def records(path: str) -> list[dict]:
+    """Every JSON record of a JSON-lines file (other lines skipped)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.startswith("{")]
+
+
 def read(path: str, bench: str | None = None) -> list[dict]:
     """The timing records of a JSON-lines file: sampler and train-step ones (memory-plan records of
     --compile_only are left out), or those whose ``bench`` is ``bench`` (``layer``)."""
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.startswith("{")]
-    return [r for r in recs if ("fraction_of_peak" in r if bench is None else r.get("bench") == bench)]
+    return [r for r in records(path) if ("fraction_of_peak" in r if bench is None else r.get("bench") == bench)]
+
+
+def markdown(header: str, rows: list[str]) -> str:
+    """A markdown table: the header line, its separator, the rows."""
+    return "\n".join([header, "|" + "---|" * (header.count("|") - 1)] + rows)
 
 
 def row(r: dict) -> str:
@@ -86,7 +95,7 @@ def layer_table(recs: list[dict]) -> str:
         f"| {r['train_ms']:.2f} | {r['forward_tflops']:.1f} | {r['train_tflops']:.1f} |"
         for r in recs
     ]
-    return "\n".join([LAYER_HEADER, "|" + "---|" * (LAYER_HEADER.count("|") - 1)] + rows)
+    return markdown(LAYER_HEADER, rows)
 
 
 def memory_table(recs: list[dict]) -> str:
@@ -100,7 +109,7 @@ def memory_table(recs: list[dict]) -> str:
             f"| {name} | {r['dtype']} | {'yes' if r.get('remat') else 'no'} | {'×'.join(map(str, r['size']))} "
             f"| {work} | {r['temp_gib']:.2f} | {r['argument_gib'] + r['output_gib']:.2f} |"
         )
-    return "\n".join([MEMORY_HEADER, "|" + "---|" * (MEMORY_HEADER.count("|") - 1)] + rows)
+    return markdown(MEMORY_HEADER, rows)
 
 
 PIPELINE_HEADER = "| stage | exit | seconds | peak GPU memory (GiB) | peak host memory (GiB) | trained folds |"
@@ -122,8 +131,7 @@ def pipeline_table(recs: list[dict]) -> str:
             exit_ = "stopped at the deadline" if r["rc"] == 124 else str(r["rc"])
             gpu = r["peak_device_gib"] if r["peak_device_gib"] is not None else "–"
             rows.append(f"| {r['stage']} | {exit_} | {r['seconds']} | {gpu} | {r['peak_host_gib']} | {trained} |")
-    sep = "|" + "---|" * (PIPELINE_HEADER.count("|") - 1)
-    return "\n".join([PIPELINE_HEADER, sep] + rows + ([""] + notes if notes else []))
+    return "\n".join([markdown(PIPELINE_HEADER, rows)] + ([""] + notes if notes else []))
 
 
 def table(recs: list[dict]) -> str:
@@ -133,18 +141,15 @@ def table(recs: list[dict]) -> str:
         f"device: {', '.join(devices) or 'none'}; measured matmul peak (TFLOP/s): "
         + ", ".join(f"{d} {p}" for d, p in peaks),
         "",
-        HEADER,
-        "|" + "---|" * (HEADER.count("|") - 1),
+        markdown(HEADER, [row(r) for r in recs]),
     ]
-    lines += [row(r) for r in recs]
     return "\n".join(lines + [""] + targets(recs))
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["--memory"], ["--pipeline"]) and len(argv) == 2:
-        with open(argv[1]) as f:
-            recs = [json.loads(line) for line in f if line.startswith("{")]
+        recs = records(argv[1])
         if argv[0] == "--memory":
             print(memory_table([r for r in recs if "temp_gib" in r]))
         else:

@@ -35,14 +35,15 @@ def map_path(maps_dir, case_id: str) -> Path:
     return plain if not gz.exists() and plain.exists() else gz
 
 
-def read(maps_dir, files: brats.CaseFiles, old_brats: bool):
-    """One case's given map as regions ``[D, H, W, 3]`` uint8 on the full grid, checked against the case's
-    first modality (shape, affine). Raises CaseError naming the case and file."""
+def read(maps_dir, files: brats.CaseFiles, old_brats: bool, what: str = "baseline map"):
+    """One case's map ``maps_dir/<case>.nii.gz`` as regions ``[D, H, W, 3]`` uint8 on the full grid, checked
+    against the case's first modality (shape, affine; its header only). Raises CaseError naming the case
+    and file (and ``what`` the map is)."""
     path = map_path(maps_dir, files.case_id)
     if not path.is_file():
-        raise CaseError("no baseline map for this case", case=files.case_id, path=str(path))
+        raise CaseError(f"no {what} for this case", case=files.case_id, path=str(path))
     ref = nib.load(str(files.images[MODALITIES[0]]))
-    return brats.read_label_map(path, files.case_id, ref.shape[:3], ref.affine, old_brats, "baseline map")
+    return brats.read_label_map(path, files.case_id, ref.shape[:3], ref.affine, old_brats, what)
 
 
 def check_all(maps_dir, files_by_id: dict, old_brats: bool) -> None:
