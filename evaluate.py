@@ -23,6 +23,19 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("fusion", None, list(FUSIONS), "Sampler fusion (default: each model's diffusion.sampler).")
 flags.DEFINE_integer("steps", None, "DDIM steps K (default: each model's).", lower_bound=1)
 flags.DEFINE_integer("samples", None, "Samples S per window (default: each model's).", lower_bound=1)
+flags.DEFINE_integer(
+    "start",
+    None,
+    "DDIM's first timestep (default: each model's, 999); lower starts from 'no discrepancy' noised to it.",
+    lower_bound=0,
+    upper_bound=999,
+)
+flags.DEFINE_bool(
+    "gate",
+    None,
+    "Also score each discrepancy refiner with its gate chosen on the other folds (default: the run's eval.gate, "
+    "on); --nogate scores it as the paper does only.",
+)
 flags.DEFINE_enum(
     "convention",
     None,
@@ -50,8 +63,9 @@ def main(argv):
         FLAGS.folds,
         FLAGS.checkpoint,
         FLAGS.convention,
-        {"fusion": FLAGS.fusion, "steps": FLAGS.steps, "samples": FLAGS.samples},
+        {"fusion": FLAGS.fusion, "steps": FLAGS.steps, "samples": FLAGS.samples, "start": FLAGS.start},
         FLAGS.scorer,
+        FLAGS.gate,
     )
 
 

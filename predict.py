@@ -20,6 +20,12 @@ flags.DEFINE_string(
     None,
     "Folder of another model's <case>.nii.gz label maps to refine (refiners trained on baseline.maps).",
 )
+flags.DEFINE_bool(
+    "gate",
+    True,
+    "Keep only the flips the refiner's gate allows (chosen by evaluate.py on all folds' held-out cases); "
+    "--nogate keeps every flip, as the paper does.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -37,6 +43,7 @@ def main(argv):
         FLAGS.save_probabilities,
         FLAGS.save_uncertainty,
         FLAGS.baseline,
+        FLAGS.gate,
     )
 
 

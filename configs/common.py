@@ -65,6 +65,13 @@ def base() -> ConfigDict:
             # not the U-Net's NVIDIA set: see README, "Decisions"
             loss_weights=(1.0, 1.0, 1.0),
             foreground_fraction=0.4,
+            # training on more of the errors that matter (configs/rediffinet_plus.py; 0: as the paper):
+            # the share of patches centred on a voxel where U(I) is wrong, nnU-Net's cascade augmentation of
+            # U(I) (pipeline.UnetAugment), the decay of an EMA of the weights, Min-SNR-γ loss weights
+            error_fraction=0.0,
+            unet_augment=ConfigDict(dict(p=0.0, max_radius=2, component_p=0.0)),
+            ema=0.0,
+            min_snr=0.0,
             augment=ConfigDict(dict(augment, nvidia=False, zoom_p=0.0)),
             val_every=2000,
             val_cases=0,
@@ -73,13 +80,15 @@ def base() -> ConfigDict:
             batch_windows=1,
             # chunk: samples denoised at once. 2 of the paper's 10 ran as fast as all 10 on an H200 in a third
             # of the memory (docs/benchmarks.md, "On a GPU")
-            sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=2)),
+            # start: DDIM's first timestep; < 999 starts from "no discrepancy" noised to it (SDEdit)
+            sampler=ConfigDict(dict(steps=10, samples=10, fusion="mean", chunk=2, start=999)),
             val_sampler=ConfigDict(dict(steps=10, samples=1)),
         )
     )
     # checkpoint: each fold's last one. Validation runs on the fold's held-out cases, so "best" would pick
     # the checkpoint on the very cases it is then scored on (and conditioned on, for stage 2's U(I)).
-    c.eval = ConfigDict(dict(convention="brats2023", lesion_wise=True, checkpoint="latest"))
+    # gate: refiners are also scored with a per-region gate chosen on the other folds (gate.py)
+    c.eval = ConfigDict(dict(convention="brats2023", lesion_wise=True, checkpoint="latest", gate=True))
     c.stages = "all"  # all | unet (stage 1 and out-of-fold predictions only)
     # maps: a folder of another model's out-of-fold label maps (<case>.nii.gz), used as U(I) in place of
     # stage 1's U-Net, which is then not trained (docs/baseline_maps.md)

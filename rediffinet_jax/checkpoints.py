@@ -66,13 +66,16 @@ def restore(mgr: ocp.CheckpointManager, template, step: int | str = "latest", sh
     return _with_fallback(mgr, step, log, lambda s: _restore_step(mgr, template, s, sharding))
 
 
-def restore_params(mgr: ocp.CheckpointManager, params_template, step: int | str = "best", sharding=None, log=print):
+def restore_params(
+    mgr: ocp.CheckpointManager, params_template, step: int | str = "best", sharding=None, log=print, tree="params"
+):
     """``(params, step)`` of a checkpoint, reading the parameters alone (no optimizer state, no data
-    iterator); ``params_template`` has the structure of ``state["params"]``. Falls back as :func:`restore`
-    does; None when there is no checkpoint."""
+    iterator); ``params_template`` has the structure of ``state["params"]``; ``tree``: which parameters of
+    the state, ``params`` or ``ema`` (their moving average). Falls back as :func:`restore` does; None when
+    there is no checkpoint."""
 
     def read(s):
-        flat = _flatten({"params": params_template})
+        flat = _flatten({tree: params_template})
         abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding) for k, v in flat.items()}
         args = ocp.args.PyTreeRestore(
             abstract,
@@ -80,7 +83,7 @@ def restore_params(mgr: ocp.CheckpointManager, params_template, step: int | str 
             partial_restore=True,
         )
         out = mgr.restore(s, args=ocp.args.Composite(state=args))
-        return _unflatten({"params": params_template}, out["state"])["params"], s
+        return _unflatten({tree: params_template}, out["state"])[tree], s
 
     return _with_fallback(mgr, step, log, read)
 

@@ -154,7 +154,9 @@ def unknown_config_key(config, argv, error, default_spec: str = "configs/rediffi
     sys.exit(2)
 
 
-def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None, scorer="ours") -> None:
+def evaluate(
+    workdir, models=None, folds=None, checkpoint=None, convention=None, sampler=None, scorer="ours", gate=None
+) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
     from rediffinet_jax import evaluation
@@ -170,6 +172,7 @@ def evaluate(workdir, models=None, folds=None, checkpoint=None, convention=None,
             sampler,
             log=_log,
             scorer=scorer,
+            gate=gate,
         )
 
 
@@ -183,6 +186,7 @@ def predict(
     save_probabilities=False,
     save_uncertainty=False,
     baseline=None,
+    use_gate=True,
 ) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
@@ -200,6 +204,7 @@ def predict(
             save_uncertainty,
             log=_log,
             baseline_maps=baseline,
+            use_gate=use_gate,
         )
     if errors:
         _log(f"{len(errors)} case(s) failed:\n  " + "\n  ".join(str(e) for e in errors))

@@ -17,6 +17,7 @@ import numpy as np
 NUM_TIMESTEPS = 1000
 CONDITIONS = ("image", "unet", "concat", "mask")
 TARGETS = ("mask", "discrepancy")
+PROCESSES = ("diffusion", "direct")  # direct: the same network as a one-step predictor (the control)
 MASK_BACKGROUND_WEIGHT = 0.2  # M′ outside the U-Net masks, for the `mask` condition
 
 
@@ -65,6 +66,7 @@ class Variant:
 
     condition: str = "concat"
     target: str = "discrepancy"
+    process: str = "diffusion"
     n_modalities: int = 4
 
     def __post_init__(self):
@@ -72,6 +74,13 @@ class Variant:
             raise ValueError(f"unknown condition {self.condition!r}; choose one of {CONDITIONS}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {TARGETS}")
+        if self.process not in PROCESSES:
+            raise ValueError(f"unknown process {self.process!r}; choose one of {PROCESSES}")
+
+    @property
+    def direct(self) -> bool:
+        """A one-step predictor: x_t = 0 and t = 0 in training and prediction, no sampling."""
+        return self.process == "direct"
 
     @property
     def uses_unet(self) -> bool:
@@ -119,13 +128,30 @@ def refine(unet: jax.Array, delta: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- training inputs
 
 
+def snr(t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) of timesteps ``t`` (int, any shape), float32."""
+    a = jnp.asarray(alphas_cumprod())[t]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-γ loss weights for an x0-predicting model, min(SNR_t, γ)/γ per sample ``[B]`` (Hang et al.
+    2023, divided by γ so that low-noise steps weigh 1): the noisiest steps, where x0 cannot be known,
+    stop dominating the gradient."""
+    return jnp.minimum(snr(t), gamma) / gamma
+
+
 def training_inputs(variant: Variant, batch: dict, key: jax.Array):
     """Draws t ~ U{0..999} and ε ~ N(0, I) per sample; returns (cond, x_t, t, m) for one training step.
+    A direct variant gets x_t = 0 and t = 0 (nothing to denoise: it predicts m from the condition alone).
 
     batch: ``image`` ``[B, D, H, W, 4]``, ``regions`` ``[B, D, H, W, 3]``, ``unet`` (if the variant uses it).
     """
     unet = batch.get("unet")
     m = variant.target_mask(batch["regions"], unet)
+    if variant.direct:
+        t = jnp.zeros((m.shape[0],), jnp.int32)
+        return variant.condition_image(batch["image"], unet), jnp.zeros_like(m), t, m
     k_t, k_eps = jax.random.split(key)
     t = jax.random.randint(k_t, (m.shape[0],), 0, NUM_TIMESTEPS)
     x_t = q_sample(2.0 * m - 1.0, t, jax.random.normal(k_eps, m.shape, jnp.float32))
@@ -226,9 +252,12 @@ def binary_entropy(p: jax.Array) -> jax.Array:
     return -(p * jnp.log2(p) + (1 - p) * jnp.log2(1 - p))
 
 
-def check_sampler_args(steps: int, samples: int, fusion: str, chunk: int | None) -> int:
-    """Validates K, S, fusion and chunk; returns the chunk size actually used (a divisor of S)."""
-    space_timesteps(NUM_TIMESTEPS, steps)
+def check_sampler_args(steps: int, samples: int, fusion: str, chunk: int | None, start: int = NUM_TIMESTEPS - 1) -> int:
+    """Validates K, S, fusion, chunk and the first timestep; returns the chunk size actually used (a divisor
+    of S)."""
+    if not 0 <= start < NUM_TIMESTEPS:
+        raise ValueError(f"sampler start must be in [0, {NUM_TIMESTEPS - 1}], got {start}")
+    space_timesteps(start + 1, steps)
     if samples < 1:
         raise ValueError(f"number of samples S must be >= 1, got {samples}")
     if fusion not in FUSIONS:
@@ -268,23 +297,29 @@ def sample(
     chunk: int | None = None,
     return_steps: bool = False,
     uncertainty: bool = False,
+    start: int = NUM_TIMESTEPS - 1,
 ) -> dict:
     """Samples S masks per condition image with DDIM and fuses them (call it inside ``jax.jit``).
 
     model: a :class:`~rediffinet_jax.models.denoiser.DiffusionNet`; cond ``[B, D, H, W, Cc]``.
     The encoder runs once; the S samples run as a batch, ``chunk`` samples at a time (sequentially) to
-    cap memory. Returns ``y`` — the fused value Y ``[B, D, H, W, 3]`` (mask = Y > 0; in [−1, 1] for
-    ``mean``, the weighted sum for ``suf``) — plus ``uncertainty`` (binary entropy in bits of the fused
-    probability) and ``steps`` (every step's x̂0, ``[K, S, B, ...]``) when asked. Sliding windows blend Y.
+    cap memory. ``start`` < 999 starts DDIM at that timestep from an empty mask (x0 = −1: "no
+    discrepancy") noised to it, over K steps spaced in [0, start] (SDEdit): a voxel flips only where the
+    model finds evidence. Returns ``y`` — the fused value Y ``[B, D, H, W, 3]`` (mask = Y > 0; in [−1, 1]
+    for ``mean``, the weighted sum for ``suf``), ``y_norm`` — Y normalised to [−1, 1] (the fused
+    probability is (y_norm + 1)/2) — plus ``uncertainty`` (binary entropy in bits of that probability)
+    and ``steps`` (every step's x̂0, ``[K, S, B, ...]``) when asked. Sliding windows blend Y.
     """
-    chunk = check_sampler_args(steps, samples, fusion, chunk)
-    ts = space_timesteps(NUM_TIMESTEPS, steps)
+    chunk = check_sampler_args(steps, samples, fusion, chunk, start)
+    ts = space_timesteps(start + 1, steps)
     out_shape = cond.shape[:-1] + (3,)
     model_fn = _chunk_denoiser(model, cond, chunk)
     per_step = FUSIONS[fusion].per_step
+    t0 = jnp.full((chunk,), start, jnp.int32)
 
     def run_chunk(k):
-        x_T = jax.random.normal(k, (chunk,) + out_shape, jnp.float32)
+        noise = jax.random.normal(k, (chunk,) + out_shape, jnp.float32)
+        x_T = noise if start == NUM_TIMESTEPS - 1 else q_sample(-jnp.ones_like(noise), t0, noise)
         return ddim(model_fn, x_T, ts, per_step, return_steps)
 
     keys = jax.random.split(key, samples // chunk)
@@ -293,10 +328,22 @@ def sample(
     else:
         outs = jax.lax.map(run_chunk, keys)
     y, y_norm = fuse(jnp.sum(outs["x0_sum"], 0), jnp.sum(outs["logit_sum"], 0) if per_step else None, samples, fusion)
-    result = {"y": y}
+    result = {"y": y, "y_norm": y_norm}
     if uncertainty:
         result["uncertainty"] = binary_entropy(fused_probability(y_norm))
     if return_steps:  # [n_chunks, K, chunk, B, ...] -> [K, S, B, ...]
         st = jnp.moveaxis(outs["steps"], 0, 1)
         result["steps"] = st.reshape((st.shape[0], samples) + st.shape[3:])
+    return result
+
+
+def predict_direct(model, cond: jax.Array, uncertainty: bool = False) -> dict:
+    """The direct variant's prediction (one forward pass, x_t = 0, t = 0), in :func:`sample`'s terms:
+    ``y`` = ``y_norm`` = 2·sigmoid(z) − 1 (so Y > 0 ⇔ z > 0 and the probability is sigmoid(z))."""
+    b = cond.shape[0]
+    z = model(cond, jnp.zeros(cond.shape[:-1] + (3,), jnp.float32), jnp.zeros((b,), jnp.int32)).astype(jnp.float32)
+    y = 2.0 * jax.nn.sigmoid(z) - 1.0
+    result = {"y": y, "y_norm": y}
+    if uncertainty:
+        result["uncertainty"] = binary_entropy(jax.nn.sigmoid(z))
     return result

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import figures, inference, metrics, official, parallel, progress, reports, stages
+from rediffinet_jax import figures, gate_eval, inference, metrics, official, parallel, progress, reports, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import ConfigError
@@ -73,7 +73,7 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _append_rows(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict]) -> None:
     """Adds rows to ``cases.csv`` in the columns its header has (an older file's stay as they are)."""
     new = not path.is_file()
     columns = CASE_COLUMNS if new else path.read_text().partition("\n")[0].strip().split(",")
@@ -134,11 +134,20 @@ def _open_run(workdir, folds, checkpoint, convention) -> Run:
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
     """``name``, or ``name-<fusion>-k<K>-s<S>`` when ``override`` changes the model's own sampler (it is
     then applied to ``sampler``, the stage's ConfigDict), so both evaluations sit side by side."""
-    override = {k: v for k, v in (override or {}).items() if v is not None and v != sampler[k]}
+    override = {k: v for k, v in (override or {}).items() if v is not None and v != sampler.get(k, 999)}
     if not override:
         return name
     sampler.update(override)
-    return f"{name}-{sampler.fusion}-k{sampler.steps}-s{sampler.samples}"
+    start = sampler.get("start", 999)
+    return f"{name}-{sampler.fusion}-k{sampler.steps}-s{sampler.samples}" + (f"-t{start}" if start != 999 else "")
+
+
+def _sampler_record(sampler) -> dict:
+    """What a refiner's scores are sampled with (``start`` only when it is not 999: older records lack it)."""
+    out = {k: sampler[k] for k in ("fusion", "steps", "samples")}
+    if sampler.get("start", 999) != 999:
+        out["start"] = sampler["start"]
+    return out
 
 
 def _models(run: Run, models, sampler, log) -> list[Model]:
@@ -175,7 +184,7 @@ def _models(run: Run, models, sampler, log) -> list[Model]:
                 stages.make("diffusion", cfg),
                 {
                     "checkpoint": run.checkpoint,
-                    "sampler": {k: cfg.sampler[k] for k in ("fusion", "steps", "samples")},
+                    "sampler": _sampler_record(cfg.sampler),
                     wd.OOF_KEY: run.oof_checkpoint,
                 },
             )
@@ -193,6 +202,7 @@ def evaluate(
     progress: bool = True,
     log=print,
     scorer: str = "ours",
+    gate: bool | None = None,
 ) -> dict:
     """Scores every (model, fold), writes cases.csv per fold and eval/summary.{md,csv,json} + figures.
 
@@ -205,6 +215,8 @@ def evaluate(
     sampler, or from other out-of-fold maps, are refused.
     scorer: ``official`` also runs the official BraTS package on the label maps scored (checked before any
     work; :mod:`official`) and puts its numbers beside ours, under its names (summary "official").
+    gate: also score each discrepancy refiner gated (``<label>+gate``, :mod:`gate_eval`); by default the
+    run's ``eval.gate`` (config.json), else on.
     Returns the summary dict (see :func:`reports.summary_tables`).
 
     Raises:
@@ -212,9 +224,17 @@ def evaluate(
     """
     package = official.require() if scorer == "official" else None
     run = _open_run(workdir, folds, checkpoint, convention)
-    per_fold, scored = _score_models(run, _models(run, models, sampler, log), progress, log)
+    chosen = _models(run, models, sampler, log)
+    per_fold, scored = _score_models(run, chosen, progress, log)
     if not any(rows for folds_ in per_fold.values() for rows in folds_.values()):
         raise ConfigError(f"nothing was scored in {run.layout.root}: no trained fold among folds {run.fold_ids}")
+    gates = {}
+    if gate if gate is not None else wd.read_json(run.layout.config, {}).get("eval", {}).get("gate", True):
+        for model in chosen:
+            if model.stage is not None and model.stage.variant.target == "discrepancy" and model.label in per_fold:
+                rows, gates[model.label] = gate_eval.score_gated(run, model, progress, log, _write_pred)
+                per_fold[gate_eval.gated_label(model.label)] = rows
+                scored.append(gate_eval.gated_label(model.label))
     _add_other_samplers(run, per_fold, log)
     scores = _official(run, per_fold, package, progress) if package and parallel.is_main() else None
     summary = reports.write_summary(
@@ -225,6 +245,7 @@ def evaluate(
         write=parallel.is_main(),
         official=scores,
         baseline=run.layout.baseline,
+        gates=gates,
     )
     if parallel.is_main():
         figures.hd95_by_model_figure(per_fold, run.layout.figure("hd95_by_model.png"))
@@ -275,7 +296,7 @@ def _score_fold(run: Run, model: Model, k: int, progress_bar: bool, log) -> list
             net = inference.load_model(model.stage, run.layout.fold(model.name, k), run.checkpoint, log=log)
         rows = _score_case(run, model, net, k, cid)
         if parallel.is_main():  # every process scored the case (the sampler runs on all); one writes
-            _append_rows(csv_path, rows)
+            append_rows(csv_path, rows)
     parallel.barrier(f"scored {model.label}/{k}")
     return read_rows(csv_path)
 
@@ -291,10 +312,14 @@ def _score_case(run: Run, model: Model, net, k: int, cid: str) -> list[dict]:
     seconds, pred = float("nan"), unet_full
     if model.stage is not None:
         t0 = time.perf_counter()
-        labels = regions_to_labels(_refine(model.stage, net, folder, brats.crop(unet_full, box), box, full, k, cid))
+        refined, fields = _refine(model.stage, net, folder, brats.crop(unet_full, box), box, full, k, cid)
+        labels = regions_to_labels(refined)
         seconds = time.perf_counter() - t0
         if parallel.is_main():
             _write_pred(labels, run.layout.pred_map(model.label, k, cid), run.layout, cid)
+            if model.stage.variant.target == "discrepancy":  # what the gate reads (gate_eval)
+                fused = run.layout.eval_fold(model.label, k) / gate_eval.FIELDS_DIR / f"{cid}.npz"
+                gate_eval.save_fields(fused, fields["y"], fields["p"])
         # score the label map written, as for the U-Net: its regions are nested (a TC voxel outside WT
         # counts as WT), which the refiner's per-region flips need not be
         pred = labels_to_regions(labels)  # = labels.nested(refined)
@@ -305,21 +330,13 @@ def _score_case(run: Run, model: Model, net, k: int, cid: str) -> list[dict]:
 
 
 def _refine(stage, model, folder, unet_crop, box, full, fold, cid):
+    """(the refined regions on the full grid, the refiner's fields on the crop: ``y``, ``p``)."""
     s = stage.cfg.sampler
     key = jax.random.fold_in(jax.random.key(fold), zlib.crc32(cid.encode()) % (1 << 31))  # stable per case
     unet = unet_crop if stage.with_unet else None
-    y = inference.diffusion_fused(
-        stage,
-        model,
-        np.load(folder / "image.npy", mmap_mode="r"),
-        unet,
-        key,
-        s.steps,
-        s.samples,
-        s.fusion,
-        s.chunk or None,
-    )
-    return brats.paste(inference.finish(stage, y, unet).astype(np.uint8), box, full)
+    image = np.load(folder / "image.npy", mmap_mode="r")
+    fields = inference.diffusion_fused(stage, model, image, unet, key, s.steps, s.samples, s.fusion, s.chunk or None)
+    return brats.paste(inference.finish(stage, fields["y"], unet).astype(np.uint8), box, full), fields
 
 
 def _write_pred(labels, path: Path, layout: wd.Layout, cid: str) -> None:

@@ -88,10 +88,19 @@ def _unet_probabilities(graphdef, state, x):
     return jax.nn.sigmoid(nnx.merge(graphdef, state)(x))
 
 
-@functools.partial(compiling.jit, static_argnums=(0, 4, 5, 6, 7, 8))
-def _fused(graphdef, state, x, key, steps, samples, fusion, chunk, uncertainty):
-    out = diffusion.sample(nnx.merge(graphdef, state), x, key, steps, samples, fusion, chunk, uncertainty=uncertainty)
-    return jnp.concatenate([out["y"], out["uncertainty"]], -1) if uncertainty else out["y"]
+@functools.partial(compiling.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9, 10))
+def _fused(graphdef, state, x, key, steps, samples, fusion, chunk, uncertainty, start, direct):
+    model = nnx.merge(graphdef, state)
+    if direct:
+        out = diffusion.predict_direct(model, x, uncertainty)
+    else:
+        out = diffusion.sample(model, x, key, steps, samples, fusion, chunk, uncertainty=uncertainty, start=start)
+    return jnp.concatenate([out[k] for k in FUSED_FIELDS if k in out], -1)
+
+
+#: What a refiner's window function returns, 3 region channels each, in this order (``uncertainty`` only
+#: when asked): the fused value Y (mask = Y > 0) and Y normalised to [−1, 1].
+FUSED_FIELDS = ("y", "y_norm", "uncertainty")
 
 
 # The jitted functions above are module-level with the graph definition as a static argument, so a
@@ -105,11 +114,19 @@ def unet_predictor(model) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def diffusion_predictor(
-    model, key: jax.Array, steps: int, samples: int, fusion: str, chunk: int | None = None, uncertainty: bool = False
+    model,
+    key: jax.Array,
+    steps: int,
+    samples: int,
+    fusion: str,
+    chunk: int | None = None,
+    uncertainty: bool = False,
+    start: int = diffusion.NUM_TIMESTEPS - 1,
+    direct: bool = False,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """Window function: condition windows ``[n, ..., Cc]`` -> fused Y ``[n, ..., 3]`` (plus the
-    uncertainty as 3 more channels when asked). Window batch i draws its noise from fold_in(key, i)."""
-    chunk = diffusion.check_sampler_args(steps, samples, fusion, chunk)
+    """Window function: condition windows ``[n, ..., Cc]`` -> :data:`FUSED_FIELDS` ``[n, ..., 6 or 9]``.
+    Window batch i draws its noise from fold_in(key, i); ``direct`` (the one-step variant) samples nothing."""
+    chunk = diffusion.check_sampler_args(steps, samples, fusion, chunk, start)
     graphdef, state = nnx.split(model)
     counter = iter(range(1 << 62))
     return lambda x: _fused(
@@ -122,6 +139,8 @@ def diffusion_predictor(
         fusion,
         chunk,
         uncertainty,
+        start,
+        direct,
     )
 
 
@@ -141,7 +160,8 @@ def load_model(stage, folder, which: str = "best", mesh=None, log=print):
     graphdef, params = nnx.split(abstract)[0], nnx.state(abstract, nnx.Param)
     mgr = checkpoints.manager(Path(folder) / "checkpoints", stage.cfg.keep)
     sharding = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
-    restored = checkpoints.restore_params(mgr, params, which, sharding=sharding, log=log)
+    tree = "ema" if stage.cfg.get("ema", 0.0) else "params"  # trained with a moving average: predict with it
+    restored = checkpoints.restore_params(mgr, params, which, sharding=sharding, log=log, tree=tree)
     if restored is None:
         raise RediffinetError(f"no checkpoint in {Path(folder) / 'checkpoints'}")
     return nnx.merge(graphdef, restored[0])
@@ -161,14 +181,22 @@ def unet_probabilities(cfg, model, image: np.ndarray) -> np.ndarray:
 
 
 def diffusion_fused(
-    stage, model, image, unet, key, steps, samples, fusion="mean", chunk=None, uncertainty=False
-) -> np.ndarray:
-    """Whole-case fused value Y ``[D, H, W, 3]`` float32 (+ 3 uncertainty channels when asked) by sliding
-    window. image ``[D, H, W, 4]``; unet ``[D, H, W, 3]`` U(I) (None for a variant without it)."""
+    stage, model, image, unet, key, steps, samples, fusion="mean", chunk=None, uncertainty=False, start=None
+) -> dict:
+    """Whole-case outputs of a refiner by sliding window, each ``[D, H, W, 3]`` float32: ``y`` (the fused
+    value Y, mask = Y > 0), ``p`` (the fused probability (Y_norm + 1)/2 that a gate thresholds) and,
+    when asked, ``uncertainty``. image ``[D, H, W, 4]``; unet ``[D, H, W, 3]`` U(I) (None for a variant
+    without it); start: the sampler's first timestep (None: the stage's ``sampler.start``, else 999)."""
     c = stage.cfg
+    start = c.sampler.get("start", diffusion.NUM_TIMESTEPS - 1) if start is None else start
     cond = np.asarray(stage.variant.condition_image(jnp.asarray(image), None if unet is None else jnp.asarray(unet)))
-    fn = diffusion_predictor(model, key, steps, samples, fusion, chunk or None, uncertainty)
-    return sliding_window(fn, cond, c.patch, c.overlap, c.batch_windows, 6 if uncertainty else 3)
+    direct = stage.variant.direct
+    fn = diffusion_predictor(model, key, steps, samples, fusion, chunk or None, uncertainty, start, direct)
+    out = sliding_window(fn, cond, c.patch, c.overlap, c.batch_windows, 9 if uncertainty else 6)
+    fields = {"y": out[..., :3], "p": np.clip((out[..., 3:6] + 1.0) / 2.0, 0.0, 1.0)}
+    if uncertainty:
+        fields["uncertainty"] = out[..., 6:]
+    return fields
 
 
 def finish(stage, y: np.ndarray, unet) -> np.ndarray:

@@ -46,20 +46,31 @@ def unet_loss(outputs, target: jax.Array) -> jax.Array:
     return sum(float(wi) * soft_dice_bce(o, target) for wi, o in zip(w, outputs))
 
 
-def diffusion_loss(logits: jax.Array, m: jax.Array, weights=(1.0, 1.0, 1.0), smooth: float = 1e-5):
+def diffusion_loss(logits: jax.Array, m: jax.Array, weights=(1.0, 1.0, 1.0), smooth: float = 1e-5, sample_weights=None):
     """Dice(sigmoid z, m) + BCE-with-logits(z, m) + MSE(sigmoid z, m), weighted; returns (loss, terms).
 
     logits, m: ``[B, ..., C]``. Dice is per sample and channel over space (smooth in numerator and
     denominator), 1 − its mean is the Dice loss; BCE and MSE are means over every element.
+    ``sample_weights`` ``[B]`` (e.g. Min-SNR's, by timestep) weigh each sample's terms, a weighted mean over
+    the batch (Σ w_b·term_b / B); None is the plain mean.
     """
     z, m = logits.astype(jnp.float32), m.astype(jnp.float32)
     p = jax.nn.sigmoid(z)
     axes = tuple(range(1, z.ndim - 1))
     dice = (2 * jnp.sum(p * m, axes) + smooth) / (jnp.sum(p, axes) + jnp.sum(m, axes) + smooth)
-    terms = {
-        "dice": 1.0 - jnp.mean(dice),
-        "bce": jnp.mean(bce_with_logits(z, m)),
-        "mse": jnp.mean(jnp.square(p - m)),
-    }
+    if sample_weights is None:
+        terms = {
+            "dice": 1.0 - jnp.mean(dice),
+            "bce": jnp.mean(bce_with_logits(z, m)),
+            "mse": jnp.mean(jnp.square(p - m)),
+        }
+    else:
+        w = sample_weights.astype(jnp.float32) / sample_weights.shape[0]  # not renormalised: small is small
+        per_sample = lambda a: jnp.mean(a, tuple(range(1, a.ndim)))  # noqa: E731
+        terms = {
+            "dice": jnp.sum(w * (1.0 - jnp.mean(dice, -1))),
+            "bce": jnp.sum(w * per_sample(bce_with_logits(z, m))),
+            "mse": jnp.sum(w * per_sample(jnp.square(p - m))),
+        }
     loss = weights[0] * terms["dice"] + weights[1] * terms["bce"] + weights[2] * terms["mse"]
     return loss, terms

@@ -17,7 +17,7 @@ import jax
 import nibabel as nib
 import numpy as np
 
-from rediffinet_jax import given_maps, inference, parallel, progress, stages
+from rediffinet_jax import gate, gate_eval, given_maps, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import CaseError, ConfigError
@@ -97,8 +97,28 @@ def _plan(layout: wd.Layout, model: str, folds, checkpoint: str, maps=None, save
         dstage = stages.make("diffusion", settings.diffusion)
         record[model] = _trainings(layout, model, folds)
         record["sampler"] = {k: dstage.cfg.sampler[k] for k in ("fusion", "steps", "samples")}
+        record["gate"] = None
     ustage = None if maps else stages.make("unet", unet_settings.unet)
     return unet_settings, ustage, dstage, folds, record
+
+
+def _gates(layout: wd.Layout, model: str, dstage, use_gate: bool, record: dict, log) -> dict | None:
+    """The gate chosen on all folds' held-out cases (``eval/<model>/gate.json``, written by evaluate.py),
+    per region a candidate or None (off); None: every flip (no gate asked for, none chosen yet, or not a
+    discrepancy refiner). Recorded in ``record``."""
+    if dstage is None or dstage.variant.target != "discrepancy" or not use_gate:
+        return None
+    chosen = wd.read_json(layout.eval_model(model) / gate_eval.RECORD)
+    if chosen is None:
+        log(
+            f"no gate chosen for {model} yet (evaluate.py chooses it): every flip kept, as the paper does; "
+            f"run evaluate.py --workdir {layout.root} first to predict with the gate"
+        )
+        return None
+    record["gate"] = {r: c["gate"] for r, c in chosen["all"].items()}
+    for line in gate.describe(chosen["all"], "held-out cases of all folds"):
+        log(f"gate {line}")
+    return {r: gate.parse(name) for r, name in record["gate"].items()}
 
 
 def predict_folder(
@@ -113,6 +133,7 @@ def predict_folder(
     show_progress: bool = True,
     log=print,
     baseline_maps=None,
+    use_gate: bool = True,
 ) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
 
@@ -122,10 +143,12 @@ def predict_folder(
     the cases that failed (each names its case and file); ends with one line: written, skipped, failed, time.
     baseline_maps: a folder of another model's ``<case>.nii.gz`` maps, refined in place of the U-Net's (for
     refiners trained on such maps: :mod:`given_maps`); a case without a usable map fails alone.
+    use_gate: apply a discrepancy refiner's gate chosen by evaluate.py on all folds (:func:`_gates`).
     """
     t_start = time.time()
     layout, out = wd.Layout(workdir), Path(output_dir)
     settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint, baseline_maps, save_probabilities)
+    gates = _gates(layout, model, dstage, use_gate, record, log)
     cases, errors = _discover(input_dir, out, log)
     with wd.lock(out, "predict.py"):
         wd.check_record(out / RECORD, record, "use another -o, or delete its label maps and prediction.json")
@@ -141,7 +164,7 @@ def predict_folder(
                 errors.append(e)
                 log(f"failed: {e}")
                 continue
-            regions, probs, unc = _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty, given)
+            regions, probs, unc = _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty, given, gates)
             if parallel.is_main():  # every process computed the case (the models run on all); one writes
                 _write_case(out, files, case, regions, probs if save_probabilities else None, unc)
         parallel.barrier("predict: written")
@@ -187,9 +210,10 @@ def _load(files, data_cfg, maps=None):
     return case, given
 
 
-def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool, given=None):
+def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool, given=None, gates=None):
     """(regions, U-Net probabilities or None, uncertainty or None) of one loaded case, cropped,
-    channels-last; ``given``: the case's given map as cropped regions, U(I) in place of the U-Net's."""
+    channels-last; ``given``: the case's given map as cropped regions, U(I) in place of the U-Net's;
+    ``gates``: {region: candidate or None} applied to the folds' mean output (None: every flip)."""
     if given is not None:
         probs, unet = None, given.astype(np.uint8)
     else:
@@ -214,9 +238,12 @@ def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: boo
         )
         for k, m in zip(folds, refiners)
     ]
-    mean = np.mean(outs, 0)
-    regions = inference.finish(dstage, mean[..., :3], given)
-    return regions, probs, (mean[..., 3:] if save_uncertainty else None)
+    mean = {key: np.mean([o[key] for o in outs], 0) for key in outs[0]}
+    if gates is None:
+        regions = inference.finish(dstage, mean["y"], given)
+    else:
+        regions = gate.apply(gate.Fields(mean["y"] > 0, mean["p"], unet), gates)
+    return regions, probs, mean.get("uncertainty")
 
 
 def _write_case(out: Path, files, case, regions, probs, uncertainty) -> None:

@@ -185,8 +185,23 @@ def summary_markdown(s: dict) -> str:
             lines.append(_md_row([name, *dice, *hd]))
     lines += ground_truth_markdown(s.get("ground_truth", {}))
     lines += flip_markdown(s.get("flips", {}), base_name)
+    lines += gate_markdown(s.get("gates", {}))
     lines += official_scores.markdown(s.get("official"))
     return "\n".join(lines) + "\n"
+
+
+def gate_markdown(gates: dict) -> list[str]:
+    """Each gated refiner's gates: per fold (chosen on the other folds) and the one predict.py applies."""
+    from rediffinet_jax import gate
+
+    lines = []
+    for label, record in gates.items():
+        lines += ["", f"Gate of {label} (`{label}+gate`), per region, chosen on the other folds' held-out cases:", ""]
+        for k, choice in record.items():
+            where = "all folds (predict.py)" if k == "all" else f"fold {k}"
+            cases = "held-out cases of all folds" if k == "all" else "cases of the other folds"
+            lines += [f"* {where}: " + "; ".join(gate.describe(choice, cases))]
+    return lines
 
 
 def write_summary(
@@ -197,6 +212,7 @@ def write_summary(
     write: bool = True,
     official=None,
     baseline: str = "unet",
+    gates: dict | None = None,
 ) -> dict:
     """Writes summary.json, summary.csv (long: model, fold, region, metric, value, convention) and summary.md
     (unless ``write`` is false: the other processes of a multi-host run); returns the summary. ``official``
@@ -206,6 +222,8 @@ def write_summary(
     from pathlib import Path
 
     s = {**summary_tables(per_fold, convention, baseline), "checkpoint": checkpoint}
+    if gates:
+        s["gates"] = gates
     if official:
         s["official"] = official
     if not write:

@@ -22,10 +22,13 @@ from rediffinet_jax.models.unet import UNet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-#: ``diffusion.model`` -> (condition, target): what the encoder sees and what the diffusion learns (the
-#: paper's Table 1). The name is also the stage's folder in the work directory.
+#: ``diffusion.model`` -> (condition, target[, process]): what the encoder sees, what is learned and how
+#: (the paper's Table 1, diffusion unless said). The name is also the stage's folder in the work directory;
+#: how it is trained (patch centres, U(I) augmentation, loss, EMA) is the config's, not the name's.
 VARIANTS = {
     "rediffinet": ("concat", "discrepancy"),  # [I, U(I)] -> Δ = |U(I) − GT|, refined = U(I) XOR Δ̂
+    "rediffinet_plus": ("concat", "discrepancy"),  # the same, trained on more errors (configs/rediffinet_plus.py)
+    "control": ("concat", "discrepancy", "direct"),  # the same network, one step, no diffusion
     "diff_unet": ("image", "mask"),  # I -> GT
     "ua_unet": ("unet", "mask"),  # U(I) -> GT
     "ua_concat": ("concat", "mask"),  # [I, U(I)] -> GT
@@ -36,7 +39,7 @@ VARIANTS = {
 def implied_settings(config) -> dict:
     """The flat settings keys 0.2.0 saved beside ``diffusion.model`` and that the model now implies
     (``diffusion.condition`` and ``.target``), with their values: a work directory of 0.2.0 resumes."""
-    condition, target = VARIANTS[config.diffusion.model]
+    condition, target = VARIANTS[config.diffusion.model][:2]
     return {"diffusion.condition": condition, "diffusion.target": target}
 
 
@@ -130,14 +133,17 @@ class DiffusionStage:
 
     def loss(self, model, batch, key):
         cond, x_t, t, m = diffusion.training_inputs(self.variant, batch, key)
-        return losses.diffusion_loss(model(cond, x_t, t), m, tuple(self.cfg.loss_weights))
+        gamma = self.cfg.get("min_snr", 0.0)
+        weights = diffusion.min_snr_weights(t, gamma) if gamma and not self.variant.direct else None
+        return losses.diffusion_loss(model(cond, x_t, t), m, tuple(self.cfg.loss_weights), sample_weights=weights)
 
     def validate(self, model, cases, key) -> float:
         s = self.cfg.val_sampler
         scores = []
         for i, case in enumerate(cases):
             unet = np.asarray(case.unet) if self.with_unet else None
-            y = inference.diffusion_fused(self, model, case.image, unet, jax.random.fold_in(key, i), s.steps, s.samples)
+            k = jax.random.fold_in(key, i)
+            y = inference.diffusion_fused(self, model, case.image, unet, k, s.steps, s.samples)["y"]
             # the segmentation (U(I) XOR Δ̂ for Re-DiffiNet), not Δ̂: "best" means best at the task
             scores.append(region_dice(inference.finish(self, y, unet), np.asarray(case.regions)))
         return float(np.mean(scores))

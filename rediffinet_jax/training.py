@@ -47,6 +47,7 @@ class Trainer:
 
     def __init__(self, stage, mesh=None, progress: bool = True):
         self.stage, self.progress = stage, progress
+        self.ema = float(stage.cfg.get("ema", 0.0))  # decay of the weights' moving average (0: none)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: stage.build(0)))
         self.tx = stage.optimizer()
@@ -59,6 +60,10 @@ class Trainer:
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
             updates, opt = self.tx.update(grads, state["opt"], state["params"])
             new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1}
+            if "ema" in state:  # the averaged weights that are validated, saved and predicted with
+                n = state["step"].astype(jnp.float32)  # the decay warms up as TF's (1 + n)/(10 + n): short runs
+                decay = jnp.minimum(self.ema, (1.0 + n) / (10.0 + n))
+                new["ema"] = optax.incremental_update(new["params"], state["ema"], 1.0 - decay)
             return new, {"loss": loss, **terms}
 
         self.step = compiling.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
@@ -67,6 +72,8 @@ class Trainer:
     def init_state(self, seed: int) -> dict:
         params = nnx.state(self.stage.build(seed), nnx.Param)
         state = {"params": params, "opt": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        if self.ema:
+            state["ema"] = jax.tree.map(jnp.copy, params)
         return jax.device_put(state, self.replicated)
 
     def model(self, params):
@@ -88,6 +95,8 @@ class Trainer:
             foreground_fraction=c.foreground_fraction,
             with_unet=self.stage.with_unet,
             augment=pipeline.Augment(**c.augment.to_dict()),
+            error_fraction=c.get("error_fraction", 0.0),
+            unet_augment=pipeline.UnetAugment(**c.get("unet_augment", {})),
             num_workers=num_workers,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -173,7 +182,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             if (step + 1) % c.val_every == 0 or last:
-                val = self.stage.validate(self.model(state["params"]), val_cases, jax.random.fold_in(val_key, step))
+                weights = state.get("ema", state["params"])
+                val = self.stage.validate(self.model(weights), val_cases, jax.random.fold_in(val_key, step))
                 record["val_dice"] = val
                 checkpoints.save(mgr, step + 1, state, data_state, val)
                 log(f"{self.stage.name} {folder.name}: step {step + 1} loss {record['loss']:.4f} val dice {val:.4f}")

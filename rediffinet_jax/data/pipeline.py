@@ -42,6 +42,46 @@ class Augment:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnetAugment:
+    """nnU-Net's cascade augmentation of U(I) (stage 2 only), so that the refiner sees more, and more
+    varied, errors than the out-of-fold masks hold. Per region channel, with probability ``p``: one of
+    dilation, erosion, opening, closing by a ball of radius 1..``max_radius``; with probability
+    ``component_p``: one connected component of the channel removed (one that holds at most 15 % of the
+    channel's voxels). The masks are nested again afterwards (TC ⊆ WT, ET ⊆ TC), as a label map is; the
+    target Δ is recomputed from them by the step."""
+
+    p: float = 0.0
+    max_radius: int = 2
+    component_p: float = 0.0
+
+
+_BINARY_OPS = (ndimage.binary_dilation, ndimage.binary_erosion, ndimage.binary_opening, ndimage.binary_closing)
+
+
+def _ball(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) <= radius**2
+
+
+def augment_unet(unet: np.ndarray, a: UnetAugment, rng: np.random.Generator) -> np.ndarray:
+    """:class:`UnetAugment` applied to region masks ``[P0, P1, P2, 3]`` uint8; returns new uint8 masks."""
+    out = np.asarray(unet, bool).copy()
+    for c in range(out.shape[-1]):
+        if rng.uniform() < a.p and out[..., c].any():
+            op = _BINARY_OPS[rng.integers(len(_BINARY_OPS))]
+            out[..., c] = op(out[..., c], structure=_ball(int(rng.integers(1, a.max_radius + 1))))
+        if rng.uniform() < a.component_p and out[..., c].any():
+            comps, n = ndimage.label(out[..., c], structure=np.ones((3, 3, 3)))
+            sizes = np.bincount(comps.ravel())[1:]
+            small = np.flatnonzero(sizes <= 0.15 * sizes.sum()) + 1
+            if small.size:
+                out[..., c] &= comps != small[rng.integers(small.size)]
+    out[..., 1] |= out[..., 2]  # nested as a label map is (labels.nested, without the round trip)
+    out[..., 0] |= out[..., 1]
+    return out.astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
 class CaseRef:
     """A case as the pipeline sees it: its cache folder (``image.npy``, ``regions.npy``, ``unet.npy``)."""
 
@@ -129,6 +169,21 @@ class SamplePatch(grain.transforms.RandomMap):
     foreground_fraction: float = 0.4
     with_unet: bool = False
     augment: Augment = Augment()
+    error_fraction: float = 0.0  # stage 2: the share of patches centred on a voxel where U(I) is wrong
+    unet_augment: UnetAugment = UnetAugment()
+
+    def _centre(self, folder: Path, regions: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A patch centre: with ``error_fraction`` on a voxel where U(I) differs from the truth (any region;
+        U(I) as cached, before augmentation), else with ``foreground_fraction`` on a tumour voxel, else
+        anywhere. A case without such voxels falls through to the next rule."""
+        pick = np.empty(0)
+        if self.error_fraction and rng.uniform() < self.error_fraction:
+            pick = np.flatnonzero(np.any(np.load(folder / "unet.npy", mmap_mode="r") != regions, -1))
+        if not pick.size and rng.uniform() < self.foreground_fraction:
+            pick = np.flatnonzero(regions[..., 0])
+        if pick.size:
+            return np.asarray(np.unravel_index(pick[rng.integers(pick.size)], regions.shape[:3]))
+        return np.asarray([rng.integers(d) for d in regions.shape[:3]])
 
     def random_map(self, ref: CaseRef, rng: np.random.Generator) -> dict:
         folder = Path(ref.folder)
@@ -136,11 +191,7 @@ class SamplePatch(grain.transforms.RandomMap):
         regions = np.load(folder / "regions.npy", mmap_mode="r")
         patch = np.asarray(self.patch_size)
         dims = np.asarray(image.shape[:3])
-        fg = np.flatnonzero(regions[..., 0]) if rng.uniform() < self.foreground_fraction else np.empty(0)
-        if fg.size:
-            centre = np.asarray(np.unravel_index(fg[rng.integers(fg.size)], regions.shape[:3]))
-        else:
-            centre = np.asarray([rng.integers(d) for d in dims])
+        centre = self._centre(folder, regions, rng)
         # A zoom by z reads a window of patch / z voxels and resizes it up to the patch: cheap, since only
         # the smaller window is read and the resize runs on 15 % of the patches.
         zoom = rng.uniform(1.0, self.augment.zoom_max) if rng.uniform() < self.augment.zoom_p else 1.0
@@ -152,6 +203,8 @@ class SamplePatch(grain.transforms.RandomMap):
             out["unet"] = _window(np.load(folder / "unet.npy", mmap_mode="r"), start, p)
         if (p != patch).any():
             out = {k: _resize(v, patch) for k, v in out.items()}
+        if self.with_unet and (self.unet_augment.p or self.unet_augment.component_p):
+            out["unet"] = augment_unet(out["unet"], self.unet_augment, rng)
         return self._augment(out, rng)
 
     def _augment(self, out: dict, rng: np.random.Generator) -> dict:
@@ -191,6 +244,8 @@ def train_dataset(
     foreground_fraction=0.4,
     with_unet=False,
     augment: Augment = Augment(),
+    error_fraction: float = 0.0,
+    unet_augment: UnetAugment = UnetAugment(),
     num_workers: int = 0,
     process_index: int = 0,
     process_count: int = 1,
@@ -207,7 +262,9 @@ def train_dataset(
         .seed(seed)
         .shuffle()
         .repeat()
-        .random_map(SamplePatch(tuple(patch_size), foreground_fraction, with_unet, augment))
+        .random_map(
+            SamplePatch(tuple(patch_size), foreground_fraction, with_unet, augment, error_fraction, unet_augment)
+        )
     )
     if process_count > 1:
         ds = ds[process_index::process_count]

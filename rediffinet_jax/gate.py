@@ -1,0 +1,188 @@
+"""The gate of a discrepancy refiner: which of its flips to keep, per region, chosen on cases it did not train on.
+
+A discrepancy refiner (Re-DiffiNet, its control, a refiner of another model's maps) proposes flips Δ̂ of
+U(I). Per region [WT, TC, ET] the gate is either **off** (no flip of that region kept) or a candidate of
+:data:`RULES`: every rule keeps a subset of the proposed flips, a candidate combines one value of each.
+Today's rules: ``tau``, a threshold on the fused probability of Δ (flip only where p ≥ τ); ``band``,
+flips only within b voxels of U(I)'s surface (Euclidean, in voxels; ∞: anywhere). A new rule is one
+entry of :data:`RULES`. τ = 0.5 with an infinite band is the paper's refinement (every proposed flip).
+
+The choice (:func:`choose`) follows nnU-Net's post-processing rule: a region keeps the candidate with
+the fewest wrong voxels among those that, summed over the selection cases, **lower** its wrong voxels
+and do **not raise** its mean HD95; none → off. Each region's effect is measured with the other regions
+left as U(I) (:func:`case_effects`), on the nested masks a label map encodes. Arrays are channels-last
+``[D, H, W, 3]``; ``sign`` is Y > 0 (the paper's flips), ``p`` the fused probability in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+from collections.abc import Callable
+
+import numpy as np
+from scipy import ndimage
+
+from rediffinet_jax import metrics
+from rediffinet_jax.labels import REGIONS, nested
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One way to keep fewer flips: the values tried (the first keeps every flip) and the kept voxels
+    ``keep(fields, region, value)`` as a bool ``[D, H, W]``."""
+
+    grid: tuple
+    keep: Callable
+
+
+def surface_distance(unet_region: np.ndarray) -> np.ndarray:
+    """Per voxel, its Euclidean distance in voxels to the other side of U(I)'s surface (1 for the voxels
+    touching it on either side); ∞ everywhere when the region is empty (it has no surface)."""
+    u = np.asarray(unet_region, bool)
+    if not u.any():
+        return np.full(u.shape, np.inf, np.float32)
+    if u.all():
+        return np.full(u.shape, np.inf, np.float32)
+    return np.where(u, ndimage.distance_transform_edt(u), ndimage.distance_transform_edt(~u)).astype(np.float32)
+
+
+RULES: dict[str, Rule] = {
+    "tau": Rule((0.5, 0.6, 0.7, 0.8, 0.9, 0.95), lambda f, r, v: f.p[..., r] >= v),
+    "band": Rule((math.inf, 3, 2, 1), lambda f, r, v: f.distance(r) <= v),
+}
+PAPER = {name: rule.grid[0] for name, rule in RULES.items()}  # every flip: the paper's refinement
+
+
+@dataclasses.dataclass
+class Fields:
+    """A refiner's output for one case (cropped), with U(I): what every rule reads."""
+
+    sign: np.ndarray  # [D, H, W, 3] bool: Y > 0, the flips the paper makes
+    p: np.ndarray  # [D, H, W, 3] float: the fused probability of Δ
+    unet: np.ndarray  # [D, H, W, 3] uint8: U(I)
+    _dist: dict = dataclasses.field(default_factory=dict)
+
+    def distance(self, r: int) -> np.ndarray:
+        if r not in self._dist:
+            self._dist[r] = surface_distance(self.unet[..., r])
+        return self._dist[r]
+
+
+def candidates() -> list[dict]:
+    """Every combination of the rules' values, the paper's first."""
+    names = list(RULES)
+    return [dict(zip(names, values)) for values in itertools.product(*(RULES[n].grid for n in names))]
+
+
+def name(candidate: dict | None) -> str:
+    """``"tau=0.7,band=2"``, or ``"off"``."""
+    if candidate is None:
+        return "off"
+    return ",".join(f"{k}={'inf' if v == math.inf else v}" for k, v in candidate.items())
+
+
+def parse(text: str) -> dict | None:
+    """The inverse of :func:`name`."""
+    if text == "off":
+        return None
+    return {k: float(v) if k == "tau" or v == "inf" else int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def flips(fields: Fields, r: int, candidate: dict | None) -> np.ndarray:
+    """The flips of region ``r`` a candidate keeps, bool ``[D, H, W]`` (none when off)."""
+    if candidate is None:
+        return np.zeros(fields.sign.shape[:-1], bool)
+    keep = fields.sign[..., r].copy()
+    for rule, value in candidate.items():
+        if keep.any() and value != RULES[rule].grid[0]:  # the first value keeps every flip: the paper's
+            keep &= RULES[rule].keep(fields, r, value)
+    return keep
+
+
+def apply(fields: Fields, gates: dict) -> np.ndarray:
+    """U(I) with each region's kept flips (``gates``: {region name: candidate or None}), uint8 ``[..., 3]``
+    (not nested: the label map written from it nests it)."""
+    out = np.asarray(fields.unet, np.uint8).copy()
+    for r, region in enumerate(REGIONS):
+        out[..., r] ^= flips(fields, r, gates.get(region)).astype(np.uint8)
+    return out
+
+
+def case_effects(fields: Fields, gt: np.ndarray, spacing, convention: str) -> dict:
+    """Per region, per candidate name: [wrong voxels, HD95] of the region's nested mask with only that
+    region's kept flips, and under ``"unet"`` the same for U(I). ``gt`` ``[D, H, W, 3]`` on the same
+    crop as ``fields`` (what lies outside is the same for every candidate). An HD95 that is NaN (both
+    masks empty, brats2025) counts as 0."""
+    out = {}
+    for r, region in enumerate(REGIONS):
+        scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
+        row = {"unet": _score(np.asarray(fields.unet, np.uint8), gt, r, spacing, convention, scored)}
+        for cand in candidates():
+            refined = np.asarray(fields.unet, np.uint8).copy()
+            refined[..., r] ^= flips(fields, r, cand).astype(np.uint8)
+            row[name(cand)] = _score(refined, gt, r, spacing, convention, scored)
+        out[region] = row
+    return out
+
+
+def _score(mask, gt, r: int, spacing, convention: str, scored: dict) -> list:
+    """[wrong voxels, HD95] of region ``r`` of the nested ``mask`` against ``gt``, memoised in ``scored``."""
+    key = hashlib.sha1(np.packbits(mask).tobytes()).digest()
+    if key not in scored:
+        pred, g = nested(mask)[..., r] > 0, gt[..., r] > 0
+        h = metrics.hd95(pred, g, spacing, convention)
+        scored[key] = [int((pred ^ g).sum()), 0.0 if math.isnan(h) else float(h)]
+    return scored[key]
+
+
+def choose(effects: list[dict]) -> dict:
+    """The gate from the :func:`case_effects` of the selection cases: per region ``{"gate": candidate name or
+    "off", "wrong_change", "hd95_change"}`` (summed voxels, mean mm, of the gate chosen; 0 for off) and
+    ``"paper"``: the same for every flip, so a reader sees what was turned off. No case: every region off."""
+    out = {}
+    n = len(effects)
+    for region in REGIONS:
+        if not n:
+            out[region] = {"gate": "off", "wrong_change": 0, "hd95_change": 0.0, "paper": None, "n_cases": 0}
+            continue
+        base = np.sum([e[region]["unet"] for e in effects], 0)
+        totals = {name(c): np.sum([e[region][name(c)] for e in effects], 0) for c in candidates()}
+        change = {c: (int(w - base[0]), float((h - base[1]) / n)) for c, (w, h) in totals.items()}
+        ok = [c for c, (dw, dh) in change.items() if dw < 0 and dh <= 0]
+        best = min(ok, key=lambda c: (change[c][0], change[c][1]), default="off")
+        dw, dh = change.get(best, (0, 0.0))
+        paper = change[name(PAPER)]
+        out[region] = {
+            "gate": best,
+            "wrong_change": dw,
+            "hd95_change": dh,
+            "paper": {"wrong_change": paper[0], "hd95_change": paper[1]},
+            "n_cases": n,
+        }
+    return out
+
+
+def describe(choice: dict, where: str = "cases of the other folds") -> list[str]:
+    """One line per region: "TC: off — on 20 cases of the other folds every flip added 812 wrong voxels ..."."""
+    lines = []
+    for region, c in choice.items():
+        p = c["paper"]
+        if p is None:
+            lines.append(f"{region}: off — no held-out case of another fold to choose on")
+            continue
+        every = f"every flip {_signed(p['wrong_change'])} wrong voxels, HD95 {p['hd95_change']:+.2f} mm"
+        if c["gate"] == "off":
+            lines.append(f"{region}: off — on {c['n_cases']} {where} {every}")
+        else:
+            lines.append(
+                f"{region}: {c['gate']} — on {c['n_cases']} {where} {_signed(c['wrong_change'])} "
+                f"wrong voxels, HD95 {c['hd95_change']:+.2f} mm ({every})"
+            )
+    return lines
+
+
+def _signed(n: int) -> str:
+    return f"added {n}" if n > 0 else f"removed {-n}" if n < 0 else "changed no"

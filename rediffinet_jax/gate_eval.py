@@ -1,0 +1,141 @@
+"""The gated row of every discrepancy refiner: its gate chosen per fold on the other folds, applied and scored.
+
+Evaluating a refiner (:mod:`evaluation`) keeps, beside each held-out case's label map, what a gate needs:
+``eval/<label>/fold_k/fused/<case>.npz`` (``sign`` = Y > 0 and ``p``, the fused probability, on the
+case's crop). From those, with no sampling:
+
+* each case's effects (:func:`gate.case_effects`), kept in ``fold_k/gate_effects.json``;
+* fold k's gate, chosen on the cases of every **other** fold (each predicted by its own fold's refiner,
+  none of them seen by fold k's refiner or scored with its gate), and ``all``, chosen on every fold's
+  cases (what ``predict.py`` applies): ``eval/<label>/gate.json``;
+* the gated row ``<label>+gate``: each fold's cases refined with its gate, written and scored like any
+  model (``eval/<label>+gate/fold_k/{cases.csv, pred/, gate.json}``); a fold whose gate changed is rescored.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from rediffinet_jax import gate, metrics, parallel, progress
+from rediffinet_jax import workdir as wd
+from rediffinet_jax.data import brats
+from rediffinet_jax.files import atomic_path
+from rediffinet_jax.labels import REGIONS, labels_to_regions, regions_to_labels
+
+SUFFIX = "+gate"
+FIELDS_DIR, EFFECTS, RECORD = "fused", "gate_effects.json", "gate.json"
+
+
+def gated_label(label: str) -> str:
+    return f"{label}{SUFFIX}"
+
+
+def save_fields(path: Path, y: np.ndarray, p: np.ndarray) -> None:
+    """Keeps a case's refiner output (cropped ``[D, H, W, 3]``): Y > 0 and p (float16: a gate's τ ≥ 0.6 is
+    far coarser than its step; τ = 0.5 reads the sign alone)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, sign=np.asarray(y) > 0, p=np.asarray(p, np.float16))
+
+
+def load_fields(path: Path, unet_crop: np.ndarray) -> gate.Fields:
+    with np.load(path) as z:
+        return gate.Fields(z["sign"], z["p"].astype(np.float32), np.asarray(unet_crop, np.uint8))
+
+
+def _case_inputs(run, cid: str):
+    """(meta, ground truth cropped, U(I) cropped, U(I) on the full grid) of a case."""
+    folder = run.layout.cache / cid
+    meta = brats.cached_meta(folder)
+    unet_full = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
+    return meta, np.load(folder / "regions.npy"), brats.crop(unet_full, meta["box"]), unet_full
+
+
+def fold_effects(run, label: str, k: int, progress_bar: bool) -> dict:
+    """``{case: effects}`` of fold k's held-out cases whose fields are kept (computed once, then read)."""
+    fold_dir = run.layout.eval_fold(label, k)
+    path = fold_dir / EFFECTS
+    effects = wd.read_json(path, {})
+    todo = [c for c in run.all_folds[k] if c not in effects and (fold_dir / FIELDS_DIR / f"{c}.npz").is_file()]
+    for cid in progress.bar(todo, f"gate effects {label} fold {k}", enabled=progress_bar):
+        meta, gt, unet, _ = _case_inputs(run, cid)
+        fields = load_fields(fold_dir / FIELDS_DIR / f"{cid}.npz", unet)
+        effects[cid] = gate.case_effects(fields, gt, meta["spacing"], run.convention)
+    if todo and parallel.is_main():
+        wd.write_atomic(path, json.dumps(effects))
+    return effects
+
+
+def choose_gates(run, label: str, progress_bar: bool, log) -> dict:
+    """``{str(k): choice, "all": choice}`` (:func:`gate.choose`) for every fold scored, written to
+    ``eval/<label>/gate.json``; fold k's choice from the other folds' cases only."""
+    effects = {k: fold_effects(run, label, k, progress_bar) for k in range(len(run.all_folds))}
+    missing = {k: len(run.all_folds[k]) - len(e) for k, e in effects.items() if len(e) < len(run.all_folds[k])}
+    if missing:
+        log(f"{label}: the gate is chosen without the unscored or unkept cases of fold(s) {sorted(missing)}")
+    record = {
+        str(k): gate.choose([e for j, fx in effects.items() if j != k for e in fx.values()]) for k in run.fold_ids
+    }
+    record["all"] = gate.choose([e for fx in effects.values() for e in fx.values()])
+    if parallel.is_main():
+        wd.write_atomic(run.layout.eval_model(label) / RECORD, json.dumps(record, indent=1))
+    return record
+
+
+def score_gated(run, model, progress_bar: bool, log, write_pred) -> tuple[dict, dict]:
+    """Chooses the gates of ``model`` (an evaluation's Model of a discrepancy refiner) and scores its gated
+    row; returns ({k: rows}, the gate record). ``write_pred(labels, path, layout, cid)`` writes a map."""
+    from rediffinet_jax.evaluation import append_rows, read_rows  # evaluation calls this module
+
+    record = choose_gates(run, model.label, progress_bar, log)
+    label = gated_label(model.label)
+    wd.check_record(
+        run.layout.eval_settings(label),
+        {**model.settings, "gate": "per fold, from the other folds"},
+        "delete it to rescore",
+    )
+    per_fold = {}
+    for k in run.fold_ids:
+        source = run.layout.eval_fold(model.label, k)
+        gates = {r: gate.parse(record[str(k)][r]["gate"]) for r in REGIONS}
+        out_dir = run.layout.eval_fold(label, k)
+        made = {"source": wd.scored_from(source), "gates": {r: gate.name(g) for r, g in gates.items()}}
+        if out_dir.is_dir() and wd.read_json(out_dir / RECORD) != made and parallel.is_main():
+            shutil.rmtree(out_dir)  # another gate or another training: rescored
+        if parallel.is_main():
+            wd.write_atomic(out_dir / RECORD, json.dumps(made))
+        csv_path = run.layout.cases_csv(label, k)
+        done = {r["case"] for r in read_rows(csv_path)}
+        source_rows = {(r["case"], r["region"]): r for r in read_rows(run.layout.cases_csv(model.label, k))}
+        todo = [c for c in run.all_folds[k] if c not in done and (source / FIELDS_DIR / f"{c}.npz").is_file()]
+        for cid in progress.bar(todo, f"eval {label} fold {k}", enabled=progress_bar):
+            rows = _gated_case(run, source, cid, gates, label, k, write_pred)
+            for row in rows:  # the prediction's time is the ungated model's: a gate costs no sampling
+                row["seconds"] = source_rows.get((cid, row["region"]), {}).get("seconds", float("nan"))
+            if parallel.is_main():
+                append_rows(csv_path, rows)
+        rows = read_rows(csv_path)
+        if rows:
+            per_fold[k] = rows
+    for line in gate.describe(record["all"], "held-out cases of all folds"):
+        log(f"{label} (all folds, as predict.py applies it): {line}")
+    return per_fold, record
+
+
+def _gated_case(run, source: Path, cid: str, gates: dict, label: str, k: int, write_pred) -> list[dict]:
+    meta, _, unet, unet_full = _case_inputs(run, cid)
+    box, full = meta["box"], meta["full_shape"]
+    refined = gate.apply(load_fields(source / FIELDS_DIR / f"{cid}.npz", unet), gates)
+    labels = regions_to_labels(brats.paste(refined, box, full))
+    if parallel.is_main():
+        write_pred(labels, run.layout.pred_map(label, k, cid), run.layout, cid)
+    pred = labels_to_regions(labels)
+    gt = brats.paste(np.load(run.layout.cache / cid / "regions.npy"), box, full)
+    rows = metrics.score_case(pred, gt, meta["spacing"], cid, run.convention, with_lesion_wise=True)
+    for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
+        row.update({key: flips[key] for key in metrics.FLIP_KEYS})
+    return rows

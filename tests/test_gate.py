@@ -1,0 +1,127 @@
+"""The gate (gate.py) on hand-built cases whose counts are worked out by hand.
+
+The cases: U(I) = a 10³ cube at [10, 20)³ of a 40³ volume, the truth = that cube grown by one voxel,
+[9, 21)³ (12³ = 1728 voxels): U(I) misses a 728-voxel shell, all of whose voxels lie within √3 voxels
+of U(I)'s surface (faces at 1, edges √2, corners √3).
+"""
+
+import math
+
+import numpy as np
+
+from rediffinet_jax import gate
+from rediffinet_jax.labels import nested
+
+SHAPE = (40, 40, 40)
+SPACING = (1.0, 1.0, 1.0)
+
+
+def cube(lo, hi):
+    m = np.zeros(SHAPE, bool)
+    m[lo:hi, lo:hi, lo:hi] = True
+    return m
+
+
+def case(region_flips: np.ndarray, p: np.ndarray, truth_grown: bool = True):
+    """Fields with WT's Δ̂ = ``region_flips`` (TC, ET: no flips, empty), and the ground truth."""
+    unet = np.zeros(SHAPE + (3,), np.uint8)
+    unet[..., 0] = cube(10, 20)
+    gt = np.zeros_like(unet)
+    gt[..., 0] = cube(9, 21) if truth_grown else cube(10, 20)
+    sign = np.zeros(SHAPE + (3,), bool)
+    sign[..., 0] = region_flips
+    probs = np.zeros(SHAPE + (3,), np.float32)
+    probs[..., 0] = p
+    return gate.Fields(sign, probs, unet), gt
+
+
+SHELL = cube(9, 21) & ~cube(10, 20)
+FAR_BLOB = cube(30, 33)  # 27 voxels, 10√3 from the cube's corner: outside every finite band
+
+
+def test_hand_counts():
+    assert SHELL.sum() == 728 and FAR_BLOB.sum() == 27
+    dist = gate.surface_distance(cube(10, 20))
+    assert dist[SHELL].max() == np.float32(math.sqrt(3)) and dist[9, 15, 15] == 1.0
+    assert dist[FAR_BLOB].min() > 3
+
+
+def test_right_inside_the_band_wrong_outside_it():
+    """Δ̂ = the missing shell (right) + a far blob (wrong), all p = 0.9: τ cannot separate them, a band can.
+    Every flip: 728 errors fixed, 27 added (−701); a band of 2 or 3 keeps the shell alone (−728); a band of 1
+    loses the shell's edges and corners; the first of the equal best in grid order (τ 0.5, band 3) is kept."""
+    fields, gt = case(SHELL | FAR_BLOB, np.where(SHELL | FAR_BLOB, 0.9, 0.0))
+    effects = gate.case_effects(fields, gt, SPACING, "brats2023")
+    assert effects["WT"]["unet"][0] == 728
+    assert effects["WT"]["tau=0.5,band=inf"][0] == 27
+    assert effects["WT"]["tau=0.5,band=3"] == [0, 0.0]
+    assert effects["WT"]["tau=0.95,band=3"][0] == 728  # p = 0.9 < 0.95: no flip kept
+    edges_and_corners = 12 * 10 + 8  # the shell's voxels at √2 and √3
+    assert effects["WT"]["tau=0.5,band=1"][0] == edges_and_corners
+    choice = gate.choose([effects, effects])
+    assert choice["WT"]["gate"] == "tau=0.5,band=3"
+    assert choice["WT"]["wrong_change"] == -2 * 728
+    assert choice["WT"]["paper"]["wrong_change"] == -2 * 701
+    assert choice["WT"]["hd95_change"] == -effects["WT"]["unet"][1] < 0
+    assert choice["TC"]["gate"] == choice["ET"]["gate"] == "off"  # no flip proposed: nothing lowered
+
+
+def test_threshold_separates_what_the_band_cannot():
+    """Right flips (the shell) at p = 0.95, wrong ones (U(I)'s own inner layer, 10³ − 8³ = 488 voxels, at the
+    surface too) at p = 0.6: τ = 0.7 is the first value that drops the wrong ones: −728 against −240."""
+    inner = cube(10, 20) & ~cube(11, 19)
+    assert inner.sum() == 488
+    fields, gt = case(SHELL | inner, np.where(SHELL, 0.95, np.where(inner, 0.6, 0.0)))
+    choice = gate.choose([gate.case_effects(fields, gt, SPACING, "brats2023")])
+    assert choice["WT"]["gate"] == "tau=0.7,band=inf"
+    assert (choice["WT"]["wrong_change"], choice["WT"]["paper"]["wrong_change"]) == (-728, -240)
+
+
+def test_wrong_everywhere_is_off():
+    """U(I) is right (truth = the cube); every flip adds an error: 728 + 27 more wrong voxels → off."""
+    fields, gt = case(SHELL | FAR_BLOB, np.where(SHELL | FAR_BLOB, 0.99, 0.0), truth_grown=False)
+    choice = gate.choose([gate.case_effects(fields, gt, SPACING, "brats2023")])
+    assert choice["WT"]["gate"] == "off" and choice["WT"]["wrong_change"] == 0
+    assert choice["WT"]["paper"]["wrong_change"] == 755
+    assert "WT: off" in gate.describe(choice)[0] and "added 755 wrong voxels" in gate.describe(choice)[0]
+
+
+def test_nothing_gained_is_off():
+    """A gate must lower the wrong voxels: a region the refiner never flips stays off."""
+    fields, gt = case(np.zeros(SHAPE, bool), np.zeros(SHAPE))
+    choice = gate.choose([gate.case_effects(fields, gt, SPACING, "brats2023")])
+    assert {c["gate"] for c in choice.values()} == {"off"}
+
+
+def test_no_selection_case_is_off():
+    choice = gate.choose([])
+    assert {c["gate"] for c in choice.values()} == {"off"}
+    assert "no held-out case" in gate.describe(choice)[0]
+
+
+def test_apply_keeps_each_regions_flips_alone():
+    fields, _ = case(SHELL | FAR_BLOB, np.where(SHELL, 0.95, np.where(FAR_BLOB, 0.6, 0.0)))
+    fields.sign[..., 1] = FAR_BLOB  # TC flips too: its gate is off
+    out = gate.apply(fields, {"WT": {"tau": 0.9, "band": math.inf}, "TC": None, "ET": None})
+    assert np.array_equal(out[..., 0], cube(9, 21)) and not out[..., 1].any()
+    paper = gate.apply(fields, {r: dict(gate.PAPER) for r in ("WT", "TC", "ET")})
+    np.testing.assert_array_equal(paper, fields.unet ^ fields.sign)  # the paper's U(I) XOR (Y > 0), exactly
+
+
+def test_names_round_trip():
+    for cand in gate.candidates():
+        assert gate.parse(gate.name(cand)) == cand
+    assert gate.parse("off") is None and gate.candidates()[0] == gate.PAPER
+    assert len(gate.candidates()) == math.prod(len(r.grid) for r in gate.RULES.values())
+
+
+def test_effects_use_the_nested_masks():
+    """A WT flip inside TC changes nothing a label map shows: TC ⊆ WT is painted back."""
+    fields, gt = case(np.zeros(SHAPE, bool), np.zeros(SHAPE))
+    fields.unet[..., 1] = cube(12, 18)
+    fields.sign[..., 0] = cube(12, 18)  # removes WT where TC is
+    fields.p[..., 0] = np.where(cube(12, 18), 0.9, 0.0)
+    gt[..., 1] = cube(12, 18)
+    effects = gate.case_effects(fields, gt, SPACING, "brats2023")
+    assert effects["WT"]["tau=0.5,band=inf"] == effects["WT"]["unet"]
+    assert np.array_equal(nested(gate.apply(fields, {"WT": gate.PAPER}))[..., 0], cube(10, 20))
