@@ -43,6 +43,18 @@ def implied_settings(config) -> dict:
     return {"diffusion.condition": condition, "diffusion.target": target}
 
 
+#: Flat settings keys added after 0.2.0 with the value that does what 0.2.0 did: a refiner trained before
+#: they existed resumes, and one trained with another value is refused as before.
+ADDED_SETTINGS = {
+    "diffusion.error_fraction": 0.0,
+    "diffusion.unet_augment.p": 0.0,
+    "diffusion.unet_augment.max_radius": 2,
+    "diffusion.unet_augment.component_p": 0.0,
+    "diffusion.ema": 0.0,
+    "diffusion.min_snr": 0.0,
+}
+
+
 def lr_schedule(lr: float, steps: int, warmup_frac: float) -> optax.Schedule:
     """Linear warmup from 0 over ``warmup_frac`` of the steps, then cosine to 0, per step."""
     warmup = max(1, int(round(steps * warmup_frac))) if warmup_frac > 0 else 0

@@ -144,12 +144,17 @@ def _settings_diff(folder: Path, settings: dict, implied: dict | None = None):
     """(saved flat settings or None, the new ones flattened, the sorted keys that differ). ``implied``:
     flat keys that older versions saved and that the current settings imply (0.2.0's diffusion.condition
     and .target, which diffusion.model now decides) with the values implied; a saved one equal to its
-    implied value is no difference."""
+    implied value is no difference. Keys added since (:data:`stages.ADDED_SETTINGS`) and missing from the
+    saved settings count as saved with the value that does what older versions did."""
+    from rediffinet_jax.stages import ADDED_SETTINGS
+
     flat = _flat(json.loads(json.dumps(settings)))
     saved = read_json(Path(folder) / STAGE_CONFIG)
     retired = {k: v for k, v in (implied or {}).items() if k not in flat}
     if saved is not None:
         saved = {k: v for k, v in saved.items() if k not in retired or retired[k] != v}
+        # keys added since, at the value that does what the saved settings did: no difference
+        saved.update({k: v for k, v in ADDED_SETTINGS.items() if k not in saved and flat.get(k) == v})
     diff = sorted(k for k in set(saved or {}) | set(flat) if (saved or {}).get(k) != flat.get(k))
     return saved, flat, diff
 

@@ -260,3 +260,84 @@ def test_chunked_suf_uses_the_mean_over_all_samples(chunk):
     k = np.arange(3).reshape(3, 1, 1, 1, 1, 1)
     w = np.exp(1 / (1 + np.exp(-(k + 1) / 3)) * (1 + p * np.log(p)))
     np.testing.assert_allclose(out["y"], (w * st.sum(1)).sum(0), rtol=1e-5)
+
+
+def test_min_snr_weights_by_hand():
+    a0, a999 = 1 - 1e-4, float(D.alphas_cumprod()[999])
+    w = D.min_snr_weights(jnp.array([0, 999]), 5.0)
+    assert float(w[0]) == 1.0  # SNR_0 ≈ 9999, capped at γ
+    assert float(w[1]) == pytest.approx(a999 / (1 - a999) / 5.0, rel=1e-5)
+    assert float(D.snr(jnp.array(0))) == pytest.approx(a0 / (1 - a0), rel=1e-3)
+
+
+def test_weighted_loss_is_a_weighted_mean_over_the_batch():
+    """Weights (1, 0): every term is sample 0's term over B = 2."""
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(2, 4, 4, 4, 3)), jnp.float32)
+    m = jnp.asarray(rng.uniform(size=(2, 4, 4, 4, 3)) > 0.5, jnp.float32)
+    _, alone = losses.diffusion_loss(z[:1], m[:1])
+    loss, terms = losses.diffusion_loss(z, m, sample_weights=jnp.array([1.0, 0.0]))
+    for k in ("dice", "bce", "mse"):
+        assert float(terms[k]) == pytest.approx(float(alone[k]) / 2, rel=1e-5)
+    assert float(loss) == pytest.approx(sum(float(v) for v in alone.values()) / 2, rel=1e-5)
+
+
+class _StepModel:
+    """x̂0 = t / 999 everywhere, and every x it is given kept (to see the sampler's first input)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, cond):
+        return []
+
+    def denoise(self, cond, x, t, feats):
+        return jnp.broadcast_to((t / 999.0).astype(jnp.float32)[:, None, None, None, None], x.shape)
+
+
+def test_sdedit_start_visits_0_to_start_from_no_discrepancy_noised():
+    cond = jnp.zeros((1, 2, 2, 2, 7))
+    out = jax.jit(lambda c, k: D.sample(_StepModel(), c, k, steps=3, samples=2, start=500, return_steps=True))(
+        cond, jax.random.key(3)
+    )
+    np.testing.assert_allclose(np.asarray(out["steps"])[:, 0, 0, 0, 0, 0, 0], [500 / 999, 250 / 999, 0.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="start"):
+        D.check_sampler_args(3, 2, "mean", None, start=1000)
+    with pytest.raises(ValueError, match=r"\[1, 2\]"):  # K = 3 steps cannot fit in [0, 1]
+        D.check_sampler_args(3, 2, "mean", None, start=1)
+
+
+def test_sdedit_first_input_is_the_empty_mask_noised_to_start():
+    """One step from t = 500: x̂0 = x_start itself for a model returning its input; x_start must be
+    √ᾱ_500·(−1) + √(1 − ᾱ_500)·ε with ε the sampler's own noise (one chunk: key split once)."""
+
+    class Echo(_StepModel):
+        def denoise(self, cond, x, t, feats):
+            return x
+
+    key = jax.random.key(5)
+    out = D.sample(Echo(), jnp.zeros((1, 2, 2, 2, 7)), key, steps=1, samples=1, start=500, return_steps=True)
+    eps = jax.random.normal(jax.random.split(key, 1)[0], (1, 1, 2, 2, 2, 3), jnp.float32)
+    a = float(D.alphas_cumprod()[500])
+    np.testing.assert_allclose(out["steps"][0, 0], np.clip(-np.sqrt(a) + np.sqrt(1 - a) * eps[0], -1, 1), atol=1e-6)
+
+
+def test_direct_variant_inputs_and_prediction(tiny_batch):
+    v = D.Variant("concat", "discrepancy", "direct")
+    cond, x_t, t, m = D.training_inputs(v, tiny_batch, jax.random.key(0))
+    assert not np.asarray(x_t).any() and not np.asarray(t).any()
+    np.testing.assert_array_equal(m, np.abs(np.asarray(tiny_batch["unet"], np.float32) - tiny_batch["regions"]))
+
+    class Fixed:
+        def __call__(self, cond, x, t):
+            return jnp.stack(
+                [jnp.zeros(x.shape[:-1]), jnp.full(x.shape[:-1], math.log(3.0)), -jnp.ones(x.shape[:-1])], -1
+            )
+
+    out = D.predict_direct(Fixed(), cond[:1], uncertainty=True)
+    np.testing.assert_allclose(out["y"][0, 0, 0, 0], [0.0, 0.5, 2 / (1 + math.e) - 1], rtol=1e-6)
+    np.testing.assert_allclose(
+        out["uncertainty"][0, 0, 0, 0, 1], -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)), rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="process"):
+        D.Variant("concat", "discrepancy", "one-step")

@@ -150,3 +150,51 @@ def test_process_zero_state_restores_every_process(refs):
     rest, _ = _take(pipeline.train_dataset(refs, PATCH, 1, process_index=1, **kw), 2, state0)
     for x, y in zip(p1[3:], rest):
         np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def _cube_masks(lo, hi, shape=(16, 16, 16)):
+    m = np.zeros(shape + (3,), np.uint8)
+    m[lo:hi, lo:hi, lo:hi, 0] = 1
+    return m
+
+
+def test_cascade_augmentation_counts_by_hand():
+    """A 6³ WT cube (216 voxels) under one op by a radius-1 ball (the 6-neighbour cross): dilation adds a
+    6×6 plate on each face (216 + 6·36 = 432), erosion leaves 4³ = 64, opening (erode, then dilate the 4³)
+    gives 64 + 6·16 = 160 (the cube without its 12·4 edge and 8 corner voxels), closing keeps it (216)."""
+    u = _cube_masks(5, 11)
+    seen = set()
+    for seed in range(40):
+        out = pipeline.augment_unet(u, pipeline.UnetAugment(p=1.0, max_radius=1), np.random.default_rng(seed))
+        seen.add(int(out[..., 0].sum()))
+    assert seen == {432, 64, 160, 216}
+    assert pipeline.augment_unet(u, pipeline.UnetAugment(), np.random.default_rng(0)).sum() == 216  # p = 0
+
+
+def test_cascade_augmentation_removes_a_small_component_and_nests():
+    """WT = a 6³ cube + a 2³ one (8 ≤ 15 % of 224): the small one goes, the large one never does; a TC voxel
+    outside WT is WT again afterwards (a label map's nesting)."""
+    u = _cube_masks(1, 7)
+    u[10:12, 10:12, 10:12, 0] = 1
+    u[14, 14, 14, 1] = 1
+    out = pipeline.augment_unet(u, pipeline.UnetAugment(component_p=1.0), np.random.default_rng(0))
+    assert out[..., 0].sum() == 216 + 1 and out[14, 14, 14, 0] == 1
+    assert out[1:7, 1:7, 1:7, 0].all() and not out[10:12, 10:12, 10:12, 0].any()
+
+
+def test_patches_centred_on_the_errors(refs, tmp_path):
+    """U(I) = the truth but one voxel: with error_fraction 1 every patch holds that voxel's error (flips and
+    zooms off, so it stays inside); with the default 0 most patches miss it."""
+    for r in refs:
+        regions = np.load(f"{r.folder}/regions.npy")
+        u = regions.copy()
+        u[5, 6, 7, 0] ^= 1
+        np.save(f"{r.folder}/unet.npy", u)
+    still = pipeline.Augment(flip_p=0.0, scale_shift=0.0, nvidia=False, zoom_p=0.0)
+    n_err = []
+    for fraction in (1.0, 0.0):
+        ds = pipeline.train_dataset(refs, PATCH, 4, seed=0, with_unet=True, augment=still, error_fraction=fraction)
+        batches, _ = _take(ds, 4)
+        n_err.append([int((b["unet"][i] != b["regions"][i]).sum()) for b in batches for i in range(4)])
+    assert n_err[0] == [1] * 16
+    assert sum(n_err[1]) < 8

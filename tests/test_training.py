@@ -135,7 +135,7 @@ def test_diffusion_validation_scores_the_refined_segmentation(monkeypatch):
     stage = DiffusionStage(common.smoke(common.base()).diffusion)
     from rediffinet_jax import inference
 
-    monkeypatch.setattr(inference, "diffusion_fused", lambda *args, **kwargs: y)
+    monkeypatch.setattr(inference, "diffusion_fused", lambda *args, **kwargs: {"y": y, "p": (y + 1) / 2})
     case = ValCase("c", np.zeros((16, 16, 16, 4), np.float32), gt, gt.copy())
     got = stage.validate(None, [case], jax.random.key(0))
     assert got == pytest.approx((2 * 990 / 1990 + 1 + 1) / 3, abs=1e-12)
@@ -170,3 +170,46 @@ def test_broken_newest_checkpoint_falls_back_to_the_previous(data, tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(step3)):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
     assert mgr.latest_step() == 3  # the broken folder is not taken for a step
+
+
+def test_ema_is_what_is_validated_saved_and_loaded(data, tmp_path):
+    """ema = 0.5: the decay warms up as min(0.5, (1 + n)/(10 + n)), 0.1 then 2/11; the average after two
+    steps is rebuilt by hand from the parameters of each step, and it is what load_model returns."""
+    refs, val = data
+    c = common.smoke(common.base()).diffusion
+    c.update(model="diff_unet", steps=2, val_every=2, ema=0.5)  # no U(I): the cache here holds none
+    trainer = Trainer(DiffusionStage(c), progress=False)
+    state = trainer.init_state(0)
+    ds = pipeline.train_dataset(refs, c.patch, c.batch, 0, with_unet=False, augment=pipeline.Augment())
+    it = iter(ds)
+    snaps = [_params(state)]
+    for step in range(2):
+        state, _ = trainer.step(state, parallel.global_batch(next(it), trainer.mesh), jax.random.key(step))
+        snaps.append(_params(state))
+    ema = [np.asarray(x) for x in jax.tree.leaves(state["ema"])]
+    for e, p0, p1, p2 in zip(ema, *snaps):
+        by_hand = (2 / 11) * (0.1 * p0 + 0.9 * p1) + (9 / 11) * p2
+        np.testing.assert_allclose(e, by_hand, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(e, p) for e, p in zip(ema, snaps[-1]))
+    trainer.fit(tmp_path, refs, val, seed=0, log=lambda m: None)
+    loaded = nnx.state(trainer.load(tmp_path, "latest", log=lambda m: None), nnx.Param)
+    saved = checkpoints.restore(checkpoints.manager(tmp_path / "checkpoints"), trainer.init_state(0), "latest")[0]
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved["ema"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_control_trains_and_predicts(data, tmp_path):
+    """The deterministic control: two steps, then its validation runs the one-step prediction (no sampler)."""
+    refs, _ = data
+    for r in refs:  # the ground truth shifted by one voxel as U(I)
+        np.save(f"{r.folder}/unet.npy", np.roll(np.load(f"{r.folder}/regions.npy"), 1, axis=0))
+    r = refs[0]
+    val = [ValCase(r.case_id, *(np.load(f"{r.folder}/{n}.npy") for n in ("image", "regions", "unet")))]
+    c = common.smoke(common.base()).diffusion
+    c.update(model="control", steps=2, val_every=2)
+    stage = DiffusionStage(c)
+    assert stage.variant.direct and stage.with_unet
+    done = Trainer(stage, progress=False).fit(tmp_path / "fold", refs, val, seed=0, log=lambda m: None)
+    assert done["latest_step"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "fold" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= rows[-1]["val_dice"] <= 1.0
