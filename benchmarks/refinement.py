@@ -1,6 +1,7 @@
 """The phantom benchmark over seeds: does the refiner make a strong U-Net better?
 
-    python benchmarks/refinement.py                       # 3 seeds of configs/rediffinet.py:bench
+    python benchmarks/refinement.py                       # 3 seeds: the paper's refiner, rediffinet_plus, control
+    python benchmarks/refinement.py --config configs/rediffinet.py:bench   # one refiner only
     python benchmarks/refinement.py --variants            # + Diff-U-Net and UA-Diffusion concat
     python benchmarks/refinement.py --seeds 5 --root runs/bench --set diffusion.steps=3000
     python benchmarks/refinement.py --baseline grown_edema --seeds 1   # the refiner on another model's maps
@@ -10,8 +11,9 @@ initialisation) and runs ``train.py`` (both stages on every fold, then the evalu
 ``<root>/seed_<s>``; a seed interrupted at any moment continues where it was when the command is run
 again (train.py resumes), a finished one is only re-read. The table is recomputed from the per-case rows
 (``eval/<model>/fold_k/cases.csv``) of every seed and written to ``<root>/refinement.{md,csv,json}``:
-per seed and mean ± std over seeds, each model's Dice and HD95 per region and averaged, the HD95 change
-against the seed's U-Net, the flips pooled over every held-out case, and the targets' verdicts.
+per seed and mean ± sample std (n − 1) over seeds, each model's Dice and HD95 per region and averaged (every
+discrepancy refiner twice: as the paper does it and ``+gate``, gated per fold on the other folds), the HD95
+change against the seed's U-Net, the flips pooled over every held-out case, and the targets' verdicts.
 
 ``--baseline grown_edema`` trains the refiner on another baseline than the U-Net, one whose errors are
 systematic: each case's ground truth with its edema grown by 2 voxels (``config.baseline.maps``), on the
@@ -41,10 +43,12 @@ from rediffinet_jax.labels import REGIONS  # noqa: E402
 from rediffinet_jax.workdir import GIVEN  # noqa: E402
 
 VARIANTS = ("configs/diff_unet.py:{v}", "configs/ua_diffusion.py:concat,{v}")
+REFINERS = ("configs/rediffinet.py:bench", "configs/rediffinet_plus.py:bench", "configs/control.py:bench")
 COLS = (*REGIONS, "avg")
-# Targets (mean over seeds and in every seed): HD95 avg at least 10 % below the U-Net's, Dice avg at most
-# 0.5 points below it, no region with more wrong voxels after refinement (pooled over held-out cases).
-HD95_GAIN, DICE_LOSS = 10.0, 0.5
+# Targets. Never worse (every seed): no region with more wrong voxels after refinement (pooled over held-out
+# cases), HD95 avg not above the U-Net's. Better (mean over seeds): HD95 avg at least 5 % below the U-Net's
+# with Dice avg at most 0.5 points below it.
+HD95_GAIN, DICE_LOSS = 5.0, 0.5
 
 
 def seed_overrides(seed: int) -> list[str]:
@@ -162,12 +166,14 @@ def seed_table(per_fold: dict) -> dict:
 
 
 def verdict(row: dict) -> dict:
-    """The three targets for one refined model in one seed (or the means over seeds)."""
+    """The targets for one refined model in one seed (or the means over seeds): never worse (no region with
+    more wrong voxels, HD95 avg not above the U-Net's) and better (HD95 avg ≥ 5 % lower, Dice avg ≥ −0.5)."""
     net = {r: row["flips"][r]["net_error_change"] for r in REGIONS} if "flips" in row else {}
     return {
-        "hd95_avg_10pct_lower": row["hd95_change_percent"]["avg"] <= -HD95_GAIN,
-        "dice_avg_within_0.5": row["dice_change_points"]["avg"] >= -DICE_LOSS,
         "no_region_more_wrong": bool(net) and all(v <= 0 for v in net.values()),
+        "hd95_avg_not_above": row["hd95_change_percent"]["avg"] <= 0,
+        "hd95_avg_5pct_lower": row["hd95_change_percent"]["avg"] <= -HD95_GAIN,
+        "dice_avg_within_0.5": row["dice_change_points"]["avg"] >= -DICE_LOSS,
     }
 
 
@@ -181,7 +187,8 @@ def combine(tables: dict) -> dict:
         for key in ("dice", "hd95", "hd95_change_percent", "dice_change_points"):
             vals = np.array([[r[key][c] for c in COLS] for r in rows])
             mean[name][key] = dict(zip(COLS, vals.mean(0).tolist()))
-            std[name][key] = dict(zip(COLS, vals.std(0).tolist()))
+            # the sample standard deviation (n − 1): dividing by n understates the spread of 3 seeds by 18 %
+            std[name][key] = dict(zip(COLS, (vals.std(0, ddof=1) if len(vals) > 1 else 0 * vals[0]).tolist()))
         if all("flips" in r for r in rows) and rows and "flips" in rows[0]:
             mean[name]["flips"] = {reg: _pooled([r["flips"][reg] for r in rows]) for reg in REGIONS}
     verdicts = {
@@ -190,7 +197,12 @@ def combine(tables: dict) -> dict:
         if name not in (BASELINE, GIVEN)
     }
     for v in verdicts.values():
-        v["all_met"] = all(all(x.values()) for x in [v["mean"], *v["per_seed"].values()])
+        never_worse = [
+            x[k] for x in [v["mean"], *v["per_seed"].values()] for k in ("no_region_more_wrong", "hd95_avg_not_above")
+        ]
+        v["never_worse"] = all(never_worse)
+        v["better"] = v["mean"]["hd95_avg_5pct_lower"] and v["mean"]["dice_avg_within_0.5"]
+        v["all_met"] = v["never_worse"] and v["better"]
     return {"seeds": tables, "mean": mean, "std": std, "verdicts": verdicts}
 
 
@@ -235,14 +247,21 @@ def markdown(result: dict, header: str = "") -> str:
                 f"| {seed} | {name} | {reg} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} | "
                 f"{100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |"
             )
-    lines += ["", "Targets (HD95 avg ≥ 10 % lower, Dice avg ≥ −0.5 points, no region with more wrong voxels):", ""]
+    lines += [
+        "",
+        f"Std: the sample standard deviation over the {n} seeds (n − 1). Targets: never worse (in every seed and the "
+        "mean: no region with more wrong voxels, HD95 avg not above the U-Net's); better (the mean over seeds: HD95 "
+        "avg ≥ 5 % lower, Dice avg ≥ −0.5 points):",
+        "",
+    ]
     for name, v in result["verdicts"].items():
         seeds = "; ".join(
             f"seed {s}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in x.items())
             for s, x in v["per_seed"].items()
         )
         mean = ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in v["mean"].items())
-        lines.append(f"* {name}: {'all met' if v['all_met'] else 'NOT all met'} — mean: {mean}; {seeds}")
+        head = f"never worse {'yes' if v.get('never_worse') else 'NO'}, better {'yes' if v.get('better') else 'NO'}"
+        lines.append(f"* {name}: {head} — mean: {mean}; {seeds}")
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +283,11 @@ def write_outputs(root: Path, result: dict, header: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/rediffinet.py:bench", help="the refiner's config (path:variant)")
+    p.add_argument(
+        "--config",
+        action="append",
+        help=f"a refiner's config (path:variant), repeatable; default: {', '.join(REFINERS)}",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--root", default="runs/bench", help="one work directory per seed under it")
     p.add_argument("--variants", action="store_true", help="also Diff-U-Net and UA-Diffusion concat")
@@ -280,8 +303,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
-    variant = a.config.partition(":")[2] or "bench"
-    configs = [a.config] + ([v.format(v=variant) for v in VARIANTS] if a.variants else [])
+    refiners = a.config or list(REFINERS)
+    variant = refiners[0].partition(":")[2] or "bench"
+    configs = refiners + ([v.format(v=variant) for v in VARIANTS] if a.variants else [])
     extra = [f"--config.{kv}" for kv in a.set]
     tables, calls = {}, {}
     for seed in range(a.seeds):

@@ -111,6 +111,21 @@ def apply(fields: Fields, gates: dict) -> np.ndarray:
     return out
 
 
+def needed(unet: np.ndarray, gates: dict) -> np.ndarray | None:
+    """The voxels where a refiner's output can matter under ``gates`` (bool ``[D, H, W]``): the union of each
+    gated region's band (none for a region off); None when some region keeps flips anywhere (no band)."""
+    out = np.zeros(np.shape(unet)[:-1], bool)
+    for r, region in enumerate(REGIONS):
+        cand = gates.get(region)
+        if cand is None:
+            continue
+        band = cand.get("band", math.inf)
+        if band == math.inf:
+            return None
+        out |= surface_distance(unet[..., r]) <= band
+    return out
+
+
 def case_effects(fields: Fields, gt: np.ndarray, spacing, convention: str) -> dict:
     """Per region, per candidate name: [wrong voxels, HD95] of the region's nested mask with only that
     region's kept flips, and under ``"unet"`` the same for U(I). ``gt`` ``[D, H, W, 3]`` on the same

@@ -45,18 +45,23 @@ def gaussian_weights(window, sigma_scale: float = 1 / 8) -> np.ndarray:
 
 
 def sliding_window(
-    fn: Callable[[np.ndarray], np.ndarray],
+    fn: Callable[..., np.ndarray],
     volume: np.ndarray,
     window,
     overlap: float = 0.5,
     batch_windows: int = 1,
     out_channels: int = 3,
     progress: bool = False,
+    needed: np.ndarray | None = None,
+    fill=0.0,
 ) -> np.ndarray:
     """Applies ``fn`` to overlapping windows of ``volume`` ``[D, H, W, C]`` and blends the outputs.
 
     fn maps ``[batch_windows, w0, w1, w2, C]`` to ``[batch_windows, w0, w1, w2, out_channels]``.
     Returns ``[D, H, W, out_channels]`` float32: Σ g·out / Σ g over the windows covering each voxel.
+    ``needed`` (bool ``[D, H, W]``): only batches holding a needed voxel are run, as ``fn(x, index=i)`` with
+    i the batch's place among all of them (a sampler's noise stays that of the full run); every window over
+    a needed voxel is run, so needed voxels get exactly the full run's value, the others ``fill``.
     """
     window = tuple(int(w) for w in window)
     shape = volume.shape[:3]
@@ -70,17 +75,35 @@ def sliding_window(
     g = gaussian_weights(window)[..., None]
     acc = np.zeros(padded + (out_channels,), np.float32)
     norm = np.zeros(padded + (1,), np.float32)
+    want = None if needed is None else np.pad(np.asarray(needed, bool), [(0, p - s) for s, p in zip(shape, padded)])
     for b0 in bar(range(0, len(starts), batch_windows), "windows", "batch", enabled=progress):
         chunk = starts[b0 : b0 + batch_windows]
+        slices = [tuple(slice(a, a + w) for a, w in zip(s, window)) for s in chunk]
+        if want is not None and not any(want[sl].any() for sl in slices):
+            continue
         x = np.zeros((batch_windows,) + window + vol.shape[3:], vol.dtype)
-        for i, s in enumerate(chunk):
-            x[i] = vol[s[0] : s[0] + window[0], s[1] : s[1] + window[1], s[2] : s[2] + window[2]]
-        out = parallel.to_host(fn(x)).astype(np.float32)
-        for i, s in enumerate(chunk):
-            sl = tuple(slice(a, a + w) for a, w in zip(s, window))
+        for i, sl in enumerate(slices):
+            x[i] = vol[sl]
+        out = fn(x) if want is None else fn(x, index=b0 // batch_windows)
+        out = parallel.to_host(out).astype(np.float32)
+        for i, sl in enumerate(slices):
             acc[sl] += g * out[i]
             norm[sl] += g
-    return (acc / norm)[: shape[0], : shape[1], : shape[2]]
+    if want is None:
+        return (acc / norm)[: shape[0], : shape[1], : shape[2]]
+    blended = np.where(norm > 0, acc / np.maximum(norm, 1e-30), np.float32(fill))
+    return blended[: shape[0], : shape[1], : shape[2]]
+
+
+def windows_run(shape, window, overlap: float, batch_windows: int, needed: np.ndarray) -> tuple[int, int]:
+    """(window batches :func:`sliding_window` runs with ``needed``, batches in all) for a volume ``shape``."""
+    window = tuple(int(w) for w in window)
+    padded = tuple(max(s, w) for s, w in zip(shape, window))
+    want = np.pad(np.asarray(needed, bool), [(0, p - s) for s, p in zip(shape, padded)])
+    starts = list(itertools.product(*[window_starts(s, w, overlap) for s, w in zip(padded, window)]))
+    batches = [starts[b : b + batch_windows] for b in range(0, len(starts), batch_windows)]
+    run = sum(any(want[tuple(slice(a, a + w) for a, w in zip(s, window))].any() for s in b) for b in batches)
+    return run, len(batches)
 
 
 @functools.partial(compiling.jit, static_argnums=0)
@@ -129,19 +152,13 @@ def diffusion_predictor(
     chunk = diffusion.check_sampler_args(steps, samples, fusion, chunk, start)
     graphdef, state = nnx.split(model)
     counter = iter(range(1 << 62))
-    return lambda x: _fused(
-        graphdef,
-        state,
-        jnp.asarray(x),
-        jax.random.fold_in(key, next(counter)),
-        steps,
-        samples,
-        fusion,
-        chunk,
-        uncertainty,
-        start,
-        direct,
-    )
+
+    def fn(x, index=None):  # index: the batch's place in the full run (sliding_window's ``needed``)
+        i = next(counter) if index is None else index
+        k = jax.random.fold_in(key, i)
+        return _fused(graphdef, state, jnp.asarray(x), k, steps, samples, fusion, chunk, uncertainty, start, direct)
+
+    return fn
 
 
 def load_model(stage, folder, which: str = "best", mesh=None, log=print):
@@ -181,18 +198,33 @@ def unet_probabilities(cfg, model, image: np.ndarray) -> np.ndarray:
 
 
 def diffusion_fused(
-    stage, model, image, unet, key, steps, samples, fusion="mean", chunk=None, uncertainty=False, start=None
+    stage,
+    model,
+    image,
+    unet,
+    key,
+    steps,
+    samples,
+    fusion="mean",
+    chunk=None,
+    uncertainty=False,
+    start=None,
+    needed=None,
 ) -> dict:
     """Whole-case outputs of a refiner by sliding window, each ``[D, H, W, 3]`` float32: ``y`` (the fused
     value Y, mask = Y > 0), ``p`` (the fused probability (Y_norm + 1)/2 that a gate thresholds) and,
     when asked, ``uncertainty``. image ``[D, H, W, 4]``; unet ``[D, H, W, 3]`` U(I) (None for a variant
-    without it); start: the sampler's first timestep (None: the stage's ``sampler.start``, else 999)."""
+    without it); start: the sampler's first timestep (None: the stage's ``sampler.start``, else 999);
+    needed: bool ``[D, H, W]``, the voxels whose output matters (:func:`sliding_window`; elsewhere Y = −1 and
+    p = 0: no flip)."""
     c = stage.cfg
     start = c.sampler.get("start", diffusion.NUM_TIMESTEPS - 1) if start is None else start
     cond = np.asarray(stage.variant.condition_image(jnp.asarray(image), None if unet is None else jnp.asarray(unet)))
     direct = stage.variant.direct
     fn = diffusion_predictor(model, key, steps, samples, fusion, chunk or None, uncertainty, start, direct)
-    out = sliding_window(fn, cond, c.patch, c.overlap, c.batch_windows, 9 if uncertainty else 6)
+    out = sliding_window(
+        fn, cond, c.patch, c.overlap, c.batch_windows, 9 if uncertainty else 6, needed=needed, fill=-1.0
+    )
     fields = {"y": out[..., :3], "p": np.clip((out[..., 3:6] + 1.0) / 2.0, 0.0, 1.0)}
     if uncertainty:
         fields["uncertainty"] = out[..., 6:]

@@ -223,6 +223,9 @@ def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: boo
         return unet, probs, None
     s = dstage.cfg.sampler
     given = unet if dstage.with_unet else None
+    # windows outside every gated region's band cannot flip anything: not sampled (unless the uncertainty
+    # map, which covers everything, is asked for)
+    need = gate.needed(unet, gates) if gates is not None and not save_uncertainty else None
     outs = [
         inference.diffusion_fused(
             dstage,
@@ -235,6 +238,7 @@ def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: boo
             s.fusion,
             s.chunk or None,
             uncertainty=save_uncertainty,
+            needed=need,
         )
         for k, m in zip(folds, refiners)
     ]

@@ -13,8 +13,7 @@ from processes import run_distributed
 
 
 def test_two_stage_run(finished):
-    workdir, elapsed, out, _ = finished
-    assert elapsed < 180
+    workdir, _, out, _ = finished  # its seconds are in the test log, not asserted: a busy machine is no bug
     assert "generated phantom" in out
     for stage in ("unet", "rediffinet"):
         for k in (0, 1):

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -50,10 +49,8 @@ def test_lock_is_released_after_the_block_and_on_error(tmp_path):
     with pytest.raises(RuntimeError):
         with workdir.lock(tmp_path):
             raise RuntimeError("boom")
-    t0 = time.time()
-    with workdir.lock(tmp_path):
+    with workdir.lock(tmp_path):  # the lock is non-blocking: a lock still held would raise ConfigError here
         pass
-    assert time.time() - t0 < 1
 
 
 def test_unwritable_or_missing_folder(tmp_path):
