@@ -182,6 +182,11 @@ def _unet_settings(config) -> dict:
     }
 
 
+def _only_fold(fold_ids, config) -> int | None:
+    """The fold a command asked for alone (``--fold``), else None."""
+    return fold_ids[0] if len(fold_ids) == 1 and config.data.n_folds > 1 else None
+
+
 def run_unet(
     config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwrite, stop_after, progress_bars, log
 ) -> dict | None:
@@ -191,7 +196,13 @@ def run_unet(
     with parallel.main_first("unet settings"):
         if stage_flag in (None, "unet"):  # the maps are remade below
             wd.renew_oof_if_checkpoint_changed(layout, settings, log)
-        wd.check_stage_config(layout.stage(stage.name), settings, overwrite and stage_flag in (None, "unet"), log)
+        wd.check_stage_config(
+            layout.stage(stage.name),
+            settings,
+            overwrite and stage_flag in (None, "unet"),
+            log,
+            only_fold=_only_fold(fold_ids, config),
+        )
     if stage_flag not in (None, "unet"):
         return {}
     trainer = Trainer(stage, progress=progress_bars)
@@ -211,7 +222,9 @@ def run_diffusion(
         if stage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
             pipeline.attach_unet_masks(data.refs, layout.oof)
             settings[wd.OOF_RUNS] = wd.oof_runs(layout, config.data.n_folds)
-        wd.check_stage_config(layout.stage(stage.name), settings, overwrite, log, stages.implied_settings(config))
+        implied = stages.implied_settings(config)
+        only = _only_fold(fold_ids, config)
+        wd.check_stage_config(layout.stage(stage.name), settings, overwrite, log, implied, only_fold=only)
     trainer = Trainer(stage, progress=progress_bars)
     return stage.name, _fit_folds(trainer, stage, layout, data, fold_ids, config, 100, stop_after, log)
 

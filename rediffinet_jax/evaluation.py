@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import time
 import zlib
 from pathlib import Path
@@ -112,7 +111,7 @@ def _open_run(workdir, folds, checkpoint, convention) -> Run:
     layout = wd.Layout(workdir)
     if not layout.splits.is_file():
         raise ConfigError(f"{layout.root} has no splits.json; run train.py first")
-    all_folds = json.loads(layout.splits.read_text())["folds"]
+    all_folds = wd.read_json(layout.splits)["folds"]
     fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
     if bad := [k for k in fold_ids if not 0 <= k < len(all_folds)]:
         raise ConfigError(f"--folds {bad} outside 0..{len(all_folds) - 1}")

@@ -109,8 +109,22 @@ def write_atomic(path, text: str) -> None:
 
 
 def read_json(path, default=None):
+    """A JSON record, or ``default`` when the file does not exist.
+
+    Raises:
+      ConfigError: the file is damaged (cut off by a full disk, edited by hand), naming it; every record
+        here is written whole (:func:`write_atomic`), so only something outside this program damages one.
+    """
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else default
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{path} is damaged ({e.__class__.__name__}: {e}); restore it, or delete it to have it made again "
+            f"(for a stage's record: retrain that stage)"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- stage settings
@@ -164,17 +178,27 @@ def _write_settings(folder: Path, flat: dict, settings: dict) -> None:
     write_atomic(Path(folder) / SETTINGS_FILE, json.dumps(settings, indent=1))
 
 
-def check_stage_config(folder: Path, settings: dict, overwrite: bool, log=print, implied=None) -> None:
+def check_stage_config(
+    folder: Path, settings: dict, overwrite: bool, log=print, implied=None, only_fold: int | None = None
+) -> None:
     """Writes the stage's settings the first time; afterwards refuses different settings (naming the
     keys) unless ``overwrite``, which deletes the stage's folder and starts it again. ``implied``: see
-    :func:`_settings_diff` (what lets a work directory of an older version resume)."""
+    :func:`_settings_diff` (what lets a work directory of an older version resume). ``only_fold``: the
+    command asked for that fold alone (``--fold``); new settings are then refused even with ``overwrite``:
+    they hold for every fold of the stage, and retraining one would delete the others' training."""
     saved, flat, diff = _settings_diff(folder, settings, implied)
     if saved is not None:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
         if diff and not overwrite:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
             raise ConfigError(
                 f"{folder} was trained with other settings ({details}); use another --workdir, "
                 f"or --overwrite to retrain this stage"
+            )
+        if diff and only_fold is not None:
+            raise ConfigError(
+                f"{folder} was trained with other settings ({details}), which hold for every fold: --overwrite "
+                f"--fold {only_fold} would delete the other folds' training. Leave out --fold to retrain every "
+                f"fold, or use another --workdir"
             )
         if not diff:
             return
@@ -208,7 +232,7 @@ def load_settings(folder):
     path = Path(folder) / SETTINGS_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} holds no trained stage ({SETTINGS_FILE} missing)")
-    return ConfigDict(json.loads(path.read_text()))
+    return ConfigDict(read_json(path))
 
 
 def trained_stages(layout: Layout) -> list[str]:
@@ -314,7 +338,7 @@ def tie_to_training(fold_dir: Path, made: dict, log) -> None:
             log(f"{fold_dir}: scored before the fold or its U-Net maps were made again; rescoring it")
             shutil.rmtree(fold_dir)
         fold_dir.mkdir(parents=True, exist_ok=True)
-        (fold_dir / "trained.json").write_text(json.dumps(made))
+        write_atomic(fold_dir / "trained.json", json.dumps(made))
 
 
 # ----------------------------------------------------------------------------- the lock

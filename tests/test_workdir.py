@@ -101,3 +101,28 @@ def test_a_refiner_of_0_2_0_resumes(tmp_path):
     with pytest.raises(ConfigError, match="diffusion.condition: 'concat' -> None"):  # what 0.3 said without it
         (folder / workdir.STAGE_CONFIG).write_text(json.dumps({**old, "diffusion.condition": "concat"}))
         workdir.check_stage_config(folder, settings, overwrite=False)
+
+
+def test_damaged_record_is_named(tmp_path):
+    """A record cut off (a full disk, an editor) is an error naming the file and the way out, not a traceback."""
+    path = tmp_path / "eval" / "trained.json"
+    path.parent.mkdir()
+    path.write_text('{"training": {"run": ')
+    with pytest.raises(ConfigError, match=r"trained\.json is damaged .*delete it"):
+        workdir.read_json(path)
+    assert workdir.read_json(tmp_path / "none.json", {}) == {}
+
+
+def test_overwrite_of_one_fold_with_new_settings_deletes_nothing(tmp_path):
+    """--overwrite --fold 0 with changed settings would have deleted every fold: refused, every fold kept."""
+    stage = tmp_path / "rediffinet"
+    workdir.check_stage_config(stage, {"diffusion": {"lr": 1.0}}, overwrite=False, log=lambda m: None)
+    for k in (0, 1):
+        (stage / f"fold_{k}").mkdir()
+        (stage / f"fold_{k}" / "done.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"--overwrite --fold 0 would delete the other folds"):
+        workdir.check_stage_config(stage, {"diffusion": {"lr": 2.0}}, True, lambda m: None, only_fold=0)
+    assert all((stage / f"fold_{k}" / "done.json").is_file() for k in (0, 1))
+    workdir.check_stage_config(stage, {"diffusion": {"lr": 1.0}}, True, lambda m: None, only_fold=0)  # same: fine
+    workdir.check_stage_config(stage, {"diffusion": {"lr": 2.0}}, True, lambda m: None)  # every fold: retrained
+    assert not (stage / "fold_1").exists()
