@@ -157,3 +157,73 @@ def test_gpu_pipeline_script_runs_its_whole_sequence(finished, tmp_path):
     assert maps["cases"] == 2 and maps["problems"] == [] and sum(maps["voxels_per_label"].values()) == 2 * 40 * 40 * 36
     table = (out / "gpu_pipeline.md").read_text()
     assert "| predict_smoke | 0 |" in table and "label maps: 2 cases, 0 problems" in table
+
+
+def _labels(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
+    """evaluate.py: the paper's maps are U(I) XOR (Y > 0) exactly, the gated ones U(I) XOR (Y > 0, p ≥ τ, within
+    b voxels of U(I)'s surface) with each fold's stored gate, both rebuilt here from the kept fields with
+    scipy's distance transform; predict.py: a stored gate with every region off gives the U-Net's maps, the
+    paper's candidate everywhere gives --nogate's maps."""
+    import json
+
+    from scipy import ndimage
+
+    from rediffinet_jax.data import brats
+    from rediffinet_jax.labels import labels_to_regions, nested, regions_to_labels
+
+    w = finished[0]
+    record = json.loads((w / "eval" / "rediffinet" / "gate.json").read_text())
+    assert set(record) == {"0", "1", "all"}
+    assert "Gate of rediffinet" in (w / "eval" / "summary.md").read_text()
+    for k in (0, 1):
+        for fused in sorted((w / "eval" / "rediffinet" / f"fold_{k}" / "fused").glob("*.npz")):
+            cid = fused.name[: -len(".npz")]
+            meta = brats.cached_meta(w / "cache" / cid)
+            unet = brats.crop(labels_to_regions(_labels(w / "unet" / "oof" / f"{cid}.nii.gz")), meta["box"])
+            z = np.load(fused)
+            paper = brats.crop(_labels(w / "eval" / "rediffinet" / f"fold_{k}" / "pred" / f"{cid}.nii.gz"), meta["box"])
+            np.testing.assert_array_equal(paper, regions_to_labels(unet ^ z["sign"].astype(np.uint8)))
+            flips = np.zeros_like(unet)
+            for r, region in enumerate(("WT", "TC", "ET")):
+                choice = record[str(k)][region]["gate"]
+                if choice == "off":
+                    continue
+                cand = dict(kv.split("=") for kv in choice.split(","))
+                u = unet[..., r] > 0
+                dist = np.where(u, ndimage.distance_transform_edt(u), ndimage.distance_transform_edt(~u))
+                band = np.inf if cand["band"] == "inf" else float(cand["band"])
+                keep = z["sign"][..., r] & (dist <= band)
+                if float(cand["tau"]) > 0.5:
+                    keep &= z["p"][..., r].astype(np.float32) >= float(cand["tau"])
+                flips[..., r] = keep
+            gated = _labels(w / "eval" / "rediffinet+gate" / f"fold_{k}" / "pred" / f"{cid}.nii.gz")
+            np.testing.assert_array_equal(brats.crop(gated, meta["box"]), regions_to_labels(nested(unet ^ flips)))
+
+    src = tmp_path / "cases"
+    _predict_inputs(w, src)
+    copy = tmp_path / "w"
+    shutil.copytree(w, copy)
+    gate_file = copy / "eval" / "rediffinet" / "gate.json"
+    outs = {}
+    for name, gates in (("off", "off"), ("paper", "tau=0.5,band=inf")):
+        rec = json.loads(gate_file.read_text())
+        rec["all"] = {r: {**c, "gate": gates} for r, c in rec["all"].items()}
+        gate_file.write_text(json.dumps(rec))
+        proc = _run("predict.py", "-i", str(src), "-o", str(tmp_path / name), f"--workdir={copy}")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        outs[name] = tmp_path / name
+    for flag, name in (("--model=unet", "unet"), ("--nogate", "nogate")):
+        proc = _run("predict.py", "-i", str(src), "-o", str(tmp_path / name), f"--workdir={copy}", flag)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((tmp_path / "off" / "prediction.json").read_text())["gate"] == {
+        "WT": "off",
+        "TC": "off",
+        "ET": "off",
+    }
+    for case in sorted(p.name for p in (tmp_path / "unet").glob("*.nii.gz")):
+        np.testing.assert_array_equal(_labels(tmp_path / "off" / case), _labels(tmp_path / "unet" / case))
+        np.testing.assert_array_equal(_labels(tmp_path / "paper" / case), _labels(tmp_path / "nogate" / case))
