@@ -26,6 +26,13 @@ flags.DEFINE_bool(
     "Keep only the flips the refiner's gate allows (chosen by evaluate.py on all folds' held-out cases); "
     "--nogate keeps every flip, as the paper does.",
 )
+flags.DEFINE_enum(
+    "labels",
+    "input",
+    ["input", "2023", "2021"],
+    "Label convention of the maps written: each case's own (input: ET = 4 for a BraTS 2018-2021 case), or "
+    "2023 (ET = 3) / 2021 (ET = 4) for all.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -44,6 +51,7 @@ def main(argv):
         FLAGS.save_uncertainty,
         FLAGS.baseline,
         FLAGS.gate,
+        FLAGS.labels,
     )
 
 

@@ -187,6 +187,7 @@ def predict(
     save_uncertainty=False,
     baseline=None,
     use_gate=True,
+    labels="input",
 ) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
@@ -205,6 +206,7 @@ def predict(
             log=_log,
             baseline_maps=baseline,
             use_gate=use_gate,
+            labels=labels,
         )
     if errors:
         _log(f"{len(errors)} case(s) failed:\n  " + "\n  ".join(str(e) for e in errors))

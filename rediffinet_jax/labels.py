@@ -9,6 +9,8 @@ WT = {1, 2, 3}, TC = {1, 3}, ET = {3}.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 MODALITIES: tuple[str, ...] = ("t1n", "t1c", "t2w", "t2f")
@@ -21,6 +23,43 @@ REGIONS: tuple[str, ...] = ("WT", "TC", "ET")
 REGION_LABELS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 VALID_LABELS = (0, 1, 2, 3)
 OLD_ET_LABEL = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class FileLayout:
+    """How a BraTS release names a case's files, ``<case><sep><suffix>.nii[.gz]``, and labels ET."""
+
+    name: str
+    sep: str
+    suffixes: dict  # modality (MODALITIES) -> the file suffix
+    et_label: int
+
+    def stem(self, case_id: str, what: str) -> str:
+        """The file name without extension of a modality, or of the seg (``what = "seg"``)."""
+        return f"{case_id}{self.sep}{self.suffixes.get(what, what)}"
+
+    def owns(self, stem: str) -> str | None:
+        """The case id of a file stem this layout names (a modality's or the seg), else None."""
+        case, sep, suffix = stem.rpartition(self.sep)
+        return case if sep and case and suffix in (*self.suffixes.values(), SEG_SUFFIX) else None
+
+
+#: The file layouts read, detected per case: BraTS 2023 (``<case>-t1n``) and BraTS 2018–2021 (``<case>_t1``,
+#: ``_t1ce``, ``_t2``, ``_flair``; ET labelled 4, as the Kaggle copies of 2020 and 2021 too).
+LAYOUTS = {
+    "2023": FileLayout("2023", "-", {"t1n": "t1n", "t1c": "t1c", "t2w": "t2w", "t2f": "t2f"}, 3),
+    "2021": FileLayout("2021", "_", {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}, 4),
+}
+
+
+def to_convention(labels: np.ndarray, layout: str) -> np.ndarray:
+    """A label map (BraTS 2023 labels, ET = 3) in the labels of ``layout`` (ET = 4 for 2021), uint8."""
+    out = np.asarray(labels, np.uint8).copy()
+    et = LAYOUTS[layout].et_label
+    if et != 3:
+        out[out == 3] = et
+    return out
+
 
 # Back to labels, in this order so that nesting is imposed: an ET voxel outside TC still becomes 3.
 _PAINT_ORDER = (("WT", 2), ("TC", 1), ("ET", 3))

@@ -22,7 +22,7 @@ from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.files import atomic_path
-from rediffinet_jax.labels import MODALITIES, regions_to_labels
+from rediffinet_jax.labels import LAYOUTS, MODALITIES, regions_to_labels, to_convention
 
 RECORD = "prediction.json"  # in the output folder: what made its label maps (model, folds, trainings)
 
@@ -134,6 +134,7 @@ def predict_folder(
     log=print,
     baseline_maps=None,
     use_gate: bool = True,
+    labels: str = "input",
 ) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
 
@@ -144,10 +145,15 @@ def predict_folder(
     baseline_maps: a folder of another model's ``<case>.nii.gz`` maps, refined in place of the U-Net's (for
     refiners trained on such maps: :mod:`given_maps`); a case without a usable map fails alone.
     use_gate: apply a discrepancy refiner's gate chosen by evaluate.py on all folds (:func:`_gates`).
+    labels: the label convention of the maps written: ``input`` (each case's own: ET = 4 for a case in the
+    BraTS 2018–2021 layout, 3 for 2023), or a layout of :data:`labels.LAYOUTS` for all.
     """
     t_start = time.time()
     layout, out = wd.Layout(workdir), Path(output_dir)
+    if labels != "input" and labels not in LAYOUTS:
+        raise ConfigError(f"--labels {labels!r}: choose input or one of {sorted(LAYOUTS)}")
     settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint, baseline_maps, save_probabilities)
+    record["labels"] = labels
     gates = _gates(layout, model, dstage, use_gate, record, log)
     cases, errors = _discover(input_dir, out, log)
     with wd.lock(out, "predict.py"):
@@ -166,7 +172,8 @@ def predict_folder(
                 continue
             regions, probs, unc = _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty, given, gates)
             if parallel.is_main():  # every process computed the case (the models run on all); one writes
-                _write_case(out, files, case, regions, probs if save_probabilities else None, unc)
+                conv = files.layout if labels == "input" else labels
+                _write_case(out, files, case, regions, probs if save_probabilities else None, unc, conv)
         parallel.barrier("predict: written")
     written = len(todo) - (len(errors) - failed)
     log(
@@ -250,8 +257,9 @@ def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: boo
     return regions, probs, mean.get("uncertainty")
 
 
-def _write_case(out: Path, files, case, regions, probs, uncertainty) -> None:
-    """The label map (and the optional volumes) of one case on its full grid, with its t1n's geometry."""
+def _write_case(out: Path, files, case, regions, probs, uncertainty, convention: str = "2023") -> None:
+    """The label map (and the optional volumes) of one case on its full grid, with its t1n's geometry, in the
+    labels of ``convention`` (a layout of :data:`labels.LAYOUTS`)."""
     reference = files.images[MODALITIES[0]]
     full = brats.paste(regions.astype(np.uint8), case.box, case.full_shape)
     if probs is not None:
@@ -262,4 +270,6 @@ def _write_case(out: Path, files, case, regions, probs, uncertainty) -> None:
         _write_volume(
             brats.paste(uncertainty, case.box, case.full_shape), out / f"{files.case_id}_uncertainty.nii.gz", reference
         )
-    brats.write_label_map(regions_to_labels(full), out / f"{files.case_id}.nii.gz", reference)
+    brats.write_label_map(
+        to_convention(regions_to_labels(full), convention), out / f"{files.case_id}.nii.gz", reference
+    )

@@ -233,3 +233,39 @@ def test_folder_named_for_another_case_is_reported(tmp_path, phantom_root):
     (root / "figures").mkdir()  # a folder without NIfTI files is not a case and not an error
     (root / "figures" / "a.png").write_bytes(b"")
     assert len(brats.discover_cases(root, errors=[])) == 1
+
+
+def test_brats_2021_layout_read_as_it_is(tmp_path):
+    """The phantom writer's 2018–2021 layout (<case>_t1, _t1ce, _t2, _flair, _seg, ET = 4), with other files beside
+    them as the real copies have: discovered with no flag, each modality in its channel, label 4 read as ET;
+    the same phantom in both layouts loads to the same arrays."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    phantoms.write_dataset(new, 2, (24, 28, 20), seed=3)
+    phantoms.write_dataset(old, 2, (24, 28, 20), seed=3, layout="2021")
+    cid = phantoms.case_id(0)
+    names = sorted(p.name for p in (old / cid).iterdir())
+    assert names == [f"{cid}_{s}.nii.gz" for s in ("flair", "seg", "t1", "t1ce", "t2")]
+    seg = np.asarray(nib.load(str(old / cid / f"{cid}_seg.nii.gz")).dataobj)
+    assert 4 in seg and 3 not in seg
+    shutil.copy(old / cid / f"{cid}_seg.nii.gz", old / cid / "mask.nii.gz")  # ignored: no layout's name
+    got, want = brats.discover_cases(old), brats.discover_cases(new)
+    assert [c.layout for c in got] == ["2021", "2021"] and [c.layout for c in want] == ["2023", "2023"]
+    assert got[0].images["t1c"].name == f"{cid}_t1ce.nii.gz" and got[0].images["t2f"].name == f"{cid}_flair.nii.gz"
+    a, b = brats.load_case(got[0]), brats.load_case(want[0])
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.regions, b.regions)
+    assert a.regions[..., 2].sum() == (seg == 4).sum()
+
+
+def test_a_case_in_two_layouts_or_missing_a_modality_is_named(tmp_path):
+    root = tmp_path / "d"
+    phantoms.write_dataset(root, 2, (24, 28, 20), seed=3, layout="2021")
+    cid, other = phantoms.case_id(0), phantoms.case_id(1)
+    shutil.copy(root / cid / f"{cid}_t1.nii.gz", root / cid / f"{cid}-t1n.nii.gz")
+    (root / other / f"{other}_flair.nii.gz").unlink()
+    with pytest.raises(CaseError, match=r"files named in two BraTS layouts .*keep one") as err:
+        brats.discover_cases(root)
+    assert err.value.case == cid
+    errors = []
+    assert brats.discover_cases(root, errors=errors) == []
+    assert "missing modality t2f" in str(errors[1]) and f"{other}_flair.nii.gz" in str(errors[1])

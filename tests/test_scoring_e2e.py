@@ -227,3 +227,49 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
     for case in sorted(p.name for p in (tmp_path / "unet").glob("*.nii.gz")):
         np.testing.assert_array_equal(_labels(tmp_path / "off" / case), _labels(tmp_path / "unet" / case))
         np.testing.assert_array_equal(_labels(tmp_path / "paper" / case), _labels(tmp_path / "nogate" / case))
+
+
+def test_predict_writes_the_labels_of_its_input(finished, tmp_path):
+    """Cases in the BraTS 2018–2021 layout get ET = 4, as their seg would; the same cases in the 2023 layout
+    get 3; --labels 2023 writes 3 for the old layout too. Otherwise the maps are the same."""
+    from rediffinet_jax.data import phantoms
+    from rediffinet_jax.labels import to_convention
+
+    w = finished[0]
+    for layout in ("2023", "2021"):
+        phantoms.write_dataset(tmp_path / f"in{layout}", 2, (40, 40, 36), seed=9, layout=layout)
+    outs = {}
+    for name, src, extra in (
+        ("new", "in2023", ()),
+        ("old", "in2021", ()),
+        ("old_as_new", "in2021", ("--labels=2023",)),
+    ):
+        proc = _run(
+            "predict.py",
+            "-i",
+            str(tmp_path / src),
+            "-o",
+            str(tmp_path / name),
+            f"--workdir={w}",
+            "--model=unet",
+            *extra,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        outs[name] = {p.name: _labels(p) for p in sorted((tmp_path / name).glob("*.nii.gz"))}
+    assert len(outs["new"]) == 2 and outs["new"].keys() == outs["old"].keys()
+    for case, labels in outs["new"].items():
+        np.testing.assert_array_equal(outs["old"][case], to_convention(labels, "2021"))
+        np.testing.assert_array_equal(outs["old_as_new"][case], labels)
+    # the smoke U-Net may predict no ET at all: the writer itself, with an ET voxel, in each convention
+    from rediffinet_jax import prediction
+    from rediffinet_jax.data import brats
+
+    files = brats.discover_cases(tmp_path / "in2021")[0]
+    case = brats.load_case(files, read_labels=False)
+    regions = np.zeros(case.image.shape[:3] + (3,), np.uint8)
+    regions[1, 1, 1] = 1  # WT, TC and ET
+    for conv, et in (("2021", 4), ("2023", 3)):
+        prediction._write_case(tmp_path / conv, files, case, regions, None, None, conv)
+        written = _labels(tmp_path / conv / f"{files.case_id}.nii.gz")
+        box = tuple(b[0] + 1 for b in case.box)
+        assert written[box] == et and set(np.unique(written)) == {0, et}

@@ -19,7 +19,7 @@ import numpy as np
 
 from rediffinet_jax.errors import CaseError
 from rediffinet_jax.files import atomic_path
-from rediffinet_jax.labels import MODALITIES, SEG_SUFFIX, check_labels, labels_to_regions
+from rediffinet_jax.labels import LAYOUTS, MODALITIES, OLD_ET_LABEL, SEG_SUFFIX, check_labels, labels_to_regions
 
 NORMALIZATIONS = ("zscore", "zscore_rescale")
 _EXTENSIONS = (".nii.gz", ".nii")
@@ -30,11 +30,13 @@ Box = tuple[tuple[int, int], ...]
 
 @dataclasses.dataclass(frozen=True)
 class CaseFiles:
-    """Where one case lives: ``images`` maps each modality to its file; ``seg`` is None if unlabelled."""
+    """Where one case lives: ``images`` maps each modality to its file; ``seg`` is None if unlabelled;
+    ``layout``: the file layout it was found in (:data:`labels.LAYOUTS`), which also says how ET is labelled."""
 
     case_id: str
     images: dict[str, Path]
     seg: Path | None
+    layout: str = "2023"
 
 
 @dataclasses.dataclass
@@ -75,13 +77,16 @@ def discover_cases(
     """Finds the cases under ``root``, sorted by id.
 
     Accepts a folder per case (``<case>/<case>-t1n.nii.gz`` …) or flat files ``<case>-t1n.nii.gz`` in
-    ``root`` itself; ``.nii`` works like ``.nii.gz``. The segmentation ``<case>-seg`` is optional.
+    ``root`` itself; ``.nii`` works like ``.nii.gz``. The segmentation ``<case>-seg`` is optional. Each
+    case's layout is detected from its file names (:data:`labels.LAYOUTS`): BraTS 2023's, or BraTS 2018–2021's
+    ``<case>_t1``, ``_t1ce``, ``_t2``, ``_flair``, ``_seg`` (ET = 4). Other files in a case folder (masks,
+    another model's predictions) are ignored.
 
     Raises:
-      CaseError: root missing or holding no case, a case missing a modality, a folder whose NIfTI files
-        are named for another case, or (``require_labels``) no labelled case. With an ``errors`` list,
-        such a case is appended there and left out instead (so that the other cases can still be
-        processed).
+      CaseError: root missing or holding no case, a case missing a modality, a case named in both layouts,
+        a folder whose NIfTI files are named for another case, or (``require_labels``) no labelled case.
+        With an ``errors`` list, such a case is appended there and left out instead (so that the other
+        cases can still be processed).
     """
     root = Path(root)
     if not root.is_dir():
@@ -89,42 +94,59 @@ def discover_cases(
     groups = _case_folders(root, errors)
     for f in sorted(root.iterdir()):
         stem = _strip_ext(f.name) if f.is_file() else None
-        if stem and "-" in stem and stem.rsplit("-", 1)[1] in (*MODALITIES, SEG_SUFFIX):
-            groups.setdefault(stem.rsplit("-", 1)[0], root)
+        for layout in LAYOUTS.values():
+            if stem and (case := layout.owns(stem)):
+                groups.setdefault(case, root)
     if not groups:
-        raise CaseError("no BraTS case found (expected <case>/<case>-t1n.nii.gz ...)", path=str(root))
+        raise CaseError(
+            "no BraTS case found (expected <case>/<case>-t1n.nii.gz or <case>_t1.nii.gz ...)", path=str(root)
+        )
     cases = []
     for case_id, folder in sorted(groups.items()):
-        images = {}
-        for m in MODALITIES:
-            path = _find_file(folder, f"{case_id}-{m}")
-            if path is None:
-                err = CaseError(f"missing modality {m}", case=case_id, path=str(folder / f"{case_id}-{m}.nii.gz"))
-                if errors is None:
-                    raise err
-                errors.append(err)
-                break
-            images[m] = path
-        else:
-            cases.append(CaseFiles(case_id, images, _find_file(folder, f"{case_id}-{SEG_SUFFIX}")))
+        try:
+            cases.append(_case_files(case_id, folder))
+        except CaseError as err:
+            if errors is None:
+                raise
+            errors.append(err)
     if require_labels and not any(c.seg for c in cases):
         raise CaseError("no labelled case (no <case>-seg.nii.gz) where labels are needed", path=str(root))
     return cases
 
 
+def _case_files(case_id: str, folder: Path) -> CaseFiles:
+    """The files of one case in ``folder``, in the one layout its names follow."""
+    found = {
+        name: {w: _find_file(folder, layout.stem(case_id, w)) for w in (*MODALITIES, SEG_SUFFIX)}
+        for name, layout in LAYOUTS.items()
+    }
+    used = [name for name, files in found.items() if any(files.values())]
+    if len(used) > 1:
+        names = "; ".join(f"{n}: {LAYOUTS[n].stem(case_id, MODALITIES[0])}" for n in used)
+        raise CaseError(f"files named in two BraTS layouts ({names}); keep one", case=case_id, path=str(folder))
+    layout = LAYOUTS[used[0]]
+    files = found[layout.name]
+    for m in MODALITIES:
+        if files[m] is None:
+            raise CaseError(
+                f"missing modality {m}", case=case_id, path=str(folder / f"{layout.stem(case_id, m)}.nii.gz")
+            )
+    return CaseFiles(case_id, {m: files[m] for m in MODALITIES}, files[SEG_SUFFIX], layout.name)
+
+
 def _case_folders(root: Path, errors: list | None) -> dict[str, Path]:
-    """``{case id: folder}`` of the sub-folders holding ``<folder name>-*.nii[.gz]`` files. A folder whose
-    NIfTI files are named for another case (renamed, or files copied into the wrong one) is an error, never
-    skipped silently; with an ``errors`` list it is appended there instead of raised."""
+    """``{case id: folder}`` of the sub-folders holding ``<folder name>-*.nii[.gz]`` (or ``_*``) files. A folder
+    whose NIfTI files are named for another case (renamed, or files copied into the wrong one) is an error,
+    never skipped silently; with an ``errors`` list it is appended there instead of raised."""
     groups: dict[str, Path] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         nifti = sorted(f.name for f in sub.iterdir() if _strip_ext(f.name))
-        if any(name.startswith(sub.name + "-") for name in nifti):
+        if any(layout.owns(_strip_ext(name)) == sub.name for name in nifti for layout in LAYOUTS.values()):
             groups[sub.name] = sub
         elif nifti:
             err = CaseError(
-                f"the folder's NIfTI files are not named <folder name>-<modality> ({', '.join(nifti[:3])}"
-                f"{', ...' if len(nifti) > 3 else ''}); rename the folder or the files",
+                f"the folder's NIfTI files are not named <folder name>-<modality> or <folder name>_<modality> "
+                f"({', '.join(nifti[:3])}{', ...' if len(nifti) > 3 else ''}); rename the folder or the files",
                 case=sub.name,
                 path=str(sub),
             )
@@ -256,7 +278,9 @@ def _read_modalities(files: CaseFiles, allow_empty: bool):
 
 
 def _read_regions(files: CaseFiles, shape, old_brats: bool) -> np.ndarray:
-    return read_label_map(files.seg, files.case_id, shape, None, old_brats, "seg")
+    """The seg as regions; label 4 is ET where the case's layout says so (2018–2021), or with ``old_brats``."""
+    old = old_brats or LAYOUTS[files.layout].et_label == OLD_ET_LABEL
+    return read_label_map(files.seg, files.case_id, shape, None, old, "seg")
 
 
 def read_label_map(path, case_id: str, shape, affine=None, old_brats: bool = False, what: str = "label map"):

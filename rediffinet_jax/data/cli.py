@@ -1,6 +1,7 @@
-"""``rediffinet-phantoms``: writes phantom cases in BraTS 2023 layout and prints a short summary.
+"""``rediffinet-phantoms``: writes phantom cases in a BraTS layout and prints a short summary.
 
 rediffinet-phantoms --out data/phantoms --cases 20 --shape 240,240,155 --seed 0
+rediffinet-phantoms --out data/old --cases 4 --layout 2021      # <case>_t1ce.nii.gz ..., ET labelled 4
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from rediffinet_jax.data import brats, phantoms
 from rediffinet_jax.errors import ConfigError
+from rediffinet_jax.labels import LAYOUTS
 
 
 def main(argv=None) -> None:
@@ -26,6 +28,9 @@ def main(argv=None) -> None:
     p.add_argument("--hard", action="store_true", help="add vessels, plexus, satellites, broken rims, fading edema")
     p.add_argument("--tumour_scale", type=float, default=1.0, help="multiplies the lesions' radii")
     p.add_argument("--overwrite", action="store_true", help="remake a folder of phantoms made with other settings")
+    p.add_argument(
+        "--layout", choices=sorted(LAYOUTS), default="2023", help="file names and ET label of BraTS 2023 or 2018-2021"
+    )
     a = p.parse_args(argv)
     shape = tuple(int(s) for s in a.shape.split(","))
     try:
@@ -39,6 +44,7 @@ def main(argv=None) -> None:
             hard=a.hard,
             tumour_scale=a.tumour_scale,
             overwrite=a.overwrite,
+            layout=a.layout,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from rediffinet_jax.data import mimics
 from rediffinet_jax.files import atomic_path, write_text
-from rediffinet_jax.labels import MODALITIES, SEG_SUFFIX
+from rediffinet_jax.labels import LAYOUTS, MODALITIES, SEG_SUFFIX, to_convention
 from rediffinet_jax.progress import bar
 
 # Mean intensity per tissue, columns in MODALITIES order [t1n, t1c, t2w, t2f].
@@ -154,8 +154,9 @@ def _render(coords, brain, tissue, labels, centres, shape, rng, hard) -> np.ndar
     return image.astype(np.float32)
 
 
-def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | None) -> None:
-    """Writes one case as BraTS 2023 NIfTI files (int16 images scaled ×1000, 1 mm, BraTS-like affine)."""
+def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | None, layout: str = "2023") -> None:
+    """Writes one case as BraTS NIfTI files (int16 images scaled ×1000, 1 mm, BraTS-like affine), named and
+    labelled as ``layout`` names and labels them (:data:`labels.LAYOUTS`: 2021 writes ``<case>_t1ce``, ET = 4)."""
     folder.mkdir(parents=True, exist_ok=True)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0])
     affine[1, 3] = images.shape[1] - 1
@@ -163,12 +164,12 @@ def write_case(folder: Path, cid: str, images: np.ndarray, labels: np.ndarray | 
     for m, v in vols.items():
         v[(v == 0) & (images[..., MODALITIES.index(m)] > 0)] = 1  # brain never rounds to background
     if labels is not None:
-        vols[SEG_SUFFIX] = labels.astype(np.uint8)
-    for suffix, v in vols.items():
+        vols[SEG_SUFFIX] = to_convention(labels, layout)
+    for what, v in vols.items():
         img = nib.Nifti1Image(v, affine)
         img.header.set_zooms((1.0, 1.0, 1.0))
         img.header.set_xyzt_units("mm", "sec")
-        with atomic_path(folder / f"{cid}-{suffix}.nii.gz") as tmp:
+        with atomic_path(folder / f"{LAYOUTS[layout].stem(cid, what)}.nii.gz") as tmp:
             nib.save(img, str(tmp))
 
 
@@ -185,6 +186,7 @@ def write_dataset(
     hard: bool = False,
     tumour_scale: float = 1.0,
     overwrite: bool = False,
+    layout: str = "2023",
 ) -> list[str]:
     """Writes ``n_cases`` labelled (then ``n_unlabelled`` unlabelled) phantoms under ``root``.
 
@@ -193,6 +195,7 @@ def write_dataset(
     records seed, shape, ``hard`` and ``tumour_scale``: cases
     already complete on disk and made with the same ones are kept (an interrupted generation resumes);
     a folder of phantoms made with others is refused, or emptied of them first with ``overwrite``.
+    ``layout``: the file names and ET label of a BraTS release (:data:`labels.LAYOUTS`).
 
     Raises:
       ConfigError: ``root`` holds phantoms made with another seed, shape, ``hard`` or ``tumour_scale``.
@@ -204,6 +207,8 @@ def write_dataset(
         "hard": bool(hard),
         "tumour_scale": float(tumour_scale),
     }
+    if layout != "2023":  # recorded only when not the default, so that older records still match
+        record["layout"] = layout
     _check_record(root, record, overwrite)
     ids = []
     for i in bar(range(n_cases + n_unlabelled), "phantoms", enabled=progress, leave=True):
@@ -211,11 +216,11 @@ def write_dataset(
         ids.append(cid)
         labelled = i < n_cases
         suffixes = list(MODALITIES) + ([SEG_SUFFIX] if labelled else [])
-        if all((root / cid / f"{cid}-{s}.nii.gz").is_file() for s in suffixes):
+        if all((root / cid / f"{LAYOUTS[layout].stem(cid, s)}.nii.gz").is_file() for s in suffixes):
             continue
         extra = np.random.default_rng([seed, i, 1]) if hard else None
         images, labels = generate_case(shape, np.random.default_rng([seed, i]), extra, tumour_scale)
-        write_case(root / cid, cid, images, labels if labelled else None)
+        write_case(root / cid, cid, images, labels if labelled else None, layout)
     return ids
 
 
