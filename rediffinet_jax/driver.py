@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import given_maps, inference, parallel, progress, stages
+from rediffinet_jax import config_check, given_maps, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats, phantoms, pipeline, splits
 from rediffinet_jax.errors import ConfigError
@@ -44,8 +44,10 @@ def check_request(config, fold: int | None, stage: str | None = None) -> None:
     """What can be refused before any work (phantoms, cache, splits) is done.
 
     Raises:
-      ConfigError: a fold outside ``0..n_folds-1``; stage 1 asked for where ``baseline.maps`` replaces it.
+      ConfigError: a setting that breaks a rule (:mod:`config_check`); a fold outside ``0..n_folds-1``; stage 1
+        asked for where ``baseline.maps`` replaces it.
     """
+    config_check.check(config)
     n = config.data.n_folds
     if fold is not None and not 0 <= fold < n:
         raise ConfigError(f"--fold {fold} is outside 0..{n - 1} (data.n_folds = {n})")
@@ -187,6 +189,20 @@ def _only_fold(fold_ids, config) -> int | None:
     return fold_ids[0] if len(fold_ids) == 1 and config.data.n_folds > 1 else None
 
 
+def _refuse_changed_settings(config, layout: wd.Layout, stage_flag, overwrite: bool) -> None:
+    """The stages' settings compared with the saved ones before anything is written (config.json, phantoms,
+    cache): a command that will be refused changes no file. The full check, with the U-Net trainings a
+    refiner was trained on, follows once the data is ready."""
+    if given_maps.configured(config):
+        return
+    checks = [(layout.stage(wd.BASELINE), _unet_settings(config), None, overwrite and stage_flag in (None, "unet"))]
+    if config.stages != "unet" and stage_flag != "unet":
+        d = {**_unet_settings(config), "diffusion": config.diffusion.to_dict()}
+        checks.append((layout.stage(config.diffusion.model), d, stages.implied_settings(config), overwrite))
+    for folder, settings, implied, allowed in checks:
+        wd.refuse_changed(folder, settings, implied, allowed)
+
+
 def run_unet(
     config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwrite, stop_after, progress_bars, log
 ) -> dict | None:
@@ -245,6 +261,7 @@ def run(
     check_request(config, fold, stage)
     given = given_maps.configured(config)
     layout = wd.Layout(workdir, wd.GIVEN if given else wd.BASELINE)
+    _refuse_changed_settings(config, layout, stage, overwrite)
     data = prepare(config, layout, progress, log)
     fold_ids = list(range(config.data.n_folds)) if fold is None else [fold]
     results: dict = {}

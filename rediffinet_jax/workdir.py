@@ -178,6 +178,20 @@ def _write_settings(folder: Path, flat: dict, settings: dict) -> None:
     write_atomic(Path(folder) / SETTINGS_FILE, json.dumps(settings, indent=1))
 
 
+def refuse_changed(folder: Path, settings: dict, implied=None, overwrite: bool = False) -> None:
+    """Refuses settings that differ from a stage's saved ones (as :func:`check_stage_config` would, unless
+    ``overwrite``), writing nothing; the records of which U-Net trainings a refiner used are not compared."""
+    saved, flat, diff = _settings_diff(folder, settings, implied)
+    # which U-Net trainings made the maps: checked later; the maps' checkpoint alone: remade, not refused
+    diff = [k for k in diff if not k.startswith(OOF_RUNS) and k != OOF_KEY]
+    if saved is not None and diff and not overwrite:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
+        raise ConfigError(
+            f"{folder} was trained with other settings ({details}); use another --workdir, or --overwrite to "
+            f"retrain this stage"
+        )
+
+
 def check_stage_config(
     folder: Path, settings: dict, overwrite: bool, log=print, implied=None, only_fold: int | None = None
 ) -> None:

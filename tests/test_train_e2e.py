@@ -39,9 +39,13 @@ def test_second_run_does_nothing(finished):
 
 
 def test_conflicting_config_is_refused(finished):
-    proc = _train(finished[0], "--config.unet.lr=0.5")
-    assert proc.returncode == 2
-    assert "unet.lr" in proc.stdout and "--overwrite" in proc.stdout
+    """Refused before any file is written: config.json stays what the run kept (a later evaluate.py reads it)."""
+    before = (finished[0] / "config.json").read_bytes()
+    for arg in ("--config.unet.lr=0.5", "--config.diffusion.lr=0.5"):
+        proc = _train(finished[0], arg)
+        assert proc.returncode == 2
+        assert arg[len("--config.") :].split("=")[0] in proc.stdout and "--overwrite" in proc.stdout
+        assert (finished[0] / "config.json").read_bytes() == before
 
 
 def test_changed_oof_checkpoint_remakes_the_maps(finished, tmp_path):
@@ -402,6 +406,11 @@ def test_user_errors_are_one_line_and_do_no_work(finished, tmp_path):
         ([f"--config={SMOKE[:-1]}"], "error: config configs/rediffinet.py:smok: unknown config argument"),
         (["--fold=7"], "error: --fold 7 is outside 0..1"),
         (["--fold=x"], "error: flag --fold=x"),
+        (
+            ["--config.diffusion.sampler.fusion=max"],
+            "error: config key diffusion.sampler.fusion = 'max': must be one of",
+        ),
+        (["--config.unet.keep=0"], "error: config key unet.keep = 0: must be an integer ≥ 1"),
     ]:
         proc = _train(w, *args)
         out = proc.stdout + proc.stderr

@@ -1,0 +1,58 @@
+"""Every setting checked before any work (config_check.py): each rule refuses what it should, naming the key."""
+
+import pytest
+
+from configs import control, rediffinet, rediffinet_plus
+from rediffinet_jax import config_check
+from rediffinet_jax.errors import ConfigError
+
+
+@pytest.mark.parametrize("module", [rediffinet, rediffinet_plus, control])
+@pytest.mark.parametrize("variant", [None, "demo", "bench", "smoke"])
+def test_every_shipped_config_passes(module, variant):
+    config_check.check(module.get_config(variant))
+
+
+BAD = [
+    ("diffusion.sampler.fusion", "max", "one of \\['mean', 'suf'\\]"),
+    ("diffusion.model", "foo", "one of"),
+    ("data.normalization", "minmax", "one of"),
+    ("unet.val_every", 0, "an integer ≥ 1"),
+    ("unet.batch", 0, "an integer ≥ 1"),
+    ("diffusion.keep", 0, "an integer ≥ 1"),
+    ("unet.steps", 0, "an integer ≥ 1"),
+    ("unet.patch", (32, 32), "three positive integers"),
+    ("unet.patch", (32, 32, 20), "multiples of 8"),
+    ("diffusion.patch", (32, 32, 24), "multiples of 16"),
+    ("diffusion.sampler.chunk", 3, "divide sampler.samples"),
+    ("diffusion.ema", 1.0, "in \\[0, 1\\)"),
+    ("diffusion.loss_weights", (0.0, 0.0, 0.0), "not all 0"),
+    ("eval.convention", "brats2020", "one of"),
+    ("unet.lr", -1.0, "a positive number"),
+    ("stages", "diffusion", "all or unet"),
+]
+
+
+@pytest.mark.parametrize("key,value,allowed", BAD)
+def test_bad_setting_is_one_line_naming_the_key(key, value, allowed):
+    c = rediffinet.get_config("bench")  # U-Net of 4 levels (patches: multiples of 8), 4 samples
+    *path, name = key.split(".")
+    node = c
+    for part in path:
+        node = node[part]
+    node[name] = value
+    with pytest.raises(ConfigError, match=rf"config key {key} = [^:]*: must .*{allowed}"):
+        config_check.check(c)
+
+
+def test_sdedit_start_only_for_discrepancy_refiners():
+    from configs import diff_unet
+
+    c = diff_unet.get_config("smoke")
+    c.diffusion.sampler.start = 500
+    with pytest.raises(ConfigError, match="discrepancy refiners only"):
+        config_check.check(c)
+    c = rediffinet.get_config("smoke")
+    c.diffusion.sampler.update(start=1, steps=3)
+    with pytest.raises(ConfigError, match="at most sampler.start"):
+        config_check.check(c)
