@@ -16,6 +16,7 @@ def base() -> ConfigDict:
             normalization="zscore_rescale",
             old_brats=False,
             allow_empty_modality=False,
+            spacing=(),  # mm per axis to resample to after cropping (CPUs: (2.0, 2.0, 2.0)); empty: the source's
             n_folds=5,
             split_seed=0,
             num_workers=2,

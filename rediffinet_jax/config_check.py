@@ -81,6 +81,11 @@ def rules() -> list:
         ("data.n_folds", _int_at_least(2), "an integer ≥ 2"),
         ("data.split_seed", _int_at_least(0), "an integer ≥ 0"),
         ("data.num_workers", _int_at_least(0), "an integer ≥ 0"),
+        (
+            "data.spacing",
+            lambda v: len(v) == 0 or (len(v) == 3 and all(_POSITIVE[0](x) for x in v)),
+            "empty or 3 numbers > 0",
+        ),
         ("data.phantoms.n_cases", _int_at_least(1), "an integer ≥ 1"),
         ("data.phantoms.shape", _positive_ints(3), "three positive integers"),
         ("data.phantoms.tumour_scale", *_POSITIVE),

@@ -95,6 +95,7 @@ def prepare(config, layout: wd.Layout, progress_bars: bool, log=print) -> Data:
             d.old_brats,
             progress=progress_bars and parallel.is_main(),
             allow_empty_modality=d.get("allow_empty_modality", False),
+            spacing=tuple(d.get("spacing") or ()) or None,
         )
     return Data({c.case_id: c for c in cases}, refs, {r.case_id: r for r in refs}, folds)
 
@@ -165,6 +166,7 @@ def _write_oof(stage, layout: wd.Layout, data: Data, k: int, todo, which: str, l
         folder = Path(data.refs_by_id[cid].folder)
         meta = brats.cached_meta(folder)
         probs = inference.unet_probabilities(stage.cfg, model, np.load(folder / "image.npy", mmap_mode="r"))
+        probs = brats.to_source(probs, meta)  # the map is made on the source grid (data.spacing)
         regions = brats.paste((probs > 0.5).astype(np.uint8), meta["box"], meta["full_shape"])
         if jax.process_index() == 0:
             brats.write_label_map(regions_to_labels(regions), layout.oof_map(cid), data.files_by_id[cid].images["t1n"])

@@ -306,12 +306,12 @@ def _score_case(run: Run, model: Model, net, k: int, cid: str) -> list[dict]:
     folder = run.layout.cache / cid
     meta = brats.cached_meta(folder)
     box, full = meta["box"], meta["full_shape"]
-    gt = brats.paste(np.load(folder / "regions.npy"), box, full)
+    gt = brats.paste(brats.source_truth(folder), box, full)
     unet_full = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
     seconds, pred = float("nan"), unet_full
     if model.stage is not None:
         t0 = time.perf_counter()
-        refined, fields = _refine(model.stage, net, folder, brats.crop(unet_full, box), box, full, k, cid)
+        refined, fields = _refine(model.stage, net, folder, brats.crop(unet_full, box), meta, k, cid)
         labels = regions_to_labels(refined)
         seconds = time.perf_counter() - t0
         if parallel.is_main():
@@ -328,14 +328,18 @@ def _score_case(run: Run, model: Model, net, k: int, cid: str) -> list[dict]:
     return rows
 
 
-def _refine(stage, model, folder, unet_crop, box, full, fold, cid):
-    """(the refined regions on the full grid, the refiner's fields on the crop: ``y``, ``p``)."""
+def _refine(stage, model, folder, unet_crop, meta, fold, cid):
+    """(the refined regions on the full grid, the refiner's fields on the crop of the source grid: ``y``,
+    ``p``). The refiner runs on the working grid (``data.spacing``); its fields are resampled back to the
+    source grid, where U(I) is flipped."""
     s = stage.cfg.sampler
     key = jax.random.fold_in(jax.random.key(fold), zlib.crc32(cid.encode()) % (1 << 31))  # stable per case
-    unet = unet_crop if stage.with_unet else None
+    unet = brats.to_work(unet_crop, meta) if stage.with_unet else None
     image = np.load(folder / "image.npy", mmap_mode="r")
-    fields = inference.diffusion_fused(stage, model, image, unet, key, s.steps, s.samples, s.fusion, s.chunk or None)
-    return brats.paste(inference.finish(stage, fields["y"], unet).astype(np.uint8), box, full), fields
+    out = inference.diffusion_fused(stage, model, image, unet, key, s.steps, s.samples, s.fusion, s.chunk or None)
+    fields = {k: brats.to_source(out[k], meta) for k in ("y", "p")}
+    refined = inference.finish(stage, fields["y"], unet_crop if stage.with_unet else None).astype(np.uint8)
+    return brats.paste(refined, meta["box"], meta["full_shape"]), fields
 
 
 def _write_pred(labels, path: Path, layout: wd.Layout, cid: str) -> None:
@@ -388,7 +392,7 @@ def _official_gt(layout: wd.Layout, cid: str) -> Path:
     path = layout.eval / "official" / "gt" / f"{cid}.nii.gz"
     if not path.is_file():
         meta = brats.cached_meta(layout.cache / cid)
-        gt = brats.paste(np.load(layout.cache / cid / "regions.npy"), meta["box"], meta["full_shape"])
+        gt = brats.paste(brats.source_truth(layout.cache / cid), meta["box"], meta["full_shape"])
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_pred(regions_to_labels(gt), path, layout, cid)
     return path
@@ -413,8 +417,8 @@ def _case_figures(run: Run, per_fold, labels, n: int = 2) -> None:
         folder = run.layout.cache / cid
         meta = brats.cached_meta(folder)
         box, full = meta["box"], meta["full_shape"]
-        image = brats.paste(np.load(folder / "image.npy"), box, full)
-        gt = brats.paste(np.load(folder / "regions.npy"), box, full)
+        image = brats.paste(brats.to_source(np.load(folder / "image.npy"), meta), box, full)
+        gt = brats.paste(brats.source_truth(folder), box, full)
         unet = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
         ref = labels_to_regions(np.asarray(brats.read_nifti(pred_path, cid)[0], np.uint8))
         figures.refinement_figure(

@@ -52,7 +52,7 @@ def _case_inputs(run, cid: str):
     folder = run.layout.cache / cid
     meta = brats.cached_meta(folder)
     unet_full = labels_to_regions(np.asarray(brats.read_nifti(run.layout.oof_map(cid), cid)[0], np.uint8))
-    return meta, np.load(folder / "regions.npy"), brats.crop(unet_full, meta["box"]), unet_full
+    return meta, brats.source_truth(folder), brats.crop(unet_full, meta["box"]), unet_full
 
 
 def fold_effects(run, label: str, k: int, progress_bar: bool) -> dict:
@@ -134,7 +134,7 @@ def _gated_case(run, source: Path, cid: str, gates: dict, label: str, k: int, wr
     if parallel.is_main():
         write_pred(labels, run.layout.pred_map(label, k, cid), run.layout, cid)
     pred = labels_to_regions(labels)
-    gt = brats.paste(np.load(run.layout.cache / cid / "regions.npy"), box, full)
+    gt = brats.paste(brats.source_truth(run.layout.cache / cid), box, full)
     rows = metrics.score_case(pred, gt, meta["spacing"], cid, run.convention, with_lesion_wise=True)
     for row, flips in zip(rows, metrics.flip_counts(pred, unet_full, gt)):
         row.update({key: flips[key] for key in metrics.FLIP_KEYS})

@@ -16,10 +16,11 @@ from pathlib import Path
 import jax
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from rediffinet_jax import gate, gate_eval, given_maps, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
-from rediffinet_jax.data import brats
+from rediffinet_jax.data import brats, resample
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.files import atomic_path
 from rediffinet_jax.labels import LAYOUTS, MODALITIES, regions_to_labels, to_convention
@@ -170,7 +171,9 @@ def predict_folder(
                 errors.append(e)
                 log(f"failed: {e}")
                 continue
-            regions, probs, unc = _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty, given, gates)
+            regions, probs, unc = _segment(
+                case, ustage, unets, dstage, refiners, folds, save_uncertainty, given, gates, _spacing(settings.data)
+            )
             if parallel.is_main():  # every process computed the case (the models run on all); one writes
                 conv = files.layout if labels == "input" else labels
                 _write_case(out, files, case, regions, probs if save_probabilities else None, unc, conv)
@@ -217,28 +220,34 @@ def _load(files, data_cfg, maps=None):
     return case, given
 
 
-def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool, given=None, gates=None):
-    """(regions, U-Net probabilities or None, uncertainty or None) of one loaded case, cropped,
-    channels-last; ``given``: the case's given map as cropped regions, U(I) in place of the U-Net's;
-    ``gates``: {region: candidate or None} applied to the folds' mean output (None: every flip)."""
+def _segment(
+    case, ustage, unets, dstage, refiners, folds, save_uncertainty: bool, given=None, gates=None, spacing=None
+):
+    """(regions, U-Net probabilities or None, uncertainty or None) of one loaded case, cropped on its source
+    grid, channels-last; ``given``: the case's given map as cropped regions, U(I) in place of the U-Net's;
+    ``gates``: {region: candidate or None} applied to the folds' mean output (None: every flip); ``spacing``:
+    the working grid's (``data.spacing``; the models run there, every output comes back to the source grid)."""
+    meta = {"box": case.box, "work_shape": case.image.shape[:3]}
+    if spacing:
+        meta["work_shape"] = resample.work_shape(case.image.shape[:3], case.spacing, spacing)
+    image = brats.to_work(case.image, meta)
     if given is not None:
         probs, unet = None, given.astype(np.uint8)
     else:
-        probs = np.mean([inference.unet_probabilities(ustage.cfg, m, case.image) for m in unets], 0)
+        probs = np.mean([inference.unet_probabilities(ustage.cfg, m, image) for m in unets], 0)
+        probs = brats.to_source(probs, meta)
         unet = (probs > 0.5).astype(np.uint8)
     if dstage is None:
         return unet, probs, None
     s = dstage.cfg.sampler
-    given = unet if dstage.with_unet else None
-    # windows outside every gated region's band cannot flip anything: not sampled (unless the uncertainty
-    # map, which covers everything, is asked for)
-    need = gate.needed(unet, gates) if gates is not None and not save_uncertainty else None
+    cond_unet = brats.to_work(unet, meta) if dstage.with_unet else None
+    need = _needed(unet, gates, meta) if gates is not None and not save_uncertainty else None
     outs = [
         inference.diffusion_fused(
             dstage,
             m,
-            case.image,
-            given,
+            image,
+            cond_unet,
             jax.random.key(k),
             s.steps,
             s.samples,
@@ -249,12 +258,29 @@ def _segment(case, ustage, unets, dstage, refiners, folds, save_uncertainty: boo
         )
         for k, m in zip(folds, refiners)
     ]
-    mean = {key: np.mean([o[key] for o in outs], 0) for key in outs[0]}
+    mean = {key: brats.to_source(np.mean([o[key] for o in outs], 0), meta) for key in outs[0]}
+    given = unet if dstage.with_unet else None
     if gates is None:
         regions = inference.finish(dstage, mean["y"], given)
     else:
         regions = gate.apply(gate.Fields(mean["y"] > 0, mean["p"], unet), gates)
     return regions, probs, mean.get("uncertainty")
+
+
+def _needed(unet: np.ndarray, gates: dict, meta: dict) -> np.ndarray | None:
+    """The working-grid voxels whose refiner output can reach a kept flip (:func:`gate.needed` on the source
+    grid, carried to the working grid and grown by a voxel there, which linear resampling reads from):
+    windows without one are not sampled. None: every voxel."""
+    need = gate.needed(unet, gates)
+    if need is None or tuple(meta["work_shape"]) == need.shape:
+        return need
+    work = brats.to_work(need[..., None].astype(np.float32), meta)[..., 0] > 0
+    return ndimage.binary_dilation(work, np.ones((3, 3, 3), bool))
+
+
+def _spacing(data_cfg) -> tuple | None:
+    """The working spacing of the run's config (``data.spacing``; None: the source's)."""
+    return tuple(data_cfg.get("spacing") or ()) or None
 
 
 def _write_case(out: Path, files, case, regions, probs, uncertainty, convention: str = "2023") -> None:

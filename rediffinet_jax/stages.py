@@ -46,6 +46,7 @@ def implied_settings(config) -> dict:
 #: Flat settings keys added after 0.2.0 with the value that does what 0.2.0 did: a refiner trained before
 #: they existed resumes, and one trained with another value is refused as before.
 ADDED_SETTINGS = {
+    "data.spacing": [],
     "diffusion.error_fraction": 0.0,
     "diffusion.unet_augment.p": 0.0,
     "diffusion.unet_augment.max_radius": 2,

@@ -273,3 +273,32 @@ def test_predict_writes_the_labels_of_its_input(finished, tmp_path):
         written = _labels(tmp_path / conv / f"{files.case_id}.nii.gz")
         box = tuple(b[0] + 1 for b in case.box)
         assert written[box] == et and set(np.unique(written)) == {0, et}
+
+
+def test_spacing_trains_coarser_and_writes_the_source_grid(finished, tmp_path):
+    """data.spacing = 2 mm on the smoke phantoms: the cache holds the 2 mm crop and the 1 mm truth; the
+    U-Net's out-of-fold maps and predict.py's maps are on the source grid, shape and affine; its rows are
+    scored there (the truth's voxel counts are the source's)."""
+    import json
+
+    w = tmp_path / "w"
+    proc = _train(w, "--config.data.spacing=(2.0, 2.0, 2.0)", "--config.stages=unet")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    case = sorted(p.name for p in (w / "cache").iterdir())[0]
+    meta = json.loads((w / "cache" / case / "meta.json").read_text())
+    crop = [b - a for a, b in meta["box"]]
+    assert meta["work_shape"] == [round(n / 2) for n in crop]
+    assert np.load(w / "cache" / case / "image.npy").shape[:3] == tuple(meta["work_shape"])
+    truth = np.load(w / "cache" / case / "truth.npy")
+    assert truth.shape[:3] == tuple(crop)
+    src = nib.load(str(w / "data" / case / f"{case}-seg.nii.gz"))
+    oof = nib.load(str(w / "unet" / "oof" / f"{case}.nii.gz"))
+    assert oof.shape == src.shape and np.allclose(oof.affine, src.affine)
+    seg = np.asarray(src.dataobj)
+    assert truth[..., 0].sum() == (seg > 0).sum()  # the truth scored is the 1 mm one
+    src_dir = tmp_path / "cases"
+    _predict_inputs(w, src_dir, n=1)
+    proc = _run("predict.py", "-i", str(src_dir), "-o", str(tmp_path / "out"), f"--workdir={w}", "--model=unet")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = nib.load(str(next((tmp_path / "out").glob("*.nii.gz"))))
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine)

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from rediffinet_jax.data import resample
 from rediffinet_jax.errors import CaseError
 from rediffinet_jax.files import atomic_path
 from rediffinet_jax.labels import LAYOUTS, MODALITIES, OLD_ET_LABEL, SEG_SUFFIX, check_labels, labels_to_regions
@@ -323,26 +324,58 @@ def write_label_map(labels: np.ndarray, path: str | os.PathLike, reference: str 
 # ----------------------------------------------------------------------------- cache
 
 
-def _source_key(files: CaseFiles, normalization: str, old_brats: bool, allow_empty: bool) -> dict:
+def _source_key(files: CaseFiles, normalization: str, old_brats: bool, allow_empty: bool, spacing=None) -> dict:
     paths = [files.images[m] for m in MODALITIES] + ([files.seg] if files.seg else [])
     stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
-    return {
+    key = {
         "version": _CACHE_VERSION,
         "normalization": normalization,
         "old_brats": old_brats,
         "allow_empty_modality": allow_empty,
         "sources": stats,
     }
+    if spacing:  # only when asked: a cache made at the source's spacing stays valid
+        key["spacing"] = [float(x) for x in spacing]
+    return key
 
 
 def cached_meta(folder: str | os.PathLike) -> dict:
-    """The metadata of a cache entry: box (tuple of (start, stop)), full_shape, spacing (tuples), affine,
-    labelled, key."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
+    """The metadata of a cache entry: box (tuple of (start, stop)), full_shape, spacing (the source's, tuples),
+    affine, labelled, key, and work_shape: the shape of the arrays cached (the crop's own unless
+    ``data.spacing`` resampled it). A damaged ``meta.json`` reads as missing: the entry is rebuilt."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
     meta["box"] = tuple(tuple(b) for b in meta["box"])
     meta["full_shape"] = tuple(meta["full_shape"])
     meta["spacing"] = tuple(meta["spacing"])
+    meta["work_shape"] = tuple(meta.get("work_shape") or (b - a for a, b in meta["box"]))
     return meta
+
+
+def crop_shape(meta: dict) -> tuple[int, ...]:
+    return tuple(b - a for a, b in meta["box"])
+
+
+def to_source(array: np.ndarray, meta: dict) -> np.ndarray:
+    """A cached case's float array ``[d, h, w, C]`` from its working grid back to its crop on the source grid."""
+    return resample.resize(np.asarray(array, np.float32), crop_shape(meta))
+
+
+def to_work(array: np.ndarray, meta: dict) -> np.ndarray:
+    """A cropped array on the source grid to the case's working grid: floats linearly, region masks (uint8)
+    by :func:`resample.resize_labels`."""
+    if np.issubdtype(np.asarray(array).dtype, np.floating):
+        return resample.resize(array, meta["work_shape"])
+    return resample.resize_labels(array, meta["work_shape"])
+
+
+def source_truth(folder) -> np.ndarray:
+    """A cached case's ground-truth regions on its crop of the source grid (what is scored), whatever the
+    working grid."""
+    folder = Path(folder)
+    return np.load(folder / ("truth.npy" if (folder / "truth.npy").is_file() else "regions.npy"))
 
 
 def cached_case(
@@ -352,17 +385,22 @@ def cached_case(
     old_brats: bool = False,
     require_labels: bool = False,
     allow_empty_modality: bool = False,
+    spacing=None,
 ) -> Case:
     """Like :func:`load_case`, through a cache of ``.npy`` files opened memory-mapped.
 
+    ``spacing`` (mm per axis; None or empty: the source's): the crop is resampled to it
+    (:mod:`resample`; image and ``regions.npy`` on that grid, the source-grid truth kept as ``truth.npy``).
     The entry ``cache_dir/<case>/`` is rebuilt when a source file (size or mtime) or an option changes.
     It is built in a temporary folder and renamed into place, so an interrupted build leaves nothing.
     """
     folder = Path(cache_dir) / files.case_id
-    key = _source_key(files, normalization, old_brats, allow_empty_modality)
+    key = _source_key(files, normalization, old_brats, allow_empty_modality, spacing)
     meta = cached_meta(folder) if (folder / "meta.json").is_file() else None
-    if meta is None or meta["key"] != key:
+    if meta is None or meta["key"] != key:  # (a damaged meta.json reads as None: rebuilt)
         case = load_case(files, normalization, old_brats, require_labels, allow_empty_modality=allow_empty_modality)
+        shape = case.image.shape[:3]
+        work = resample.work_shape(shape, case.spacing, spacing) if spacing else shape
         meta = {
             "key": key,
             "spacing": case.spacing,
@@ -370,13 +408,17 @@ def cached_case(
             "box": case.box,
             "full_shape": case.full_shape,
             "labelled": case.regions is not None,
+            "work_shape": list(work),
         }
         with atomic_path(folder) as tmp:
             tmp.mkdir()
-            np.save(tmp / "image.npy", case.image)
+            np.save(tmp / "image.npy", resample.resize(case.image, work))
             if case.regions is not None:
-                np.save(tmp / "regions.npy", case.regions)
+                np.save(tmp / "regions.npy", resample.resize_labels(case.regions, work))
+                if tuple(work) != tuple(shape):
+                    np.save(tmp / "truth.npy", case.regions)
             (tmp / "meta.json").write_text(json.dumps(meta))
+        meta = cached_meta(folder)
     if require_labels and not meta["labelled"]:
         raise CaseError("no segmentation (-seg) where labels are needed", case=files.case_id)
     regions = np.load(folder / "regions.npy", mmap_mode="r") if meta["labelled"] else None
@@ -386,6 +428,6 @@ def cached_case(
         regions,
         tuple(meta["spacing"]),
         np.asarray(meta["affine"]),
-        tuple(tuple(b) for b in meta["box"]),
-        tuple(meta["full_shape"]),
+        meta["box"],
+        meta["full_shape"],
     )

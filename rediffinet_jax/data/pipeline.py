@@ -18,7 +18,7 @@ import grain
 import numpy as np
 from scipy import ndimage
 
-from rediffinet_jax.data import brats
+from rediffinet_jax.data import brats, resample
 from rediffinet_jax.errors import CaseError
 from rediffinet_jax.files import atomic_path
 from rediffinet_jax.labels import labels_to_regions
@@ -96,19 +96,28 @@ def prepare_cache(
     old_brats: bool = False,
     progress: bool = True,
     allow_empty_modality: bool = False,
+    spacing=None,
 ) -> list[CaseRef]:
-    """Builds (or reuses) the cache of every case, labels required; returns the pipeline's references."""
+    """Builds (or reuses) the cache of every case, labels required, resampled to ``spacing`` (mm) when given;
+    returns the pipeline's references."""
     refs = []
     for files in bar(cases, "cache", enabled=progress):
         brats.cached_case(
-            files, cache_dir, normalization, old_brats, require_labels=True, allow_empty_modality=allow_empty_modality
+            files,
+            cache_dir,
+            normalization,
+            old_brats,
+            require_labels=True,
+            allow_empty_modality=allow_empty_modality,
+            spacing=spacing,
         )
         refs.append(CaseRef(files.case_id, str(Path(cache_dir) / files.case_id)))
     return refs
 
 
 def attach_unet_masks(refs: list[CaseRef], oof_dir: str | os.PathLike) -> None:
-    """Caches each case's out-of-fold U-Net label map ``oof_dir/<case>.nii.gz`` as cropped region masks.
+    """Caches each case's out-of-fold U-Net label map ``oof_dir/<case>.nii.gz`` as cropped region masks, on
+    the case's working grid (:func:`brats.to_work`).
 
     Raises:
       CaseError: a case without a prediction (stage 1 has not predicted it).
@@ -127,9 +136,10 @@ def attach_unet_masks(refs: list[CaseRef], oof_dir: str | os.PathLike) -> None:
         if dst.is_file() and stamp.is_file() and stamp.read_text() == key:
             continue
         labels, _ = brats.read_nifti(src, ref.case_id)
-        box = brats.cached_meta(ref.folder)["box"]
+        meta = brats.cached_meta(ref.folder)
+        regions = brats.crop(labels_to_regions(np.rint(labels).astype(np.uint8)), meta["box"])
         with atomic_path(dst) as tmp:
-            np.save(tmp, brats.crop(labels_to_regions(np.rint(labels).astype(np.uint8)), box))
+            np.save(tmp, brats.to_work(regions, meta))
         stamp.write_text(key)
 
 
@@ -143,22 +153,6 @@ def _window(array: np.ndarray, start, size) -> np.ndarray:
         dst.append(slice(a - s, b - s))
     out[tuple(dst)] = array[tuple(src)]
     return out
-
-
-def _resize(array: np.ndarray, size) -> np.ndarray:
-    """Resizes ``[D, H, W, C]`` to ``size + [C]``, voxel centres aligned (half-pixel, as DALI and
-    ``jax.image.resize``). Floats are interpolated linearly (DALI uses cubic, several times slower here:
-    docs/decisions.md), integer masks take the nearest voxel so they stay binary. Channel by channel: one
-    4-D call interpolating along C as well was slower."""
-    order = 1 if np.issubdtype(array.dtype, np.floating) else 0
-    factors = np.asarray(size) / array.shape[:3]
-    return np.stack(
-        [
-            ndimage.zoom(array[..., c], factors, order=order, grid_mode=True, mode="nearest")
-            for c in range(array.shape[-1])
-        ],
-        axis=-1,
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +196,7 @@ class SamplePatch(grain.transforms.RandomMap):
         if self.with_unet:
             out["unet"] = _window(np.load(folder / "unet.npy", mmap_mode="r"), start, p)
         if (p != patch).any():
-            out = {k: _resize(v, patch) for k, v in out.items()}
+            out = {k: resample.resize(v, patch) for k, v in out.items()}
         if self.with_unet and (self.unet_augment.p or self.unet_augment.component_p):
             out["unet"] = augment_unet(out["unet"], self.unet_augment, rng)
         return self._augment(out, rng)
