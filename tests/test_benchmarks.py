@@ -372,3 +372,28 @@ def test_memory_and_pipeline_tables(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| train_bench | stopped at the deadline | 300.5 | 3.2 | 2.1 | unet 0,1 |" in out
     assert "| predict | skipped (no time left) |" in out and "label maps: 2 cases, 1 problems (c1: no map ...)" in out
+
+
+def test_real_cases_are_checked_file_by_file(tmp_path, monkeypatch):
+    """benchmarks/real_data.py: a copy whose files match real_cases.txt passes; one changed file names its case.
+    (Fake files and a fake list: the real cases are BraTS data and never in the tests.)"""
+    import hashlib
+
+    from benchmarks import real_data
+
+    lines = []
+    for case in ("A", "B"):
+        (tmp_path / case).mkdir()
+        for name in (f"{case}_t1.nii.gz", f"{case}_seg.nii.gz"):
+            (tmp_path / case / name).write_bytes(name.encode())
+            lines.append(f"{case} {name} {hashlib.sha256(name.encode()).hexdigest()}")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\n" + "\n".join(lines) + "\n")
+    monkeypatch.setattr(real_data, "LIST", listing)
+    assert real_data.check(tmp_path) == ["A", "B"]
+    (tmp_path / "B" / "B_seg.nii.gz").write_bytes(b"edited")
+    with pytest.raises(SystemExit, match="case B: .*B_seg.nii.gz differs"):
+        real_data.check(tmp_path)
+    (tmp_path / "A" / "A_t1.nii.gz").unlink()
+    with pytest.raises(SystemExit, match="case A: .*A_t1.nii.gz is missing"):
+        real_data.check(tmp_path)
