@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import common  # noqa: E402
 from benchmarks.refinement import COLS, seed_overrides  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
-from rediffinet_jax.evaluation import read_rows  # noqa: E402
+from rediffinet_jax.case_rows import read_rows  # noqa: E402
 from rediffinet_jax.labels import REGIONS  # noqa: E402
 
 PAPER = "configs/rediffinet.py:bench"

@@ -38,7 +38,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import common  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
-from rediffinet_jax.evaluation import BASELINE, read_rows  # noqa: E402
+from rediffinet_jax.case_rows import read_rows  # noqa: E402
+from rediffinet_jax.evaluation import BASELINE  # noqa: E402
 from rediffinet_jax.labels import REGIONS  # noqa: E402
 from rediffinet_jax.workdir import GIVEN  # noqa: E402
 

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     p.add_argument("--fusions", default="mean,suf")
     a = p.parse_args(argv)
 
-    from rediffinet_jax import evaluation
+    from rediffinet_jax import case_rows, evaluation
     from rediffinet_jax import workdir as wd
     from rediffinet_jax.workdir import load_settings
 
@@ -132,11 +132,11 @@ def main(argv=None) -> None:
                     rows = [
                         r
                         for k in folds
-                        for r in evaluation.read_rows(workdir / "eval" / label / f"fold_{k}" / "cases.csv")
+                        for r in case_rows.read_rows(workdir / "eval" / label / f"fold_{k}" / "cases.csv")
                     ]
                     results.append({"fusion": fusion, "steps": steps, "samples": samples, **score(rows)})
                     print(json.dumps(results[-1]), flush=True)
-    base_rows = [r for k in folds for r in evaluation.read_rows(workdir / "eval" / "unet" / f"fold_{k}" / "cases.csv")]
+    base_rows = [r for k in folds for r in case_rows.read_rows(workdir / "eval" / "unet" / f"fold_{k}" / "cases.csv")]
     base = {k: v for k, v in score(base_rows).items() if not k.startswith("net_")}
     out = workdir / "eval"
     (out / "sampler_sweep.json").write_text(

@@ -13,7 +13,6 @@ done.json) and that of the U-Net whose out-of-fold maps they used: a fold traine
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 import zlib
@@ -24,63 +23,12 @@ import numpy as np
 
 from rediffinet_jax import figures, gate_eval, inference, metrics, official, parallel, progress, reports, stages
 from rediffinet_jax import workdir as wd
+from rediffinet_jax.case_rows import append_rows, read_rows
 from rediffinet_jax.data import brats
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 
 BASELINE = wd.BASELINE
-# seconds: the model's prediction of the case (sliding window and sampler); empty for the U-Net, whose
-# rows come from its out-of-fold maps
-CASE_COLUMNS = (
-    "case",
-    "region",
-    "dice",
-    "hd95",
-    "lesionwise_dice",
-    "lesionwise_hd95",
-    "tp",
-    "fp",
-    "fn",
-    *metrics.FLIP_KEYS,
-    "seconds",
-    "convention",
-    "gt_empty",
-    "lesions_dropped",
-)
-_OLD_COLUMNS = CASE_COLUMNS[:-2]  # 0.2.0 wrote no ground-truth counts: still read (they are left out)
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The rows of ``eval/<model>/fold_k/cases.csv``; refuses one with other columns (an older version's)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    if tuple(reader.fieldnames or ()) not in (CASE_COLUMNS, _OLD_COLUMNS):
-        raise ConfigError(
-            f"{path} has the columns {reader.fieldnames}, not {list(CASE_COLUMNS)} (an older "
-            f"version wrote it); delete {path.parents[2]} to rescore"
-        )
-    for r in rows:
-        for k in ("dice", "hd95", "lesionwise_dice", "lesionwise_hd95", "seconds"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "") else float("nan")
-        for k in metrics.FLIP_KEYS:
-            r[k] = int(r[k])
-        for k in ("gt_empty", "lesions_dropped"):
-            r[k] = int(r[k]) if r.get(k) not in (None, "") else None
-    return rows
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Adds rows to ``cases.csv`` in the columns its header has (an older file's stay as they are)."""
-    new = not path.is_file()
-    columns = CASE_COLUMNS if new else path.read_text().partition("\n")[0].strip().split(",")
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 @dataclasses.dataclass
@@ -281,7 +229,7 @@ def _score_fold(run: Run, model: Model, k: int, progress_bar: bool, log) -> list
     out_dir = run.layout.eval_fold(model.label, k)
     wd.tie_to_training(out_dir, wd.made_from(done, run.maps_by, k), log)
     csv_path = run.layout.cases_csv(model.label, k)
-    old = read_rows(csv_path)
+    old = read_rows(csv_path, repair=True)
     if any(r["convention"] != run.convention for r in old):
         raise ConfigError(
             f"{csv_path} was scored with HD95 convention {old[0]['convention']}, not "

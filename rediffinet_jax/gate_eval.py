@@ -22,6 +22,7 @@ import numpy as np
 
 from rediffinet_jax import gate, metrics, parallel, progress
 from rediffinet_jax import workdir as wd
+from rediffinet_jax.case_rows import append_rows, read_rows
 from rediffinet_jax.data import brats
 from rediffinet_jax.files import atomic_path
 from rediffinet_jax.labels import REGIONS, labels_to_regions, regions_to_labels
@@ -89,8 +90,6 @@ def choose_gates(run, label: str, progress_bar: bool, log) -> dict:
 def score_gated(run, model, progress_bar: bool, log, write_pred) -> tuple[dict, dict]:
     """Chooses the gates of ``model`` (an evaluation's Model of a discrepancy refiner) and scores its gated
     row; returns ({k: rows}, the gate record). ``write_pred(labels, path, layout, cid)`` writes a map."""
-    from rediffinet_jax.evaluation import append_rows, read_rows  # evaluation calls this module
-
     record = choose_gates(run, model.label, progress_bar, log)
     label = gated_label(model.label)
     wd.check_record(

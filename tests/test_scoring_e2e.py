@@ -50,7 +50,7 @@ def test_refinement_benchmark_over_two_seeds(finished, tmp_path):
     import json
 
     from rediffinet_jax import metrics
-    from rediffinet_jax.evaluation import read_rows
+    from rediffinet_jax.case_rows import read_rows
 
     root = tmp_path / "bench"
     shutil.copytree(finished[0], root / "seed_0")

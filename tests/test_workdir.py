@@ -126,3 +126,33 @@ def test_overwrite_of_one_fold_with_new_settings_deletes_nothing(tmp_path):
     workdir.check_stage_config(stage, {"diffusion": {"lr": 1.0}}, True, lambda m: None, only_fold=0)  # same: fine
     workdir.check_stage_config(stage, {"diffusion": {"lr": 2.0}}, True, lambda m: None)  # every fold: retrained
     assert not (stage / "fold_1").exists()
+
+
+def test_torn_and_incomplete_case_rows_are_rescored(tmp_path):
+    """cases.csv after a kill mid-write: a case with two of its three rows and a last row cut off. Both cases
+    read as not scored (so they are scored again), and repair rewrites the file with the whole case only."""
+    from rediffinet_jax.case_rows import CASE_COLUMNS, append_rows, read_rows
+
+    def row(case, region):
+        return {k: 0 for k in CASE_COLUMNS} | {"case": case, "region": region, "convention": "brats2023"}
+
+    path = tmp_path / "cases.csv"
+    append_rows(path, [row("A", r) for r in ("WT", "TC", "ET")] + [row("B", r) for r in ("WT", "TC")])
+    with open(path, "a") as f:
+        f.write("C,WT,0.5,1")  # cut off mid-row
+    assert sorted({r["case"] for r in read_rows(path)}) == ["A"]
+    assert len(path.read_text().splitlines()) == 7  # reading alone changes nothing
+    assert [r["case"] for r in read_rows(path, repair=True)] == ["A"] * 3
+    assert len(path.read_text().splitlines()) == 4 and path.read_text().endswith("\n")
+    append_rows(path, [row("B", r) for r in ("WT", "TC", "ET")])
+    assert sorted({r["case"] for r in read_rows(path)}) == ["A", "B"]
+
+
+def test_overlapping_folds_are_refused(tmp_path):
+    import json
+
+    from rediffinet_jax.data import splits
+
+    (tmp_path / splits.SPLITS_FILE).write_text(json.dumps({"folds": [["a", "b"], ["b", "c"]]}))
+    with pytest.raises(ConfigError, match="case b is in folds 0 and 1"):
+        splits.load_or_create(tmp_path, ["a", "b", "c"], 2)

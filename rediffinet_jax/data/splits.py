@@ -37,13 +37,21 @@ def load_or_create(workdir: str | os.PathLike, case_ids: list[str], n_folds: int
     """Reads ``workdir/splits.json``, or writes it the first time.
 
     Raises:
-      ConfigError: the file exists but its cases differ from ``case_ids`` (names the differences), or
+      ConfigError: the file exists but is damaged, holds a case in two folds (its "out-of-fold" maps would
+        come from a model trained on it), its cases differ from ``case_ids`` (names the differences), or
         its fold count differs; the split is never recomputed silently.
     """
+    from rediffinet_jax.workdir import read_json
+
     path = Path(workdir) / SPLITS_FILE
     if path.is_file():
-        saved = json.loads(path.read_text())
-        folds = saved["folds"]
+        folds = read_json(path)["folds"]
+        seen: dict[str, int] = {}
+        for k, fold in enumerate(folds):
+            for c in fold:
+                if c in seen:
+                    raise ConfigError(f"{path}: case {c} is in folds {seen[c]} and {k}; each case must be in one fold")
+                seen[c] = k
         have, want = {c for f in folds for c in f}, set(case_ids)
         if have != want:
             missing, extra = sorted(have - want), sorted(want - have)
