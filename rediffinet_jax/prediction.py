@@ -159,7 +159,8 @@ def predict_folder(
     cases, errors = _discover(input_dir, out, log)
     with wd.lock(out, "predict.py"):
         wd.check_record(out / RECORD, record, "use another -o, or delete its label maps and prediction.json")
-        todo = [c for c in cases if not (out / f"{c.case_id}.nii.gz").is_file()]
+        wanted = _outputs(save_probabilities, save_uncertainty)  # a flag new to -o: its files are made
+        todo = [c for c in cases if not all((out / f"{c.case_id}{s}.nii.gz").is_file() for s in wanted)]
         log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
         parallel.barrier("predict: listed")  # every process has its list before process 0 writes a label map
         unets, refiners = (_fold_models(layout, st, folds, checkpoint, log) for st in (ustage, dstage))
@@ -186,12 +187,34 @@ def predict_folder(
     return errors
 
 
+SUFFIXES = {"probabilities": "_probabilities", "uncertainty": "_uncertainty"}  # beside <case>.nii.gz
+
+
+def _outputs(save_probabilities: bool, save_uncertainty: bool) -> list[str]:
+    """The file-name suffixes a case gets: the label map's (none), then the volumes asked for."""
+    return [""] + [
+        SUFFIXES[k] for k, on in (("probabilities", save_probabilities), ("uncertainty", save_uncertainty)) if on
+    ]
+
+
 def _discover(input_dir, out: Path, log):
     """(the cases of ``input_dir``, the errors of those that cannot be used: each logged, none raised),
-    once the output folder ``out`` is checked (:func:`_check_output`)."""
+    once the output folder ``out`` is checked (:func:`_check_output`).
+
+    Raises:
+      ConfigError: two cases whose outputs would have one name (``A`` and ``A_probabilities``).
+    """
     _check_output(out)
     errors: list[CaseError] = []
     cases = brats.discover_cases(input_dir, errors=errors)
+    ids = {c.case_id for c in cases}
+    for c in cases:
+        for suffix in SUFFIXES.values():
+            if c.case_id + suffix in ids:
+                raise ConfigError(
+                    f"cases {c.case_id} and {c.case_id}{suffix} would write one file ({c.case_id}{suffix}.nii.gz); "
+                    f"rename one of them"
+                )
     for err in errors:
         log(f"skipped: {err}")
     return cases, errors
@@ -294,7 +317,9 @@ def _write_case(out: Path, files, case, regions, probs, uncertainty, convention:
         )
     if uncertainty is not None:
         _write_volume(
-            brats.paste(uncertainty, case.box, case.full_shape), out / f"{files.case_id}_uncertainty.nii.gz", reference
+            brats.paste(uncertainty, case.box, case.full_shape),
+            out / f"{files.case_id}{SUFFIXES['uncertainty']}.nii.gz",
+            reference,
         )
     brats.write_label_map(
         to_convention(regions_to_labels(full), convention), out / f"{files.case_id}.nii.gz", reference

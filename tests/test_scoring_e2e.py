@@ -302,3 +302,28 @@ def test_spacing_trains_coarser_and_writes_the_source_grid(finished, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = nib.load(str(next((tmp_path / "out").glob("*.nii.gz"))))
     assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+
+
+def test_predict_new_save_flag_and_colliding_names(finished, tmp_path):
+    """A save flag new to a filled -o writes its missing files (the label maps stay as they were); cases A and
+    A_probabilities are refused before any work, naming both."""
+    w = finished[0]
+    src = tmp_path / "cases"
+    ids = _predict_inputs(w, src)
+    out = tmp_path / "out"
+    for extra in ((), ("--save_probabilities",)):
+        proc = _run("predict.py", "-i", str(src), "-o", str(out), f"--workdir={w}", "--model=unet", *extra)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        if not extra:
+            first = {c: _labels(out / f"{c}.nii.gz") for c in ids}
+    assert "2 to do" in proc.stdout
+    for c in ids:
+        assert (out / f"{c}_probabilities.nii.gz").is_file()
+        np.testing.assert_array_equal(_labels(out / f"{c}.nii.gz"), first[c])
+    twin = f"{ids[0]}_probabilities"
+    shutil.copytree(src / ids[0], src / twin)
+    for f in (src / twin).iterdir():
+        f.rename(f.with_name(f.name.replace(ids[0], twin)))
+    proc = _run("predict.py", "-i", str(src), "-o", str(tmp_path / "out2"), f"--workdir={w}", "--model=unet")
+    assert proc.returncode == 2 and f"cases {ids[0]} and {twin} would write one file" in proc.stdout
+    assert not (tmp_path / "out2").exists()
