@@ -114,6 +114,28 @@ def _val_cases(ids, refs_by_id, limit: int, with_unet: bool) -> list[ValCase]:
     return out
 
 
+def _recover_done(stage, layout: wd.Layout, k: int, log) -> dict | None:
+    """A fold whose ``done.json`` is lost but whose last checkpoint is its final step: ``done.json`` written
+    again from the checkpoints, with the training's ``run`` id where a record kept it (the U-Net's
+    ``oof/runs.json``, or the fold's scores' ``trained.json``; else a fresh one), so that nothing made from it
+    turns stale. None: the checkpoints do not say it finished."""
+    from rediffinet_jax import checkpoints
+
+    folder = layout.fold(stage.name, k)
+    if not wd.checkpoints_dir(folder).is_dir():
+        return None
+    mgr = checkpoints.manager(wd.checkpoints_dir(folder), stage.cfg.keep)
+    if mgr.latest_step() != stage.cfg.steps:
+        return None
+    run = wd.oof_record(layout).get(str(k)) if stage.name == layout.baseline else None
+    scored = wd.scored_from(layout.eval_fold(stage.name, k)) or {}
+    run = run or (scored.get("training") or {}).get("run") or parallel.shared_id()
+    done = {"steps": stage.cfg.steps, "best_step": mgr.best_step(), "latest_step": mgr.latest_step(), "run": run}
+    wd.mark_trained(folder, done)
+    log(f"{stage.name} {folder.name}: done.json was missing; its checkpoints say it finished: rebuilt (run {run})")
+    return done
+
+
 def _fit_folds(
     trainer, stage, layout: wd.Layout, data: Data, fold_ids, config, seed_offset: int, stop_after, log
 ) -> dict | None:
@@ -122,7 +144,7 @@ def _fit_folds(
     results = {}
     for k in fold_ids:
         folder = layout.fold(stage.name, k)
-        if (done := wd.trained(folder)) is None:
+        if (done := wd.trained(folder) or _recover_done(stage, layout, k, log)) is None:
             train = [data.refs_by_id[c] for c in splits.train_ids(data.folds, k)]
             val = _val_cases(data.folds[k], data.refs_by_id, stage.cfg.val_cases, stage.with_unet)
             done = trainer.fit(

@@ -441,3 +441,21 @@ def test_evaluate_and_predict_refuse_before_writing(finished, tmp_path):
     out = tmp_path / "out"
     proc = _run("predict.py", "-i", str(src / "data"), "-o", str(out), f"--workdir={w}")
     assert proc.returncode == 2 and "not trained" in proc.stdout and not out.exists(), proc.stdout[-2000:]
+
+
+def test_lost_done_json_is_rebuilt_from_the_checkpoints(finished, tmp_path):
+    """A finished U-Net fold's done.json deleted: rebuilt from its checkpoints with the same run id (its maps'
+    record), so nothing is retrained and its refiner is not refused as trained on other maps."""
+    import json
+
+    w = tmp_path / "w"
+    shutil.copytree(finished[0], w)
+    before = json.loads((w / "unet" / "fold_0" / "done.json").read_text())
+    (w / "unet" / "fold_0" / "done.json").unlink()
+    (w / "rediffinet" / "fold_1" / "done.json").unlink()
+    proc = _train(w)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "unet fold_0: done.json was missing; its checkpoints say it finished: rebuilt" in proc.stdout
+    assert "rediffinet fold_1: done.json was missing" in proc.stdout and "resuming" not in proc.stdout
+    assert json.loads((w / "unet" / "fold_0" / "done.json").read_text()) == before
+    assert "rescoring" not in proc.stdout and "skipped (retrain it" not in proc.stdout
