@@ -225,6 +225,33 @@ def _refuse_changed_settings(config, layout: wd.Layout, stage_flag, overwrite: b
         checks.append((layout.stage(config.diffusion.model), d, stages.implied_settings(config), overwrite))
     for folder, settings, implied, allowed in checks:
         wd.refuse_changed(folder, settings, implied, allowed)
+    _refuse_evaluation_changes(config, layout)
+
+
+_SAMPLER_FLAGS = {"fusion": "--fusion", "steps": "--steps", "samples": "--samples", "start": "--start"}
+
+
+def _refuse_evaluation_changes(config, layout: wd.Layout) -> None:
+    """Settings that change only how a trained run is evaluated are not taken silently by train.py: a
+    refiner keeps the sampler it was trained with, and scores keep their HD95 convention; the way to apply
+    either (evaluate.py's flags, scored beside) is named instead."""
+    stage = layout.stage(config.diffusion.model)
+    if config.stages != "unet" and (stage / wd.SETTINGS_FILE).is_file():
+        saved = wd.load_settings(stage).diffusion.sampler
+        new = config.diffusion.sampler
+        for k, flag in _SAMPLER_FLAGS.items():
+            if saved.get(k, 999 if k == "start" else None) != new.get(k, 999 if k == "start" else None):
+                raise ConfigError(
+                    f"diffusion.sampler.{k}: {saved.get(k)!r} -> {new.get(k)!r} changes only how the trained "
+                    f"{config.diffusion.model} samples: score it beside its own with evaluate.py --workdir "
+                    f"{layout.root} {flag} {new.get(k)} (or train into another --workdir)"
+                )
+    old, new = wd.read_json(layout.config, {}).get("eval", {}).get("convention"), config.eval.convention
+    if old and old != new and layout.eval.is_dir():
+        raise ConfigError(
+            f"eval.convention: {old!r} -> {new!r}: the scores in {layout.eval} use {old}; score in {new} with "
+            f"evaluate.py --workdir {layout.root} --convention {new}"
+        )
 
 
 def run_unet(

@@ -46,6 +46,14 @@ def test_conflicting_config_is_refused(finished):
         assert proc.returncode == 2
         assert arg[len("--config.") :].split("=")[0] in proc.stdout and "--overwrite" in proc.stdout
         assert (finished[0] / "config.json").read_bytes() == before
+    # settings of the evaluation only: refused with the way to apply them, not silently ignored
+    for arg, flag in (
+        ("--config.diffusion.sampler.steps=3", "--steps 3"),
+        ("--config.eval.convention=monai", "--convention monai"),
+    ):
+        proc = _train(finished[0], arg)
+        assert proc.returncode == 2 and f"evaluate.py --workdir {finished[0]} {flag}" in proc.stdout, proc.stdout
+        assert (finished[0] / "config.json").read_bytes() == before
 
 
 def test_changed_oof_checkpoint_remakes_the_maps(finished, tmp_path):
