@@ -7,6 +7,7 @@ out-of-fold U-Net predictions → stage-2 model per fold, in a work directory (:
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -119,18 +120,24 @@ def _recover_done(stage, layout: wd.Layout, k: int, log) -> dict | None:
     again from the checkpoints, with the training's ``run`` id where a record kept it (the U-Net's
     ``oof/runs.json``, or the fold's scores' ``trained.json``; else a fresh one), so that nothing made from it
     turns stale. None: the checkpoints do not say it finished."""
-    from rediffinet_jax import checkpoints
-
     folder = layout.fold(stage.name, k)
-    if not wd.checkpoints_dir(folder).is_dir():
+    # read from the folder, not through an Orbax manager: making one is a collective, and the processes of a
+    # distributed run must not differ in their collectives (one may see another's empty new folder)
+    ckpt = wd.checkpoints_dir(folder)
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+    if not steps or steps[-1] != stage.cfg.steps:
         return None
-    mgr = checkpoints.manager(wd.checkpoints_dir(folder), stage.cfg.keep)
-    if mgr.latest_step() != stage.cfg.steps:
-        return None
+    vals = {}
+    if wd.metrics_file(folder).is_file():
+        for line in wd.metrics_file(folder).read_text().splitlines():
+            rec = json.loads(line) if line.strip().startswith("{") else {}
+            if "val_dice" in rec and rec.get("step") in steps:
+                vals[rec["step"]] = rec["val_dice"]
+    best = max(vals, key=lambda s: (vals[s], s)) if vals else steps[-1]
     run = wd.oof_record(layout).get(str(k)) if stage.name == layout.baseline else None
     scored = wd.scored_from(layout.eval_fold(stage.name, k)) or {}
     run = run or (scored.get("training") or {}).get("run") or parallel.shared_id()
-    done = {"steps": stage.cfg.steps, "best_step": mgr.best_step(), "latest_step": mgr.latest_step(), "run": run}
+    done = {"steps": stage.cfg.steps, "best_step": best, "latest_step": steps[-1], "run": run}
     wd.mark_trained(folder, done)
     log(f"{stage.name} {folder.name}: done.json was missing; its checkpoints say it finished: rebuilt (run {run})")
     return done

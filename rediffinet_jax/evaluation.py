@@ -160,10 +160,9 @@ def evaluate(
     sampler: ``{"fusion", "steps", "samples"}`` overriding the diffusion models' own (None: keep); results
     then go to ``eval/<model>-<fusion>-k<K>-s<S>/``. A folder's rows made with another checkpoint or
     sampler, or from other out-of-fold maps, are refused.
-    scorer: ``official`` also runs the official BraTS package on the label maps scored (checked before any
-    work; :mod:`official`) and puts its numbers beside ours, under its names (summary "official").
-    gate: also score each discrepancy refiner gated (``<label>+gate``, :mod:`gate_eval`); by default the
-    run's ``eval.gate`` (config.json), else on.
+    scorer: ``official`` also runs the official BraTS package on the maps (checked first; :mod:`official`),
+    its numbers beside ours. gate: also score each discrepancy refiner gated (``<label>+gate``,
+    :mod:`gate_eval`); by default the run's ``eval.gate``, else on.
     Returns the summary dict (see :func:`reports.summary_tables`).
 
     Raises:
@@ -175,22 +174,21 @@ def evaluate(
     per_fold, scored = _score_models(run, chosen, progress, log)
     if not any(rows for folds_ in per_fold.values() for rows in folds_.values()):
         raise ConfigError(f"nothing was scored in {run.layout.root}: no trained fold among folds {run.fold_ids}")
-    gates = {}
-    if gate if gate is not None else wd.read_json(run.layout.config, {}).get("eval", {}).get("gate", True):
-        for model in chosen:
-            if model.stage is not None and model.stage.variant.target == "discrepancy" and model.label in per_fold:
-                rows, gates[model.label] = gate_eval.score_gated(run, model, progress, log, _write_pred)
-                per_fold[gate_eval.gated_label(model.label)] = rows
-                scored.append(gate_eval.gated_label(model.label))
+    gates = _score_gated(run, chosen, per_fold, scored, gate, progress, log)
     _add_other_samplers(run, per_fold, log)
     scores = _official(run, per_fold, package, progress) if package and parallel.is_main() else None
+    return _summarize(run, per_fold, scored, scores, gates, log)
+
+
+def _summarize(run: Run, per_fold: dict, scored: list, official_scores, gates: dict, log) -> dict:
+    """Writes eval/summary.* and the figures (process 0), logs the summary and returns it."""
     summary = reports.write_summary(
         run.layout.eval,
         per_fold,
         run.convention,
         run.checkpoint,
         write=parallel.is_main(),
-        official=scores,
+        official=official_scores,
         baseline=run.layout.baseline,
         gates=gates,
     )
@@ -199,6 +197,20 @@ def evaluate(
         _case_figures(run, per_fold, scored)
     log(reports.summary_markdown(summary))
     return summary
+
+
+def _score_gated(run: Run, models: list[Model], per_fold: dict, scored: list, gate, progress_bar: bool, log) -> dict:
+    """Adds each discrepancy refiner's gated rows (``<label>+gate``, :mod:`gate_eval`) to ``per_fold`` and
+    ``scored``, unless ``gate`` (or, when None, the run's ``eval.gate``) is off; returns the gates chosen."""
+    gates = {}
+    if not (gate if gate is not None else wd.read_json(run.layout.config, {}).get("eval", {}).get("gate", True)):
+        return gates
+    for model in models:
+        if model.stage is not None and model.stage.variant.target == "discrepancy" and model.label in per_fold:
+            rows, gates[model.label] = gate_eval.score_gated(run, model, progress_bar, log, _write_pred)
+            per_fold[gate_eval.gated_label(model.label)] = rows
+            scored.append(gate_eval.gated_label(model.label))
+    return gates
 
 
 def _score_models(run: Run, models: list[Model], progress_bar: bool, log) -> tuple[dict, list]:

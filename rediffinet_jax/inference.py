@@ -177,7 +177,7 @@ def load_model(stage, folder, which: str = "best", mesh=None, log=print):
     graphdef, params = nnx.split(abstract)[0], nnx.state(abstract, nnx.Param)
     mgr = checkpoints.manager(Path(folder) / "checkpoints", stage.cfg.keep)
     sharding = parallel.replicated(mesh if mesh is not None else parallel.make_mesh())
-    tree = "ema" if stage.cfg.get("ema", 0.0) else "params"  # trained with a moving average: predict with it
+    tree = "ema" if getattr(stage.cfg, "ema", 0.0) else "params"  # trained with a moving average: predict with it
     restored = checkpoints.restore_params(mgr, params, which, sharding=sharding, log=log, tree=tree)
     if restored is None:
         raise RediffinetError(f"no checkpoint in {Path(folder) / 'checkpoints'}")
@@ -218,7 +218,7 @@ def diffusion_fused(
     needed: bool ``[D, H, W]``, the voxels whose output matters (:func:`sliding_window`; elsewhere Y = −1 and
     p = 0: no flip)."""
     c = stage.cfg
-    start = c.sampler.get("start", diffusion.NUM_TIMESTEPS - 1) if start is None else start
+    start = getattr(c.sampler, "start", diffusion.NUM_TIMESTEPS - 1) if start is None else start
     cond = np.asarray(stage.variant.condition_image(jnp.asarray(image), None if unet is None else jnp.asarray(unet)))
     direct = stage.variant.direct
     fn = diffusion_predictor(model, key, steps, samples, fusion, chunk or None, uncertainty, start, direct)

@@ -10,6 +10,7 @@ affine and header; optionally ``<case>_probabilities.nii.gz`` (U-Net, ``[D, H, W
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def _plan(layout: wd.Layout, model: str, folds, checkpoint: str, maps=None, save
     return unet_settings, ustage, dstage, folds, record
 
 
+def _check_labels(labels: str) -> str:
+    if labels != "input" and labels not in LAYOUTS:
+        raise ConfigError(f"--labels {labels!r}: choose input or one of {sorted(LAYOUTS)}")
+    return labels
+
+
 def _gates(layout: wd.Layout, model: str, dstage, use_gate: bool, record: dict, log) -> dict | None:
     """The gate chosen on all folds' held-out cases (``eval/<model>/gate.json``, written by evaluate.py),
     per region a candidate or None (off); None: every flip (no gate asked for, none chosen yet, or not a
@@ -138,56 +145,82 @@ def predict_folder(
     labels: str = "input",
 ) -> list[CaseError]:
     """Writes ``output_dir/<case>.nii.gz`` for every case of ``input_dir`` not written yet.
-
-    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler and trainings; a later call
-    with any of these different is refused before anything is written. ``output_dir`` is made only once all
-    is checked, and locked while cases are written. A case's ``-seg`` is never read. Returns the errors of
-    the cases that failed (each names its case and file); ends with one line: written, skipped, failed, time.
-    baseline_maps: a folder of another model's ``<case>.nii.gz`` maps, refined in place of the U-Net's (for
-    refiners trained on such maps: :mod:`given_maps`); a case without a usable map fails alone.
-    use_gate: apply a discrepancy refiner's gate chosen by evaluate.py on all folds (:func:`_gates`).
-    labels: the label convention of the maps written: ``input`` (each case's own: ET = 4 for a case in the
-    BraTS 2018–2021 layout, 3 for 2023), or a layout of :data:`labels.LAYOUTS` for all.
+    ``output_dir/prediction.json`` records the model, folds, checkpoint, sampler, gate, label convention and
+    trainings; a later call with any of these different is refused before anything is written. ``output_dir``
+    is made only once all is checked, and locked while cases are written. A case's seg is never read. Returns
+    the errors of the cases that failed (each names its case and file); ends with one line: written, skipped,
+    failed, time. baseline_maps: another model's ``<case>.nii.gz`` maps, refined in place of the U-Net's
+    (:mod:`given_maps`). use_gate: apply a discrepancy refiner's gate (:func:`_gates`). labels: the maps'
+    labels, ``input`` (each case's own: ET = 4 for the 2018–2021 layout) or a layout of :data:`labels.LAYOUTS`.
     """
     t_start = time.time()
     layout, out = wd.Layout(workdir), Path(output_dir)
-    if labels != "input" and labels not in LAYOUTS:
-        raise ConfigError(f"--labels {labels!r}: choose input or one of {sorted(LAYOUTS)}")
     settings, ustage, dstage, folds, record = _plan(layout, model, folds, checkpoint, baseline_maps, save_probabilities)
-    record["labels"] = labels
+    record["labels"] = _check_labels(labels)
     gates = _gates(layout, model, dstage, use_gate, record, log)
     cases, errors = _discover(input_dir, out, log)
     with wd.lock(out, "predict.py"):
         wd.check_record(out / RECORD, record, "use another -o, or delete its label maps and prediction.json")
-        wanted = _outputs(save_probabilities, save_uncertainty)  # a flag new to -o: its files are made
-        todo = [c for c in cases if not all((out / f"{c.case_id}{s}.nii.gz").is_file() for s in wanted)]
+        todo = _todo(cases, out, _outputs(save_probabilities, save_uncertainty))
         log(f"{len(cases)} cases in {input_dir}, {len(cases) - len(todo)} already written, {len(todo)} to do")
         parallel.barrier("predict: listed")  # every process has its list before process 0 writes a label map
         unets, refiners = (_fold_models(layout, st, folds, checkpoint, log) for st in (ustage, dstage))
         failed = len(errors)
+        job = _Job(settings, ustage, unets, dstage, refiners, folds, gates, baseline_maps, labels)
         for files in progress.bar(todo, "predict", enabled=show_progress, leave=True):
             try:
-                case, given = _load(files, settings.data, baseline_maps)
+                _predict_case(job, files, out, save_probabilities, save_uncertainty)
             except CaseError as e:
                 errors.append(e)
                 log(f"failed: {e}")
-                continue
-            regions, probs, unc = _segment(
-                case, ustage, unets, dstage, refiners, folds, save_uncertainty, given, gates, _spacing(settings.data)
-            )
-            if parallel.is_main():  # every process computed the case (the models run on all); one writes
-                conv = files.layout if labels == "input" else labels
-                _write_case(out, files, case, regions, probs if save_probabilities else None, unc, conv)
         parallel.barrier("predict: written")
-    written = len(todo) - (len(errors) - failed)
-    log(
-        f"predict: {written} written, {len(cases) - len(todo)} skipped (already in {out}), {len(errors)} failed, "
-        f"{time.time() - t_start:.1f} s"
-    )
+    written, skipped, took = len(todo) - (len(errors) - failed), len(cases) - len(todo), time.time() - t_start
+    log(f"predict: {written} written, {skipped} skipped (already in {out}), {len(errors)} failed, {took:.1f} s")
     return errors
 
 
+@dataclasses.dataclass
+class _Job:
+    """What every case of one prediction uses: the run's settings, each stage with its fold models, the
+    gate and the output's label convention (``input`` or a layout)."""
+
+    settings: object
+    ustage: object
+    unets: list
+    dstage: object
+    refiners: list
+    folds: list
+    gates: dict | None
+    baseline_maps: object
+    labels: str
+
+
+def _predict_case(job: _Job, files, out: Path, save_probabilities: bool, save_uncertainty: bool) -> None:
+    """Segments one case and writes its files (process 0). Raises CaseError for a case that cannot be read."""
+    case, given = _load(files, job.settings.data, job.baseline_maps)
+    regions, probs, unc = _segment(
+        case,
+        job.ustage,
+        job.unets,
+        job.dstage,
+        job.refiners,
+        job.folds,
+        save_uncertainty,
+        given,
+        job.gates,
+        _spacing(job.settings.data),
+    )
+    if parallel.is_main():  # every process computed the case (the models run on all); one writes
+        conv = files.layout if job.labels == "input" else job.labels
+        _write_case(out, files, case, regions, probs if save_probabilities else None, unc, conv)
+
+
 SUFFIXES = {"probabilities": "_probabilities", "uncertainty": "_uncertainty"}  # beside <case>.nii.gz
+
+
+def _todo(cases, out: Path, suffixes: list[str]) -> list:
+    """The cases missing one of the files asked for (a save flag new to ``out``: its files are made)."""
+    return [c for c in cases if not all((out / f"{c.case_id}{s}.nii.gz").is_file() for s in suffixes)]
 
 
 def _outputs(save_probabilities: bool, save_uncertainty: bool) -> list[str]:

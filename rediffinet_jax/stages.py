@@ -146,7 +146,7 @@ class DiffusionStage:
 
     def loss(self, model, batch, key):
         cond, x_t, t, m = diffusion.training_inputs(self.variant, batch, key)
-        gamma = self.cfg.get("min_snr", 0.0)
+        gamma = getattr(self.cfg, "min_snr", 0.0)
         weights = diffusion.min_snr_weights(t, gamma) if gamma and not self.variant.direct else None
         return losses.diffusion_loss(model(cond, x_t, t), m, tuple(self.cfg.loss_weights), sample_weights=weights)
 

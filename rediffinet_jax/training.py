@@ -47,7 +47,7 @@ class Trainer:
 
     def __init__(self, stage, mesh=None, progress: bool = True):
         self.stage, self.progress = stage, progress
-        self.ema = float(stage.cfg.get("ema", 0.0))  # decay of the weights' moving average (0: none)
+        self.ema = float(getattr(stage.cfg, "ema", 0.0))  # decay of the weights' moving average (0: none)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: stage.build(0)))
         self.tx = stage.optimizer()
@@ -95,8 +95,8 @@ class Trainer:
             foreground_fraction=c.foreground_fraction,
             with_unet=self.stage.with_unet,
             augment=pipeline.Augment(**c.augment.to_dict()),
-            error_fraction=c.get("error_fraction", 0.0),
-            unet_augment=pipeline.UnetAugment(**c.get("unet_augment", {})),
+            error_fraction=getattr(c, "error_fraction", 0.0),
+            unet_augment=pipeline.UnetAugment(**dict(getattr(c, "unet_augment", {}))),
             num_workers=num_workers,
             process_index=jax.process_index(),
             process_count=jax.process_count(),

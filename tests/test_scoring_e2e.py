@@ -109,7 +109,8 @@ def test_refiner_on_another_models_maps(finished, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (w / "unet").exists() and len(list((w / "baseline" / "oof").glob("*.nii.gz"))) == 6
     summary = json.loads((w / "eval" / "summary.json").read_text())
-    assert list(summary["models"]) == ["baseline", "rediffinet"] and "rediffinet" in summary["improvement"]
+    assert list(summary["models"]) == ["baseline", "rediffinet", "rediffinet+gate"]
+    assert "rediffinet" in summary["improvement"] and "rediffinet+gate" in summary["flips"]
     gt = np.rint(nib.load(str(data / ids[0] / f"{ids[0]}-seg.nii.gz")).get_fdata()) > 0
     given = np.asarray(nib.load(str(maps / f"{ids[0]}.nii.gz")).dataobj) > 0
     (row,) = [r for r in rows_of(w, "baseline") if r["case"] == ids[0] and r["region"] == "WT"]

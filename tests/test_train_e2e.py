@@ -245,7 +245,8 @@ def test_evaluate_writes_tables(finished):
     assert summary["models"]["unet"]["n_folds"] == 2 and summary["models"]["rediffinet"]["n_folds"] == 2
     assert "rediffinet" in summary["improvement"]
     assert (
-        set(summary["flips"]) == {"rediffinet"} and summary["flips"]["rediffinet"]["WT"]["net_error_change"] == wt_net
+        set(summary["flips"]) == {"rediffinet", "rediffinet+gate"}
+        and summary["flips"]["rediffinet"]["WT"]["net_error_change"] == wt_net
     )
     md = (workdir / "eval" / "summary.md").read_text()
     assert "mean ± std (2 folds)" in md and "| rediffinet | WT | " in md
@@ -276,7 +277,13 @@ def test_evaluate_another_sampler_beside(finished):
     assert json.loads((label / "settings.json").read_text())["sampler"] == {"fusion": "suf", "steps": 2, "samples": 2}
     assert len(list((label / "fold_1" / "pred").glob("*.nii.gz"))) == 3
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
-    assert set(summary["models"]) == {"unet", "rediffinet", "rediffinet-suf-k2-s2"}
+    assert set(summary["models"]) == {
+        "unet",
+        "rediffinet",
+        "rediffinet+gate",
+        "rediffinet-suf-k2-s2",
+        "rediffinet-suf-k2-s2+gate",
+    }
     other = _run("evaluate.py", f"--workdir={workdir}", "--checkpoint=best")
     assert other.returncode == 2 and "checkpoint: 'latest' -> 'best'" in other.stdout
 
@@ -318,7 +325,7 @@ def test_retrained_stage_is_rescored(finished, tmp_path):
     assert "0.123456" in (workdir / "eval" / "unet" / "fold_0" / "cases.csv").read_text()  # U-Net not retrained
     assert "rediffinet-suf-k1-s1/fold_0: scored before rediffinet fold 0 or its U-Net maps" in proc.stdout
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
-    assert set(summary["models"]) == {"unet", "rediffinet"}
+    assert set(summary["models"]) == {"unet", "rediffinet", "rediffinet+gate"}
 
 
 def test_predict_new_cases(finished, tmp_path):

@@ -378,6 +378,30 @@ def source_truth(folder) -> np.ndarray:
     return np.load(folder / ("truth.npy" if (folder / "truth.npy").is_file() else "regions.npy"))
 
 
+def _write_entry(folder: Path, case: Case, key: dict, spacing) -> dict:
+    """Writes a cache entry (atomically, as a folder) of a loaded case, resampled to ``spacing``; its meta."""
+    shape = case.image.shape[:3]
+    work = resample.work_shape(shape, case.spacing, spacing) if spacing else shape
+    meta = {
+        "key": key,
+        "spacing": case.spacing,
+        "affine": case.affine.tolist(),
+        "box": case.box,
+        "full_shape": case.full_shape,
+        "labelled": case.regions is not None,
+        "work_shape": list(work),
+    }
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        np.save(tmp / "image.npy", resample.resize(case.image, work))
+        if case.regions is not None:
+            np.save(tmp / "regions.npy", resample.resize_labels(case.regions, work))
+            if tuple(work) != tuple(shape):
+                np.save(tmp / "truth.npy", case.regions)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+    return cached_meta(folder)
+
+
 def cached_case(
     files: CaseFiles,
     cache_dir: str | os.PathLike,
@@ -399,26 +423,7 @@ def cached_case(
     meta = cached_meta(folder) if (folder / "meta.json").is_file() else None
     if meta is None or meta["key"] != key:  # (a damaged meta.json reads as None: rebuilt)
         case = load_case(files, normalization, old_brats, require_labels, allow_empty_modality=allow_empty_modality)
-        shape = case.image.shape[:3]
-        work = resample.work_shape(shape, case.spacing, spacing) if spacing else shape
-        meta = {
-            "key": key,
-            "spacing": case.spacing,
-            "affine": case.affine.tolist(),
-            "box": case.box,
-            "full_shape": case.full_shape,
-            "labelled": case.regions is not None,
-            "work_shape": list(work),
-        }
-        with atomic_path(folder) as tmp:
-            tmp.mkdir()
-            np.save(tmp / "image.npy", resample.resize(case.image, work))
-            if case.regions is not None:
-                np.save(tmp / "regions.npy", resample.resize_labels(case.regions, work))
-                if tuple(work) != tuple(shape):
-                    np.save(tmp / "truth.npy", case.regions)
-            (tmp / "meta.json").write_text(json.dumps(meta))
-        meta = cached_meta(folder)
+        meta = _write_entry(folder, case, key, spacing)
     if require_labels and not meta["labelled"]:
         raise CaseError("no segmentation (-seg) where labels are needed", case=files.case_id)
     regions = np.load(folder / "regions.npy", mmap_mode="r") if meta["labelled"] else None
