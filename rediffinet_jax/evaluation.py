@@ -314,7 +314,7 @@ def _add_other_samplers(run: Run, per_fold: dict, log) -> None:
     and of its U-Net maps), so that the summary compares them."""
     names = run.names[1:]
     for folder in sorted(run.layout.eval.iterdir()):
-        owners = [n for n in names if folder.name == n or folder.name.startswith(f"{n}-")]
+        owners = [n for n in names if folder.name in (n, gate_eval.gated_label(n)) or folder.name.startswith(f"{n}-")]
         if folder.name in per_fold or not run.layout.eval_settings(folder.name).is_file() or not owners:
             continue
         name = max(owners, key=len)

@@ -105,6 +105,7 @@ def score_gated(run, model, progress_bar: bool, log, write_pred) -> tuple[dict, 
         made = {"source": wd.scored_from(source), "gates": {r: gate.name(g) for r, g in gates.items()}}
         if out_dir.is_dir() and wd.read_json(out_dir / RECORD) != made and parallel.is_main():
             shutil.rmtree(out_dir)  # another gate or another training: rescored
+        wd.tie_to_training(out_dir, made["source"], log)  # trained.json: what the source's rows are made from
         if parallel.is_main():
             wd.write_atomic(out_dir / RECORD, json.dumps(made))
         csv_path = run.layout.cases_csv(label, k)
