@@ -160,30 +160,20 @@ def render_demo(runs: list[dict]) -> str:
         f"min, {_span([r['peak_rss_gib'] for r in runs])} GiB peak memory. Ranges over the runs, each run's "
         f"mean over its folds:",
         "",
-        "| model | " + " | ".join(f"Dice {c}" for c in COLS) + " | " + " | ".join(f"HD95 {c}" for c in COLS) + " |",
-        "|" + "---|" * (1 + 2 * len(COLS)),
+        "| model | " + " | ".join(f"Dice {c}" for c in COLS) + " | HD95 avg | net wrong voxels WT / TC / ET |",
+        "|" + "---|" * (3 + len(COLS)),
     ]
     names = {"unet": "U-Net", "rediffinet": "Re-DiffiNet (paper: every flip)", GATED: "Re-DiffiNet, gated"}
     names = {k: v for k, v in names.items() if all(k in r["summary"]["models"] for r in runs)}
     for name, shown in names.items():
         dice = [_span([100 * r["summary"]["models"][name][c]["dice"] for r in runs]) for c in COLS]
-        hd = [_span([r["summary"]["models"][name][c]["hd95"] for r in runs]) for c in COLS]
-        lines.append(f"| {shown} | " + " | ".join(dice + hd) + " |")
-    lines += [
-        "",
-        "The refiner's flips, all held-out cases of a run pooled (net: change in wrong voxels, negative = fewer):",
-        "",
-        "| model | region | U-Net errors | flipped | fixed | net change |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in [n for n in names if n != "unet"]:
-        for reg in REGIONS:
-            f = [r["summary"]["flips"][name][reg] for r in runs]
-            cells = [
-                _span([x[k] for x in f], "{:+d}" if k == "net_error_change" else "{:d}")
-                for k in ("unet_errors", "flipped", "fixed", "net_error_change")
-            ]
-            lines.append(f"| {names[name]} | {reg} | " + " | ".join(cells) + " |")
+        hd = _span([r["summary"]["models"][name]["avg"]["hd95"] for r in runs])
+        nets = ""
+        if name != "unet":
+            per = [[r["summary"]["flips"][name][reg]["net_error_change"] for r in runs] for reg in REGIONS]
+            nets = " / ".join(_span(v, "{:+d}") for v in per)
+        lines.append(f"| {shown} | " + " | ".join(dice) + f" | {hd} | {nets} |")
+    lines += ["", "Net wrong voxels: a run's held-out cases pooled, against the U-Net's (negative = fewer)."]
     if GATED in names:
         lines += [
             "",
@@ -258,30 +248,23 @@ def render_bench(b: dict) -> str:
         "",
         "| model | "
         + " | ".join(f"Dice {c}" for c in COLS)
-        + " | "
-        + " | ".join(f"HD95 {c}" for c in COLS)
-        + " | HD95 avg change |",
-        "|" + "---|" * (2 + 2 * len(COLS)),
+        + " | HD95 avg | HD95 avg change | net wrong voxels WT / TC / ET |",
+        "|" + "---|" * (4 + len(COLS)),
     ]
     for name in r["mean"]:
-        m, s = r["mean"][name], r["std"][name]
-        cells = [f"{m['dice'][c]:.2f}" + ("" if one else f" ± {s['dice'][c]:.2f}") for c in COLS]
-        cells += [f"{m['hd95'][c]:.2f}" + ("" if one else f" ± {s['hd95'][c]:.2f}") for c in COLS]
+        m, sd = r["mean"][name], r["std"][name]
+        cells = [f"{m['dice'][c]:.2f}" + ("" if one else f" ± {sd['dice'][c]:.2f}") for c in COLS]
+        cells.append(f"{m['hd95']['avg']:.2f}" + ("" if one else f" ± {sd['hd95']['avg']:.2f}"))
         change = "" if name in ("unet", "baseline") else f"{m['hd95_change_percent']['avg']:+.1f} %"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} |")
+        flips = m.get("flips", {})
+        net = " / ".join(f"{flips[reg]['net_error_change']:+d}" for reg in flips) if flips else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} | {net} |")
     lines += [
         "",
-        "Flips, every held-out case of every seed pooled:",
-        "",
-        "| model | region | U-Net errors | flipped | fixed | precision | recall | net change |",
-        "|---|---|---|---|---|---|---|---|",
+        "Net wrong voxels: every held-out case of every seed pooled, against the U-Net's (negative = fewer); "
+        "precision, recall and per-region HD95 in "
+        "[docs/benchmarks.md](docs/benchmarks.md#the-phantom-benchmark-generated).",
     ]
-    for name, m in r["mean"].items():
-        for reg, f in m.get("flips", {}).items():
-            lines.append(
-                f"| {name} | {reg} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} | "
-                f"{100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |"
-            )
     new_targets = any("never_worse" in v for v in r["verdicts"].values())
     if new_targets:
         lines += [

@@ -119,7 +119,7 @@ def test_demo_block_with_the_gate():
     }
     assert rr.demo_no_harm(run) and not rr.demo_no_harm(run, "rediffinet")
     text = rr.render_demo([run])
-    assert "| Re-DiffiNet, gated | 80.00 | 80.00 | 80.00 | 80.00 | 5.00 |" in text
+    assert "| Re-DiffiNet, gated | 80.00 | 80.00 | 80.00 | 80.00 | 5.00 | +0 / +0 / +0 |" in text
     assert "| 0 | off; all: off | tau=0.9,band=2; all: off | off; all: off |" in text
     assert "gated, met in 1 of 1 runs; the paper's refinement, in 0 of 1." in text
     assert "gated refiner did no harm in each of 1 runs (the paper's ungated refinement: in 0)" in rr.render_status(
@@ -132,7 +132,9 @@ def test_demo_block_states_ranges_and_the_target():
     assert rr.demo_no_harm(good) and not rr.demo_no_harm(bad)
     text = rr.render_demo([good, bad])
     assert "commit abc: 5.0 min, 1.40 GiB" in text and "met in 1 of 2 runs" in text
-    assert "| Re-DiffiNet (paper: every flip) | ET | 10 | 4 | 2 | +0 to +3 |" in text
-    assert "| Re-DiffiNet (paper: every flip) | 80.00 | 80.00 | 80.00 | 80.00 | 4.00 to 6.00 |" in text
+    assert (
+        "| Re-DiffiNet (paper: every flip) | 80.00 | 80.00 | 80.00 | 80.00 | 4.00 to 6.00 | +0 / -2 to +0 / +0 to +3 |"
+        in text
+    )
     assert "not as a result" in rr.render_status([good, bad], None)
     assert "every one of 1 runs" in rr.render_status([good], None)
