@@ -159,14 +159,14 @@ def evaluate(
 ) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.maybe_initialize_distributed()
-    from rediffinet_jax import evaluation
+    from rediffinet_jax import evaluation, prediction
     from rediffinet_jax import workdir as wd
 
     with _guard(), wd.lock(workdir, "evaluate.py", create=False):
         evaluation.evaluate(
             workdir,
             models or None,
-            [int(f) for f in folds] if folds else None,
+            prediction.parse_folds(folds) if folds else None,
             checkpoint,
             convention,
             sampler,

@@ -117,6 +117,8 @@ def rules() -> list:
         ("eval.convention", _one_of(metrics.CONVENTIONS), f"one of {list(metrics.CONVENTIONS)}"),
         ("eval.checkpoint", _one_of(("best", "latest")), "best or latest"),
         ("eval.gate", _one_of((True, False)), "True or False"),
+        # lesion-wise scores are part of every row (seconds per case): there is nothing to turn off
+        ("eval.lesion_wise", _one_of((True,)), "True (lesion-wise scores are always computed)"),
     ]
 
 

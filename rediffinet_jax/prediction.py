@@ -81,7 +81,7 @@ def _plan(layout: wd.Layout, model: str, folds, checkpoint: str, maps=None, save
     base = layout.baseline
     unet_settings = wd.load_settings(layout.stage(base))
     n_folds = unet_settings.data.n_folds
-    folds = list(range(n_folds)) if folds is None else [int(k) for k in folds]
+    folds = list(range(n_folds)) if folds is None else parse_folds(folds)
     if bad := [k for k in folds if not 0 <= k < n_folds]:
         raise ConfigError(f"--folds {bad} outside 0..{n_folds - 1}")
     record = {"model": model, "folds": folds, "checkpoint": checkpoint, base: _trainings(layout, base, folds)}
@@ -102,6 +102,21 @@ def _plan(layout: wd.Layout, model: str, folds, checkpoint: str, maps=None, save
         record["gate"] = None
     ustage = None if maps else stages.make("unet", unet_settings.unet)
     return unet_settings, ustage, dstage, folds, record
+
+
+def parse_folds(folds) -> list[int]:
+    """``--folds`` as fold numbers.
+
+    Raises:
+      ConfigError: an entry that is not a whole number, named.
+    """
+    out = []
+    for k in folds:
+        try:
+            out.append(int(k))
+        except (TypeError, ValueError):
+            raise ConfigError(f"--folds: {k!r} is not a fold number (give e.g. --folds 0,1)") from None
+    return out
 
 
 def _check_labels(labels: str) -> str:

@@ -56,3 +56,28 @@ def test_sdedit_start_only_for_discrepancy_refiners():
     c.diffusion.sampler.update(start=1, steps=3)
     with pytest.raises(ConfigError, match="at most sampler.start"):
         config_check.check(c)
+
+
+def test_lesion_wise_off_is_refused_not_ignored():
+    c = rediffinet.get_config("smoke")
+    c.eval.lesion_wise = False
+    with pytest.raises(ConfigError, match="eval.lesion_wise = False: must be True"):
+        config_check.check(c)
+
+
+def test_folds_that_are_not_numbers_are_named():
+    from rediffinet_jax.prediction import parse_folds
+
+    assert parse_folds(["0", "2"]) == [0, 2]
+    with pytest.raises(ConfigError, match="--folds: 'x' is not a fold number"):
+        parse_folds(["0", "x"])
+
+
+@pytest.mark.parametrize("args", [["--shape", "1,2"], ["--shape", "a,b,c"], ["--cases", "-1"], ["--tumour_scale", "0"]])
+def test_phantom_writer_refuses_bad_arguments_in_one_line(tmp_path, capsys, args):
+    from rediffinet_jax.data import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--out", str(tmp_path / "p"), *args])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --shape")
+    assert not (tmp_path / "p").exists()

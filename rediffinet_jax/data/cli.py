@@ -32,7 +32,17 @@ def main(argv=None) -> None:
         "--layout", choices=sorted(LAYOUTS), default="2023", help="file names and ET label of BraTS 2023 or 2018-2021"
     )
     a = p.parse_args(argv)
-    shape = tuple(int(s) for s in a.shape.split(","))
+    try:
+        shape = tuple(int(s) for s in a.shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 8 or a.cases < 0 or a.unlabelled < 0 or a.tumour_scale <= 0:
+        print(
+            f"error: --shape {a.shape!r} must be three integers ≥ 8 (D,H,W); --cases {a.cases} and --unlabelled "
+            f"{a.unlabelled} ≥ 0; --tumour_scale {a.tumour_scale} > 0",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     try:
         phantoms.write_dataset(
             a.out,
