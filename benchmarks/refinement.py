@@ -189,7 +189,7 @@ def combine(tables: dict) -> dict:
             vals = np.array([[r[key][c] for c in COLS] for r in rows])
             mean[name][key] = dict(zip(COLS, vals.mean(0).tolist()))
             # the sample standard deviation (n − 1): dividing by n understates the spread of 3 seeds by 18 %
-            std[name][key] = dict(zip(COLS, (vals.std(0, ddof=1) if len(vals) > 1 else 0 * vals[0]).tolist()))
+            std[name][key] = dict(zip(COLS, (vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(COLS))).tolist()))
         if all("flips" in r for r in rows) and rows and "flips" in rows[0]:
             mean[name]["flips"] = {reg: _pooled([r["flips"][reg] for r in rows]) for reg in REGIONS}
     verdicts = {
