@@ -70,9 +70,8 @@ def _stage_rules(block: str) -> list:
 
 def rules() -> list:
     """``[(key, test, allowed)]``: every single-key rule (the choices read from their owners)."""
-    from rediffinet_jax import metrics, stages
+    from rediffinet_jax import metrics
     from rediffinet_jax.data.brats import NORMALIZATIONS
-    from rediffinet_jax.diffusion import FUSIONS, NUM_TIMESTEPS
 
     return [
         ("seed", _int_at_least(0), "an integer ≥ 0"),
@@ -93,6 +92,21 @@ def rules() -> list:
         ("unet.filters", _positive_ints(), "positive integers, one per level"),
         ("unet.deep_supervision", _int_at_least(0), "an integer ≥ 0"),
         *_stage_rules("diffusion"),
+        *_diffusion_rules(),
+        ("eval.convention", _one_of(metrics.CONVENTIONS), f"one of {list(metrics.CONVENTIONS)}"),
+        ("eval.checkpoint", _one_of(("best", "latest")), "best or latest"),
+        ("eval.gate", _one_of((True, False)), "True or False"),
+        # lesion-wise scores are part of every row (seconds per case): there is nothing to turn off
+        ("eval.lesion_wise", _one_of((True,)), "True (lesion-wise scores are always computed)"),
+    ]
+
+
+def _diffusion_rules() -> list:
+    """The rules of the ``diffusion`` block beyond those both stages share."""
+    from rediffinet_jax import stages
+    from rediffinet_jax.diffusion import FUSIONS, NUM_TIMESTEPS
+
+    return [
         ("diffusion.model", _one_of(stages.VARIANTS), f"one of {sorted(stages.VARIANTS)}"),
         ("diffusion.features", _positive_ints(6), "six positive integers"),
         (
@@ -114,11 +128,6 @@ def rules() -> list:
         ("diffusion.sampler.start", _number_in(0, NUM_TIMESTEPS - 1), f"an integer in [0, {NUM_TIMESTEPS - 1}]"),
         ("diffusion.val_sampler.steps", *_COUNT),
         ("diffusion.val_sampler.samples", *_COUNT),
-        ("eval.convention", _one_of(metrics.CONVENTIONS), f"one of {list(metrics.CONVENTIONS)}"),
-        ("eval.checkpoint", _one_of(("best", "latest")), "best or latest"),
-        ("eval.gate", _one_of((True, False)), "True or False"),
-        # lesion-wise scores are part of every row (seconds per case): there is nothing to turn off
-        ("eval.lesion_wise", _one_of((True,)), "True (lesion-wise scores are always computed)"),
     ]
 
 
