@@ -29,6 +29,7 @@ def train(config, workdir, *, fold=None, stage=None, overwrite=False, evaluate=T
     with _guard():
         driver.check_request(config, fold, stage)
         with wd.lock(workdir):
+            _log(_devices())
             results = driver.run(
                 config, workdir, fold=fold, stage=stage, overwrite=overwrite, stop_after=stop_after, log=_log
             )
@@ -39,6 +40,15 @@ def train(config, workdir, *, fold=None, stage=None, overwrite=False, evaluate=T
                 from rediffinet_jax import evaluation
 
                 evaluation.evaluate(workdir, log=_log)
+
+
+def _devices() -> str:
+    """The first line of a training's log: what it runs on (a GPU user on CPU-only jax sees it at once)."""
+    import jax
+
+    devs = jax.devices()
+    kinds = sorted({d.device_kind for d in devs})
+    return f"devices: {len(devs)} × {', '.join(kinds)} ({jax.default_backend()}), {jax.process_count()} process(es)"
 
 
 def _fail(error, status: int = 2) -> None:

@@ -14,6 +14,7 @@ from processes import run_distributed
 
 def test_two_stage_run(finished):
     workdir, _, out, _ = finished  # its seconds are in the test log, not asserted: a busy machine is no bug
+    assert "devices: 2 × cpu (cpu), 1 process(es)" in out  # the log names what the run trains on
     assert "generated phantom" in out
     for stage in ("unet", "rediffinet"):
         for k in (0, 1):
