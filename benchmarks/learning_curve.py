@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common, levers  # noqa: E402
-from benchmarks.refinement import seed_overrides  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
 
 MODELS = {
@@ -37,12 +35,7 @@ MODELS = {
 def run_point(workdir: Path, config: str, steps: int, seed: int, fold: int) -> None:
     """Trains (or resumes) one refiner of ``fold`` for ``steps`` steps and scores it ungated."""
     over = [f"--config.diffusion.steps={steps}", f"--config.diffusion.val_every={steps}"]
-    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={config}", f"--workdir={workdir}", f"--fold={fold}"]
-    cmd += ["--stage=diffusion", "--noevaluate", *seed_overrides(seed), *over]
-    ev = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={workdir}", f"--folds={fold}", "--nogate"]
-    for c in (cmd, ev):
-        if subprocess.run(c, cwd=ROOT).returncode:
-            raise SystemExit(f"error: {' '.join(c[1:3])} failed for {workdir.name}")
+    levers.train_and_score(workdir, config, over, seed, fold, workdir.name)
 
 
 def point(workdir: Path, fold: int) -> dict:

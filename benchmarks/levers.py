@@ -63,26 +63,35 @@ def prepare(source: Path, dest: Path) -> None:
         shutil.copytree(source / name, dest / name, symlinks=True)
 
 
-def run_lever(workdir: Path, lever: str, seed: int, fold: int) -> float:
-    """Trains and scores one lever (or resumes it); returns the seconds of this call."""
+def train_and_score(workdir: Path, config: str, extra: list[str], seed: int, fold: int, what: str) -> float:
+    """Trains (or resumes) the refiner of ``fold`` alone with ``config`` and ``extra`` train.py flags, then
+    scores it ungated on that fold's held-out cases; returns the seconds of this call."""
     t0 = time.time()
-    config, extra = LEVERS[lever]
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config={config}", f"--workdir={workdir}", f"--fold={fold}"]
     cmd += ["--stage=diffusion", "--noevaluate", *seed_overrides(seed), *extra]
-    print(f"{lever}: {' '.join(cmd[1:])}", flush=True)
+    print(f"{what}: {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode:
-        raise SystemExit(f"error: train.py failed for lever {lever}")
-    ev = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={workdir}", f"--folds={fold}", "--nogate"]
-    if subprocess.run(ev, cwd=ROOT).returncode:
-        raise SystemExit(f"error: evaluate.py failed for lever {lever}")
+        raise SystemExit(f"error: train.py failed for {what}")
+    score(workdir, fold, what)
     return time.time() - t0
+
+
+def score(workdir: Path, fold: int, what: str, *extra: str) -> None:
+    """evaluate.py on ``fold`` alone, ungated (a gate needs the other folds), with ``extra`` flags."""
+    ev = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={workdir}", f"--folds={fold}", "--nogate", *extra]
+    if subprocess.run(ev, cwd=ROOT).returncode:
+        raise SystemExit(f"error: evaluate.py failed for {what}")
+
+
+def run_lever(workdir: Path, lever: str, seed: int, fold: int) -> float:
+    """Trains and scores one lever (or resumes it); returns the seconds of this call."""
+    config, extra = LEVERS[lever]
+    return train_and_score(workdir, config, extra, seed, fold, f"lever {lever}")
 
 
 def run_start(workdir: Path, start: int, fold: int) -> float:
     t0 = time.time()
-    ev = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={workdir}", f"--folds={fold}", "--nogate"]
-    if subprocess.run([*ev, f"--start={start}", "--models=rediffinet"], cwd=ROOT).returncode:
-        raise SystemExit(f"error: evaluate.py failed for sampler start {start}")
+    score(workdir, fold, f"sampler start {start}", f"--start={start}", "--models=rediffinet")
     return time.time() - t0
 
 

@@ -131,6 +131,9 @@ def _diffusion_rules() -> list:
     ]
 
 
+_MISSING = object()
+
+
 def _get(config, key: str):
     node = config
     for part in key.split("."):
@@ -138,9 +141,6 @@ def _get(config, key: str):
             return _MISSING
         node = node[part]
     return node
-
-
-_MISSING = object()
 
 
 def check(config) -> None:
@@ -163,7 +163,7 @@ def check(config) -> None:
 
 
 def _check_relations(config) -> None:
-    from rediffinet_jax.diffusion import space_timesteps
+    from rediffinet_jax.diffusion import FIRST_T, sampler_start, space_timesteps
     from rediffinet_jax.models.denoiser import MULTIPLE
     from rediffinet_jax.stages import VARIANTS
 
@@ -178,15 +178,15 @@ def _check_relations(config) -> None:
     s = d.sampler
     if s.chunk and s.samples % min(s.chunk, s.samples):
         raise ConfigError(f"config key diffusion.sampler.chunk = {s.chunk}: must divide sampler.samples ({s.samples})")
-    start = s.get("start", 999)
+    start = sampler_start(s)
     try:
         space_timesteps(int(start) + 1, s.steps)
     except ValueError:
         raise ConfigError(
             f"config key diffusion.sampler.steps = {s.steps}: at most sampler.start + 1 ({start + 1})"
         ) from None
-    if start != 999 and VARIANTS[d.model][1] != "discrepancy":
+    if start != FIRST_T and VARIANTS[d.model][1] != "discrepancy":
         raise ConfigError(
             f"config key diffusion.sampler.start = {start}: starting from an empty mask is for discrepancy "
-            f"refiners only, not {d.model} (use 999)"
+            f"refiners only, not {d.model} (use {FIRST_T})"
         )

@@ -252,6 +252,23 @@ def binary_entropy(p: jax.Array) -> jax.Array:
     return -(p * jnp.log2(p) + (1 - p) * jnp.log2(1 - p))
 
 
+FIRST_T = NUM_TIMESTEPS - 1  # DDIM's usual first timestep: pure noise (the paper's sampler)
+
+
+def sampler_start(sampler) -> int:
+    """A sampler config's first timestep (``start``; older configs have none: :data:`FIRST_T`)."""
+    return getattr(sampler, "start", FIRST_T)
+
+
+def sampler_settings(sampler) -> dict:
+    """What a sampler config changes in a refiner's output: fusion, steps, samples and ``start`` (only when it
+    is not :data:`FIRST_T`, so that records written before it existed still match)."""
+    out = {k: sampler[k] for k in ("fusion", "steps", "samples")}
+    if sampler_start(sampler) != FIRST_T:
+        out["start"] = sampler_start(sampler)
+    return out
+
+
 def check_sampler_args(steps: int, samples: int, fusion: str, chunk: int | None, start: int = NUM_TIMESTEPS - 1) -> int:
     """Validates K, S, fusion, chunk and the first timestep; returns the chunk size actually used (a divisor
     of S)."""

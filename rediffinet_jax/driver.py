@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import config_check, given_maps, inference, parallel, progress, stages
+from rediffinet_jax import config_check, diffusion, given_maps, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats, phantoms, pipeline, splits
 from rediffinet_jax.errors import ConfigError
@@ -244,14 +244,16 @@ def _refuse_evaluation_changes(config, layout: wd.Layout) -> None:
     either (evaluate.py's flags, scored beside) is named instead."""
     stage = layout.stage(config.diffusion.model)
     if config.stages != "unet" and (stage / wd.SETTINGS_FILE).is_file():
-        saved = wd.load_settings(stage).diffusion.sampler
-        new = config.diffusion.sampler
+        old, now = (
+            diffusion.sampler_settings(x) for x in (wd.load_settings(stage).diffusion.sampler, config.diffusion.sampler)
+        )
         for k, flag in _SAMPLER_FLAGS.items():
-            if saved.get(k, 999 if k == "start" else None) != new.get(k, 999 if k == "start" else None):
+            a, b = old.get(k, diffusion.FIRST_T), now.get(k, diffusion.FIRST_T)
+            if a != b:
                 raise ConfigError(
-                    f"diffusion.sampler.{k}: {saved.get(k)!r} -> {new.get(k)!r} changes only how the trained "
-                    f"{config.diffusion.model} samples: score it beside its own with evaluate.py --workdir "
-                    f"{layout.root} {flag} {new.get(k)} (or train into another --workdir)"
+                    f"diffusion.sampler.{k}: {a!r} -> {b!r} changes only how the trained {config.diffusion.model} "
+                    f"samples: score it beside its own with evaluate.py --workdir {layout.root} {flag} {b} (or "
+                    f"train into another --workdir)"
                 )
     old, new = wd.read_json(layout.config, {}).get("eval", {}).get("convention"), config.eval.convention
     if old and old != new and layout.eval.is_dir():

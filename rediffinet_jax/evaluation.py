@@ -21,7 +21,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rediffinet_jax import figures, gate_eval, inference, metrics, official, parallel, progress, reports, stages
+from rediffinet_jax import (
+    diffusion,
+    figures,
+    gate_eval,
+    inference,
+    metrics,
+    official,
+    parallel,
+    progress,
+    reports,
+    stages,
+)
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.case_rows import append_rows, read_rows
 from rediffinet_jax.data import brats
@@ -79,22 +90,17 @@ def _open_run(workdir, folds, checkpoint, convention) -> Run:
 
 
 def _sampler_label(name: str, sampler, override: dict | None) -> str:
-    """``name``, or ``name-<fusion>-k<K>-s<S>`` when ``override`` changes the model's own sampler (it is
-    then applied to ``sampler``, the stage's ConfigDict), so both evaluations sit side by side."""
-    override = {k: v for k, v in (override or {}).items() if v is not None and v != sampler.get(k, 999)}
+    """``name``, or ``name-<fusion>-k<K>-s<S>[-t<start>]`` when ``override`` changes the model's own sampler
+    (it is then applied to ``sampler``, the stage's ConfigDict), so both evaluations sit side by side."""
+    own = {**diffusion.sampler_settings(sampler), "start": diffusion.sampler_start(sampler)}
+    override = {k: v for k, v in (override or {}).items() if v is not None and v != own[k]}
     if not override:
         return name
     sampler.update(override)
-    start = sampler.get("start", 999)
-    return f"{name}-{sampler.fusion}-k{sampler.steps}-s{sampler.samples}" + (f"-t{start}" if start != 999 else "")
-
-
-def _sampler_record(sampler) -> dict:
-    """What a refiner's scores are sampled with (``start`` only when it is not 999: older records lack it)."""
-    out = {k: sampler[k] for k in ("fusion", "steps", "samples")}
-    if sampler.get("start", 999) != 999:
-        out["start"] = sampler["start"]
-    return out
+    start = diffusion.sampler_start(sampler)
+    return f"{name}-{sampler.fusion}-k{sampler.steps}-s{sampler.samples}" + (
+        f"-t{start}" if start != diffusion.FIRST_T else ""
+    )
 
 
 def _models(run: Run, models, sampler, log) -> list[Model]:
@@ -131,7 +137,7 @@ def _models(run: Run, models, sampler, log) -> list[Model]:
                 stages.make("diffusion", cfg),
                 {
                     "checkpoint": run.checkpoint,
-                    "sampler": _sampler_record(cfg.sampler),
+                    "sampler": diffusion.sampler_settings(cfg.sampler),
                     wd.OOF_KEY: run.oof_checkpoint,
                 },
             )

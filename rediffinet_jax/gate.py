@@ -40,11 +40,9 @@ class Rule:
 
 def surface_distance(unet_region: np.ndarray) -> np.ndarray:
     """Per voxel, its Euclidean distance in voxels to the other side of U(I)'s surface (1 for the voxels
-    touching it on either side); ∞ everywhere when the region is empty (it has no surface)."""
+    touching it on either side); ∞ everywhere when the region is empty or fills the volume (no surface)."""
     u = np.asarray(unet_region, bool)
-    if not u.any():
-        return np.full(u.shape, np.inf, np.float32)
-    if u.all():
+    if not u.any() or u.all():  # no surface inside the volume
         return np.full(u.shape, np.inf, np.float32)
     return np.where(u, ndimage.distance_transform_edt(u), ndimage.distance_transform_edt(~u)).astype(np.float32)
 

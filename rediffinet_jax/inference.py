@@ -218,7 +218,7 @@ def diffusion_fused(
     needed: bool ``[D, H, W]``, the voxels whose output matters (:func:`sliding_window`; elsewhere Y = −1 and
     p = 0: no flip)."""
     c = stage.cfg
-    start = getattr(c.sampler, "start", diffusion.NUM_TIMESTEPS - 1) if start is None else start
+    start = diffusion.sampler_start(c.sampler) if start is None else start
     cond = np.asarray(stage.variant.condition_image(jnp.asarray(image), None if unet is None else jnp.asarray(unet)))
     direct = stage.variant.direct
     fn = diffusion_predictor(model, key, steps, samples, fusion, chunk or None, uncertainty, start, direct)
