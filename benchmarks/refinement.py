@@ -1,6 +1,7 @@
-"""The phantom benchmark over seeds: does the refiner make a strong U-Net better?
+"""The phantom and real-data benchmarks over seeds: does the refiner make a strong U-Net better?
 
     python benchmarks/refinement.py                       # 3 seeds: the paper's refiner, rediffinet_plus, control
+    python benchmarks/refinement.py --data real --cases /path/to/brats --root runs/real   # 20 real exams
     python benchmarks/refinement.py --config configs/rediffinet.py:bench   # one refiner only
     python benchmarks/refinement.py --variants            # + Diff-U-Net and UA-Diffusion concat
     python benchmarks/refinement.py --seeds 5 --root runs/bench --set diffusion.steps=3000
@@ -14,6 +15,11 @@ again (train.py resumes), a finished one is only re-read. The table is recompute
 per seed and mean ± sample std (n − 1) over seeds, each model's Dice and HD95 per region and averaged (every
 discrepancy refiner twice: as the paper does it and ``+gate``, gated per fold on the other folds), the HD95
 change against the seed's U-Net, the flips pooled over every held-out case, and the targets' verdicts.
+
+``--data real`` runs the same on the 20 real BraTS 2018 exams of ``benchmarks/real_cases.txt`` (checked
+file by file first: ``benchmarks/real_data.py``), read from ``--cases`` as they are, at 2 mm
+(``configs/*.py:real``); seed ``s`` then changes ``seed`` and ``data.split_seed`` (5 folds of 16/4), and
+the default refiner is the paper's alone.
 
 ``--baseline grown_edema`` trains the refiner on another baseline than the U-Net, one whose errors are
 systematic: each case's ground truth with its edema grown by 2 voxels (``config.baseline.maps``), on the
@@ -44,7 +50,11 @@ from rediffinet_jax.labels import REGIONS  # noqa: E402
 from rediffinet_jax.workdir import GIVEN  # noqa: E402
 
 VARIANTS = ("configs/diff_unet.py:{v}", "configs/ua_diffusion.py:concat,{v}")
-REFINERS = ("configs/rediffinet.py:bench", "configs/rediffinet_plus.py:bench", "configs/control.py:bench")
+REFINERS = {
+    "phantoms": ("configs/rediffinet.py:bench", "configs/rediffinet_plus.py:bench", "configs/control.py:bench"),
+    "real": ("configs/rediffinet.py:real",),
+}
+TITLE = {"phantoms": "Phantom benchmark", "real": "Real-data benchmark (20 BraTS 2018 exams at 2 mm)"}
 COLS = (*REGIONS, "avg")
 # Targets. Never worse (every seed): no region with more wrong voxels after refinement (pooled over held-out
 # cases), HD95 avg not above the U-Net's. Better (mean over seeds): HD95 avg at least 5 % below the U-Net's
@@ -52,11 +62,13 @@ COLS = (*REGIONS, "avg")
 HD95_GAIN, DICE_LOSS = 5.0, 0.5
 
 
-def seed_overrides(seed: int) -> list[str]:
-    return [f"--config.seed={seed}", f"--config.data.phantoms.seed={seed}", f"--config.data.split_seed={seed}"]
+def seed_overrides(seed: int, cases: Path | None = None) -> list[str]:
+    """The train.py flags of a seed: new initialisation and folds, and new phantoms unless ``cases`` (real)."""
+    data = [f"--config.data.root={cases.resolve()}"] if cases else [f"--config.data.phantoms.seed={seed}"]
+    return [f"--config.seed={seed}", *data, f"--config.data.split_seed={seed}"]
 
 
-def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log=print) -> float:
+def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log=print, cases=None) -> float:
     """Runs (or resumes) train.py for each config in ``workdir``; returns the seconds spent on the seed over
     all calls. Each call is recorded in ``workdir/bench_time.json`` (commit, machine, seconds)."""
     t0 = time.time()
@@ -66,7 +78,7 @@ def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log
             str(ROOT / "train.py"),
             f"--config={spec}",
             f"--workdir={workdir}",
-            *seed_overrides(seed),
+            *seed_overrides(seed, cases),
             *extra,
         ]
         log(f"seed {seed}: {' '.join(cmd[1:])}")
@@ -283,14 +295,61 @@ def write_outputs(root: Path, result: dict, header: str) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--config",
-        action="append",
-        help=f"a refiner's config (path:variant), repeatable; default: {', '.join(REFINERS)}",
+    a = _parse(argv)
+    root = Path(a.root or ("runs/real" if a.data == "real" else "runs/bench"))
+    cases = _real_cases(a) if a.data == "real" else None
+    root.mkdir(parents=True, exist_ok=True)
+    refiners = a.config or list(REFINERS[a.data])
+    variant = refiners[0].partition(":")[2] or "bench"
+    configs = refiners + ([v.format(v=variant) for v in VARIANTS] if a.variants else [])
+    extra = [f"--config.{kv}" for kv in a.set]
+    tables, calls = {}, {}
+    for seed in range(a.seeds):
+        workdir, given = baseline_args(root, seed, a.baseline)
+        if not a.table_only:
+            run_seed(workdir, configs, seed, extra + given, cases=cases)
+        if (workdir / "eval").is_dir():
+            tables[str(seed)] = seed_table(seed_rows(workdir))
+            calls[str(seed)] = seed_calls(workdir)
+    if not tables:
+        raise SystemExit("error: no finished seed to tabulate")
+    result = combine(tables)
+    result["calls"] = calls
+    result["seeds_asked"] = a.seeds
+    result["data"] = a.data
+    result["seconds"] = {s: sum(c["seconds"] for c in cs) for s, cs in calls.items()}
+    args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--table_only"]  # not how it was made
+    result["command"] = " ".join(["python benchmarks/refinement.py", *args])
+    machines = sorted({c["machine"] for cs in calls.values() for c in cs})
+    commits = sorted({c["commit"] for cs in calls.values() for c in cs})
+    header = (
+        f"{TITLE[a.data]}: {', '.join(configs)}, baseline {a.baseline}, {len(tables)} seed(s), HD95 in mm (brats2023 "
+        f"convention), Dice in %; {result['command']}; commit {', '.join(commits)}; {'; '.join(machines)}"
     )
+    write_outputs(root if a.baseline == "unet" else root / a.baseline, result, header)
+    print(markdown(result, header))
+
+
+def _real_cases(a) -> Path:
+    """The real cases' folder, checked file by file against benchmarks/real_cases.txt."""
+    from benchmarks import real_data
+
+    if a.baseline != "unet":
+        raise SystemExit("error: --baseline grown_edema is a phantom benchmark (use --data phantoms)")
+    if not a.cases:
+        raise SystemExit("error: --data real needs --cases, the folder of the 20 cases (see benchmarks/real_data.py)")
+    real_data.check(a.cases)
+    return Path(a.cases)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default = "; ".join(f"{d}: {', '.join(r)}" for d, r in REFINERS.items())
+    p.add_argument("--config", action="append", help=f"a refiner's config (path:variant), repeatable; {default}")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--root", default="runs/bench", help="one work directory per seed under it")
+    p.add_argument("--data", choices=("phantoms", "real"), default="phantoms", help="generated phantoms or real exams")
+    p.add_argument("--cases", help="--data real: the folder holding the 20 cases (benchmarks/real_cases.txt)")
+    p.add_argument("--root", help="one work directory per seed under it (default: runs/bench, runs/real)")
     p.add_argument("--variants", action="store_true", help="also Diff-U-Net and UA-Diffusion concat")
     p.add_argument(
         "--set",
@@ -301,37 +360,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--table_only", action="store_true", help="only rewrite the table from finished seeds")
     p.add_argument("--baseline", choices=("unet", "grown_edema"), default="unet", help="U(I): see the docstring")
-    a = p.parse_args(argv)
-    root = Path(a.root)
-    root.mkdir(parents=True, exist_ok=True)
-    refiners = a.config or list(REFINERS)
-    variant = refiners[0].partition(":")[2] or "bench"
-    configs = refiners + ([v.format(v=variant) for v in VARIANTS] if a.variants else [])
-    extra = [f"--config.{kv}" for kv in a.set]
-    tables, calls = {}, {}
-    for seed in range(a.seeds):
-        workdir, given = baseline_args(root, seed, a.baseline)
-        if not a.table_only:
-            run_seed(workdir, configs, seed, extra + given)
-        if (workdir / "eval").is_dir():
-            tables[str(seed)] = seed_table(seed_rows(workdir))
-            calls[str(seed)] = seed_calls(workdir)
-    if not tables:
-        raise SystemExit("error: no finished seed to tabulate")
-    result = combine(tables)
-    result["calls"] = calls
-    result["seeds_asked"] = a.seeds
-    result["seconds"] = {s: sum(c["seconds"] for c in cs) for s, cs in calls.items()}
-    args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--table_only"]  # not how it was made
-    result["command"] = " ".join(["python benchmarks/refinement.py", *args])
-    machines = sorted({c["machine"] for cs in calls.values() for c in cs})
-    commits = sorted({c["commit"] for cs in calls.values() for c in cs})
-    header = (
-        f"Phantom benchmark: {', '.join(configs)}, baseline {a.baseline}, {len(tables)} seed(s), HD95 in mm (brats2023 "
-        f"convention), Dice in %; {result['command']}; commit {', '.join(commits)}; {'; '.join(machines)}"
-    )
-    write_outputs(root if a.baseline == "unet" else root / a.baseline, result, header)
-    print(markdown(result, header))
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

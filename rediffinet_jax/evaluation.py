@@ -206,16 +206,24 @@ def _summarize(run: Run, per_fold: dict, scored: list, official_scores, gates: d
 
 
 def _score_gated(run: Run, models: list[Model], per_fold: dict, scored: list, gate, progress_bar: bool, log) -> dict:
-    """Adds each discrepancy refiner's gated rows (``<label>+gate``, :mod:`gate_eval`) to ``per_fold`` and
-    ``scored``, unless ``gate`` (or, when None, the run's ``eval.gate``) is off; returns the gates chosen."""
+    """Adds the gated rows (:mod:`gate_eval`) to ``per_fold`` and ``scored``: the U-Net post-processed
+    (``<unet>+pp``) and each discrepancy refiner gated (``<label>+gate``), unless ``gate`` (or, when None, the
+    run's ``eval.gate``) is off; returns the choices, ``{label: record}`` (the U-Net's under ``<unet>+pp``)."""
     gates = {}
     if not (gate if gate is not None else wd.read_json(run.layout.config, {}).get("eval", {}).get("gate", True)):
         return gates
     for model in models:
-        if model.stage is not None and model.stage.variant.target == "discrepancy" and model.label in per_fold:
-            rows, gates[model.label] = gate_eval.score_gated(run, model, progress_bar, log, _write_pred)
-            per_fold[gate_eval.gated_label(model.label)] = rows
-            scored.append(gate_eval.gated_label(model.label))
+        if model.stage is None and model.label in per_fold:
+            kind = gate_eval.POSTPROCESS
+        elif model.stage is not None and model.stage.variant.target == "discrepancy" and model.label in per_fold:
+            kind = gate_eval.GATE
+        else:
+            continue
+        rows, record = gate_eval.score_gated(run, model, progress_bar, log, _write_pred, kind)
+        label = gate_eval.gated_label(model.label, kind)
+        gates[label if kind is gate_eval.POSTPROCESS else model.label] = record
+        per_fold[label] = rows
+        scored.append(label)
     return gates
 
 

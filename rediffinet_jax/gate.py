@@ -1,4 +1,5 @@
-"""The gate of a discrepancy refiner: which of its flips to keep, per region, chosen on cases it did not train on.
+"""Which proposed flips of a mask to keep, per region, chosen on cases the proposer did not train on: the gate
+of a discrepancy refiner, and the same for nnU-Net's removal of small components from the U-Net's masks.
 
 A discrepancy refiner (Re-DiffiNet, its control, a refiner of another model's maps) proposes flips Δ̂ of
 U(I). Per region [WT, TC, ET] the gate is either **off** (no flip of that region kept) or a candidate of
@@ -6,6 +7,10 @@ U(I). Per region [WT, TC, ET] the gate is either **off** (no flip of that region
 Today's rules: ``tau``, a threshold on the fused probability of Δ (flip only where p ≥ τ); ``band``,
 flips only within b voxels of U(I)'s surface (Euclidean, in voxels; ∞: anywhere). A new rule is one
 entry of :data:`RULES`. τ = 0.5 with an infinite band is the paper's refinement (every proposed flip).
+
+The U-Net's post-processing is the same choice over another table, :data:`COMPONENTS`: the proposed
+flips (:func:`component_fields`) remove every connected component of U(I)'s region but the largest
+(nnU-Net's rule), ``min_size`` keeps the removals of components below a size (voxels of the source grid).
 
 The choice (:func:`choose`) follows nnU-Net's post-processing rule: a region keeps the candidate with
 the fewest wrong voxels among those that, summed over the selection cases, **lower** its wrong voxels
@@ -51,7 +56,17 @@ RULES: dict[str, Rule] = {
     "tau": Rule((0.5, 0.6, 0.7, 0.8, 0.9, 0.95), lambda f, r, v: f.p[..., r] >= v),
     "band": Rule((math.inf, 3, 2, 1), lambda f, r, v: f.distance(r) <= v),
 }
-PAPER = {name: rule.grid[0] for name, rule in RULES.items()}  # every flip: the paper's refinement
+COMPONENTS: dict[str, Rule] = {
+    "min_size": Rule((math.inf, 3000, 1000, 300, 100, 30), lambda f, r, v: f.component_size(r) < v),
+}
+
+
+def every(rules: dict) -> dict:
+    """The candidate keeping every proposed flip (for :data:`RULES`: the paper's refinement)."""
+    return {name: rule.grid[0] for name, rule in rules.items()}
+
+
+PAPER = every(RULES)
 
 
 @dataclasses.dataclass
@@ -68,11 +83,31 @@ class Fields:
             self._dist[r] = surface_distance(self.unet[..., r])
         return self._dist[r]
 
+    def component_size(self, r: int) -> np.ndarray:
+        """Per voxel, the voxel count of its connected component (26-connected) of U(I)'s region r; 0 outside."""
+        if ("size", r) not in self._dist:
+            labels, _ = ndimage.label(self.unet[..., r] > 0, np.ones((3, 3, 3), bool))
+            self._dist[("size", r)] = np.bincount(labels.ravel())[labels] * (labels > 0)
+        return self._dist[("size", r)]
 
-def candidates() -> list[dict]:
-    """Every combination of the rules' values, the paper's first."""
-    names = list(RULES)
-    return [dict(zip(names, values)) for values in itertools.product(*(RULES[n].grid for n in names))]
+
+def component_fields(unet: np.ndarray) -> Fields:
+    """The post-processing's proposals for U(I) (``[D, H, W, 3]`` uint8, nested): per region, every voxel
+    outside its largest connected component (components tied for the largest size all kept), to be removed
+    (``p``: 1 there)."""
+    f = Fields(np.zeros(np.shape(unet), bool), np.zeros(np.shape(unet), np.float32), np.asarray(unet, np.uint8))
+    for r in range(f.unet.shape[-1]):
+        size = f.component_size(r)
+        if size.any():
+            f.sign[..., r] = (size > 0) & (size < size.max())
+    f.p[:] = f.sign
+    return f
+
+
+def candidates(rules: dict = RULES) -> list[dict]:
+    """Every combination of the rules' values, the one keeping every flip first."""
+    names = list(rules)
+    return [dict(zip(names, values)) for values in itertools.product(*(rules[n].grid for n in names))]
 
 
 def name(candidate: dict | None) -> str:
@@ -89,23 +124,23 @@ def parse(text: str) -> dict | None:
     return {k: float(v) if k == "tau" or v == "inf" else int(v) for k, v in (kv.split("=") for kv in text.split(","))}
 
 
-def flips(fields: Fields, r: int, candidate: dict | None) -> np.ndarray:
-    """The flips of region ``r`` a candidate keeps, bool ``[D, H, W]`` (none when off)."""
+def flips(fields: Fields, r: int, candidate: dict | None, rules: dict = RULES) -> np.ndarray:
+    """The flips of region ``r`` a candidate of ``rules`` keeps, bool ``[D, H, W]`` (none when off)."""
     if candidate is None:
         return np.zeros(fields.sign.shape[:-1], bool)
     keep = fields.sign[..., r].copy()
     for rule, value in candidate.items():
-        if keep.any() and value != RULES[rule].grid[0]:  # the first value keeps every flip: the paper's
-            keep &= RULES[rule].keep(fields, r, value)
+        if keep.any() and value != rules[rule].grid[0]:  # the first value keeps every flip: the paper's
+            keep &= rules[rule].keep(fields, r, value)
     return keep
 
 
-def apply(fields: Fields, gates: dict) -> np.ndarray:
+def apply(fields: Fields, gates: dict, rules: dict = RULES) -> np.ndarray:
     """U(I) with each region's kept flips (``gates``: {region name: candidate or None}), uint8 ``[..., 3]``
     (not nested: the label map written from it nests it)."""
     out = np.asarray(fields.unet, np.uint8).copy()
     for r, region in enumerate(REGIONS):
-        out[..., r] ^= flips(fields, r, gates.get(region)).astype(np.uint8)
+        out[..., r] ^= flips(fields, r, gates.get(region), rules).astype(np.uint8)
     return out
 
 
@@ -124,7 +159,7 @@ def needed(unet: np.ndarray, gates: dict) -> np.ndarray | None:
     return out
 
 
-def case_effects(fields: Fields, gt: np.ndarray, spacing, convention: str) -> dict:
+def case_effects(fields: Fields, gt: np.ndarray, spacing, convention: str, rules: dict = RULES) -> dict:
     """Per region, per candidate name: [wrong voxels, HD95] of the region's nested mask with only that
     region's kept flips, and under ``"unet"`` the same for U(I). ``gt`` ``[D, H, W, 3]`` on the same
     crop as ``fields`` (what lies outside is the same for every candidate). An HD95 that is NaN (both
@@ -133,9 +168,9 @@ def case_effects(fields: Fields, gt: np.ndarray, spacing, convention: str) -> di
     for r, region in enumerate(REGIONS):
         scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
         row = {"unet": _score(np.asarray(fields.unet, np.uint8), gt, r, spacing, convention, scored)}
-        for cand in candidates():
+        for cand in candidates(rules):
             refined = np.asarray(fields.unet, np.uint8).copy()
-            refined[..., r] ^= flips(fields, r, cand).astype(np.uint8)
+            refined[..., r] ^= flips(fields, r, cand, rules).astype(np.uint8)
             row[name(cand)] = _score(refined, gt, r, spacing, convention, scored)
         out[region] = row
     return out
@@ -151,7 +186,7 @@ def _score(mask, gt, r: int, spacing, convention: str, scored: dict) -> list:
     return scored[key]
 
 
-def choose(effects: list[dict]) -> dict:
+def choose(effects: list[dict], rules: dict = RULES) -> dict:
     """The gate from the :func:`case_effects` of the selection cases: per region ``{"gate": candidate name or
     "off", "wrong_change", "hd95_change"}`` (summed voxels, mean mm, of the gate chosen; 0 for off) and
     ``"paper"``: the same for every flip, so a reader sees what was turned off. No case: every region off."""
@@ -162,12 +197,12 @@ def choose(effects: list[dict]) -> dict:
             out[region] = {"gate": "off", "wrong_change": 0, "hd95_change": 0.0, "paper": None, "n_cases": 0}
             continue
         base = np.sum([e[region]["unet"] for e in effects], 0)
-        totals = {name(c): np.sum([e[region][name(c)] for e in effects], 0) for c in candidates()}
+        totals = {name(c): np.sum([e[region][name(c)] for e in effects], 0) for c in candidates(rules)}
         change = {c: (int(w - base[0]), float((h - base[1]) / n)) for c, (w, h) in totals.items()}
         ok = [c for c, (dw, dh) in change.items() if dw < 0 and dh <= 0]
         best = min(ok, key=lambda c: (change[c][0], change[c][1]), default="off")
         dw, dh = change.get(best, (0, 0.0))
-        paper = change[name(PAPER)]
+        paper = change[name(every(rules))]
         out[region] = {
             "gate": best,
             "wrong_change": dw,
@@ -178,15 +213,16 @@ def choose(effects: list[dict]) -> dict:
     return out
 
 
-def describe(choice: dict, where: str = "cases of the other folds") -> list[str]:
-    """One line per region: "TC: off — on 20 cases of the other folds every flip added 812 wrong voxels ..."."""
+def describe(choice: dict, where: str = "cases of the other folds", every_flip: str = "every flip") -> list[str]:
+    """One line per region: "TC: off — on 20 cases of the other folds every flip added 812 wrong voxels ..."
+    (``every_flip``: what keeping every proposed flip is called)."""
     lines = []
     for region, c in choice.items():
         p = c["paper"]
         if p is None:
             lines.append(f"{region}: off — no held-out case of another fold to choose on")
             continue
-        every = f"every flip {_signed(p['wrong_change'])} wrong voxels, HD95 {p['hd95_change']:+.2f} mm"
+        every = f"{every_flip} {_signed(p['wrong_change'])} wrong voxels, HD95 {p['hd95_change']:+.2f} mm"
         if c["gate"] == "off":
             lines.append(f"{region}: off — on {c['n_cases']} {where} {every}")
         else:

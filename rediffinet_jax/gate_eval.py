@@ -10,10 +10,15 @@ case's crop). From those, with no sampling:
   cases (what ``predict.py`` applies): ``eval/<label>/gate.json``;
 * the gated row ``<label>+gate``: each fold's cases refined with its gate, written and scored like any
   model (``eval/<label>+gate/fold_k/{cases.csv, pred/, gate.json}``); a fold whose gate changed is rescored.
+
+The U-Net's post-processing (:data:`POSTPROCESS`: nnU-Net's removal of small components) is chosen and
+scored the same way from its out-of-fold maps, into ``eval/<unet>/postprocess.json`` and the row
+``<unet>+pp``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -31,8 +36,29 @@ SUFFIX = "+gate"
 FIELDS_DIR, EFFECTS, RECORD = "fused", "gate_effects.json", "gate.json"
 
 
-def gated_label(label: str) -> str:
-    return f"{label}{SUFFIX}"
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What is chosen: the gate of a refiner's flips, or the U-Net's post-processing (its own flips)."""
+
+    suffix: str
+    rules: dict
+    effects: str  # per fold: each case's effects
+    record: str  # per model: the choices
+    every: str  # what the candidate keeping every flip does, for the summary
+
+    def fields(self, source: Path, cid: str, unet_crop: np.ndarray) -> gate.Fields | None:
+        if self.rules is gate.COMPONENTS:
+            return gate.component_fields(unet_crop)
+        path = source / FIELDS_DIR / f"{cid}.npz"
+        return load_fields(path, unet_crop) if path.is_file() else None
+
+
+GATE = Kind(SUFFIX, gate.RULES, EFFECTS, RECORD, "every flip")
+POSTPROCESS = Kind("+pp", gate.COMPONENTS, "postprocess_effects.json", "postprocess.json", "removing them all")
+
+
+def gated_label(label: str, kind: Kind = GATE) -> str:
+    return f"{label}{kind.suffix}"
 
 
 def save_fields(path: Path, y: np.ndarray, p: np.ndarray) -> None:
@@ -56,45 +82,52 @@ def _case_inputs(run, cid: str):
     return meta, brats.source_truth(folder), brats.crop(unet_full, meta["box"]), unet_full
 
 
-def fold_effects(run, label: str, k: int, progress_bar: bool) -> dict:
-    """``{case: effects}`` of fold k's held-out cases whose fields are kept (computed once, then read)."""
+def fold_effects(run, label: str, k: int, progress_bar: bool, kind: Kind = GATE) -> dict:
+    """``{case: effects}`` of fold k's held-out cases that have fields (computed once, then read). Only
+    scored cases count: a post-processing's U-Net map exists for cases not scored yet."""
     fold_dir = run.layout.eval_fold(label, k)
-    path = fold_dir / EFFECTS
+    path = fold_dir / kind.effects
     effects = wd.read_json(path, {})
-    todo = [c for c in run.all_folds[k] if c not in effects and (fold_dir / FIELDS_DIR / f"{c}.npz").is_file()]
-    for cid in progress.bar(todo, f"gate effects {label} fold {k}", enabled=progress_bar):
+    scored = {r["case"] for r in read_rows(run.layout.cases_csv(label, k))}
+    todo = [c for c in run.all_folds[k] if c not in effects and c in scored]
+    added = 0
+    for cid in progress.bar(todo, f"{kind.suffix[1:]} effects {label} fold {k}", enabled=progress_bar):
         meta, gt, unet, _ = _case_inputs(run, cid)
-        fields = load_fields(fold_dir / FIELDS_DIR / f"{cid}.npz", unet)
-        effects[cid] = gate.case_effects(fields, gt, meta["spacing"], run.convention)
-    if todo and parallel.is_main():
+        fields = kind.fields(fold_dir, cid, unet)
+        if fields is not None:
+            effects[cid] = gate.case_effects(fields, gt, meta["spacing"], run.convention, kind.rules)
+            added += 1
+    if added and parallel.is_main():
         wd.write_atomic(path, json.dumps(effects))
     return effects
 
 
-def choose_gates(run, label: str, progress_bar: bool, log) -> dict:
+def choose_gates(run, label: str, progress_bar: bool, log, kind: Kind = GATE) -> dict:
     """``{str(k): choice, "all": choice}`` (:func:`gate.choose`) for every fold scored, written to
-    ``eval/<label>/gate.json``; fold k's choice from the other folds' cases only."""
-    effects = {k: fold_effects(run, label, k, progress_bar) for k in range(len(run.all_folds))}
+    ``eval/<label>/<kind.record>``; fold k's choice from the other folds' cases only."""
+    effects = {k: fold_effects(run, label, k, progress_bar, kind) for k in range(len(run.all_folds))}
     missing = {k: len(run.all_folds[k]) - len(e) for k, e in effects.items() if len(e) < len(run.all_folds[k])}
     if missing:
-        log(f"{label}: the gate is chosen without the unscored or unkept cases of fold(s) {sorted(missing)}")
+        log(f"{label}{kind.suffix}: chosen without the unscored or unkept cases of fold(s) {sorted(missing)}")
     record = {
-        str(k): gate.choose([e for j, fx in effects.items() if j != k for e in fx.values()]) for k in run.fold_ids
+        str(k): gate.choose([e for j, fx in effects.items() if j != k for e in fx.values()], kind.rules)
+        for k in run.fold_ids
     }
-    record["all"] = gate.choose([e for fx in effects.values() for e in fx.values()])
+    record["all"] = gate.choose([e for fx in effects.values() for e in fx.values()], kind.rules)
     if parallel.is_main():
-        wd.write_atomic(run.layout.eval_model(label) / RECORD, json.dumps(record, indent=1))
+        wd.write_atomic(run.layout.eval_model(label) / kind.record, json.dumps(record, indent=1))
     return record
 
 
-def score_gated(run, model, progress_bar: bool, log, write_pred) -> tuple[dict, dict]:
-    """Chooses the gates of ``model`` (an evaluation's Model of a discrepancy refiner) and scores its gated
-    row; returns ({k: rows}, the gate record). ``write_pred(labels, path, layout, cid)`` writes a map."""
-    record = choose_gates(run, model.label, progress_bar, log)
-    label = gated_label(model.label)
+def score_gated(run, model, progress_bar: bool, log, write_pred, kind: Kind = GATE) -> tuple[dict, dict]:
+    """Chooses the gates of ``model`` (an evaluation's Model: a discrepancy refiner, or the U-Net for
+    :data:`POSTPROCESS`) and scores its gated row; returns ({k: rows}, the record).
+    ``write_pred(labels, path, layout, cid)`` writes a map."""
+    record = choose_gates(run, model.label, progress_bar, log, kind)
+    label = gated_label(model.label, kind)
     wd.check_record(
         run.layout.eval_settings(label),
-        {**model.settings, "gate": "per fold, from the other folds"},
+        {**model.settings, kind.suffix[1:]: "per fold, from the other folds"},
         "delete it to rescore",
     )
     per_fold = {}
@@ -111,9 +144,11 @@ def score_gated(run, model, progress_bar: bool, log, write_pred) -> tuple[dict, 
         csv_path = run.layout.cases_csv(label, k)
         done = {r["case"] for r in read_rows(csv_path)}
         source_rows = {(r["case"], r["region"]): r for r in read_rows(run.layout.cases_csv(model.label, k))}
-        todo = [c for c in run.all_folds[k] if c not in done and (source / FIELDS_DIR / f"{c}.npz").is_file()]
+        todo = [c for c in run.all_folds[k] if c not in done and c in {r[0] for r in source_rows}]
         for cid in progress.bar(todo, f"eval {label} fold {k}", enabled=progress_bar):
-            rows = _gated_case(run, source, cid, gates, label, k, write_pred)
+            rows = _gated_case(run, source, cid, gates, label, k, write_pred, kind)
+            if rows is None:
+                continue
             for row in rows:  # the prediction's time is the ungated model's: a gate costs no sampling
                 row["seconds"] = source_rows.get((cid, row["region"]), {}).get("seconds", float("nan"))
             if parallel.is_main():
@@ -121,15 +156,18 @@ def score_gated(run, model, progress_bar: bool, log, write_pred) -> tuple[dict, 
         rows = read_rows(csv_path)
         if rows:
             per_fold[k] = rows
-    for line in gate.describe(record["all"], "held-out cases of all folds"):
-        log(f"{label} (all folds, as predict.py applies it): {line}")
+    for line in gate.describe(record["all"], "held-out cases of all folds", kind.every):
+        log(f"{label} (all folds): {line}")
     return per_fold, record
 
 
-def _gated_case(run, source: Path, cid: str, gates: dict, label: str, k: int, write_pred) -> list[dict]:
+def _gated_case(run, source: Path, cid: str, gates: dict, label: str, k: int, write_pred, kind) -> list | None:
     meta, _, unet, unet_full = _case_inputs(run, cid)
     box, full = meta["box"], meta["full_shape"]
-    refined = gate.apply(load_fields(source / FIELDS_DIR / f"{cid}.npz", unet), gates)
+    fields = kind.fields(source, cid, unet)
+    if fields is None:  # a refiner's fields not kept (scored before the gate existed)
+        return None
+    refined = gate.apply(fields, gates, kind.rules)
     labels = regions_to_labels(brats.paste(refined, box, full))
     if parallel.is_main():
         write_pred(labels, run.layout.pred_map(label, k, cid), run.layout, cid)

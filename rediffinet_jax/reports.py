@@ -196,11 +196,15 @@ def gate_markdown(gates: dict) -> list[str]:
 
     lines = []
     for label, record in gates.items():
-        lines += ["", f"Gate of {label} (`{label}+gate`), per region, chosen on the other folds' held-out cases:", ""]
+        if label.endswith("+pp"):  # the U-Net's post-processing (gate_eval.POSTPROCESS)
+            head, every = f"Post-processing of the U-Net (`{label}`: small components removed)", "removing them all"
+        else:
+            head, every = f"Gate of {label} (`{label}+gate`)", "every flip"
+        lines += ["", f"{head}, per region, chosen on the other folds' held-out cases:", ""]
         for k, choice in record.items():
             where = "all folds (predict.py)" if k == "all" else f"fold {k}"
             cases = "held-out cases of all folds" if k == "all" else "cases of the other folds"
-            lines += [f"* {where}: " + "; ".join(gate.describe(choice, cases))]
+            lines += [f"* {where}: " + "; ".join(gate.describe(choice, cases, every))]
     return lines
 
 

@@ -125,3 +125,35 @@ def test_effects_use_the_nested_masks():
     effects = gate.case_effects(fields, gt, SPACING, "brats2023")
     assert effects["WT"]["tau=0.5,band=inf"] == effects["WT"]["unet"]
     assert np.array_equal(nested(gate.apply(fields, {"WT": gate.PAPER}))[..., 0], cube(10, 20))
+
+
+def test_component_removal_chosen_like_a_gate():
+    """The U-Net's post-processing (gate.COMPONENTS) on U(I)'s WT = the 1000-voxel cube, a true 5³ blob (125
+    voxels, in the truth) and a false 2³ blob (8 voxels, not in it). Removing every component but the
+    largest (min_size=inf, and every size above 125) adds 125 − 8 = 117 wrong voxels; sizes 100 and 30 remove
+    the false blob alone (−8; HD95 stays 0: its 8 surface voxels are under 5 % of the ~700 of U(I)'s
+    surface); the first of the equal best, 100, is kept."""
+    unet = np.zeros(SHAPE + (3,), np.uint8)
+    true_blob = np.zeros(SHAPE, bool)
+    true_blob[30:35, 2:7, 2:7] = True
+    false_blob = np.zeros(SHAPE, bool)
+    false_blob[2:4, 30:32, 30:32] = True
+    unet[..., 0] = cube(10, 20) | true_blob | false_blob
+    gt = np.zeros_like(unet)
+    gt[..., 0] = cube(10, 20) | true_blob
+    fields = gate.component_fields(unet)
+    assert fields.sign[..., 0].sum() == 125 + 8 and not fields.sign[..., 1:].any()
+    assert fields.component_size(0)[true_blob].tolist() == [125] * 125
+    effects = gate.case_effects(fields, gt, SPACING, "brats2023", gate.COMPONENTS)
+    wt = effects["WT"]
+    assert wt["unet"] == [8, 0.0]
+    assert [wt[f"min_size={s}"][0] for s in ("inf", 3000, 1000, 300, 100, 30)] == [125, 125, 125, 125, 0, 0]
+    assert wt["min_size=100"][1] == 0.0
+    choice = gate.choose([effects, effects], gate.COMPONENTS)
+    assert choice["WT"]["gate"] == "min_size=100" and choice["WT"]["wrong_change"] == -16
+    assert choice["WT"]["paper"]["wrong_change"] == 2 * 117
+    assert choice["TC"]["gate"] == choice["ET"]["gate"] == "off"  # empty regions: nothing to remove
+    kept = gate.apply(fields, {"WT": gate.parse("min_size=100"), "TC": None, "ET": None}, gate.COMPONENTS)
+    assert (kept[..., 0] == gt[..., 0]).all()
+    line = gate.describe(choice, every_flip="removing them all")[0]
+    assert line.startswith("WT: min_size=100 — on 2 cases of the other folds removed 16 wrong voxels")

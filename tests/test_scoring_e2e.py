@@ -109,7 +109,7 @@ def test_refiner_on_another_models_maps(finished, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not (w / "unet").exists() and len(list((w / "baseline" / "oof").glob("*.nii.gz"))) == 6
     summary = json.loads((w / "eval" / "summary.json").read_text())
-    assert list(summary["models"]) == ["baseline", "rediffinet", "rediffinet+gate"]
+    assert list(summary["models"]) == ["baseline", "rediffinet", "baseline+pp", "rediffinet+gate"]
     assert "rediffinet" in summary["improvement"] and "rediffinet+gate" in summary["flips"]
     gt = np.rint(nib.load(str(data / ids[0] / f"{ids[0]}-seg.nii.gz")).get_fdata()) > 0
     given = np.asarray(nib.load(str(maps / f"{ids[0]}.nii.gz")).dataobj) > 0
@@ -203,6 +203,7 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
                 flips[..., r] = keep
             gated = _labels(w / "eval" / "rediffinet+gate" / f"fold_{k}" / "pred" / f"{cid}.nii.gz")
             np.testing.assert_array_equal(brats.crop(gated, meta["box"]), regions_to_labels(nested(unet ^ flips)))
+    _check_postprocessing(w, json.loads((w / "eval" / "unet" / "postprocess.json").read_text()))
 
     src = tmp_path / "cases"
     _predict_inputs(w, src)
@@ -228,6 +229,30 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
     for case in sorted(p.name for p in (tmp_path / "unet").glob("*.nii.gz")):
         np.testing.assert_array_equal(_labels(tmp_path / "off" / case), _labels(tmp_path / "unet" / case))
         np.testing.assert_array_equal(_labels(tmp_path / "paper" / case), _labels(tmp_path / "nogate" / case))
+
+
+def _check_postprocessing(w, record):
+    """The U-Net's post-processed maps (``unet+pp``) rebuilt with scipy: per region, the components (26-
+    connected) of its out-of-fold map below the fold's chosen size removed, never one of the largest size."""
+    from scipy import ndimage
+
+    from rediffinet_jax.labels import labels_to_regions, nested, regions_to_labels
+
+    assert "Post-processing of the U-Net" in (w / "eval" / "summary.md").read_text()
+    for k in (0, 1):
+        for path in sorted((w / "eval" / "unet+pp" / f"fold_{k}" / "pred").glob("*.nii.gz")):
+            unet = labels_to_regions(_labels(w / "unet" / "oof" / path.name))
+            removed = np.zeros_like(unet)
+            for r, region in enumerate(("WT", "TC", "ET")):
+                choice = record[str(k)][region]["gate"]
+                labels, n = ndimage.label(unet[..., r], np.ones((3, 3, 3)))
+                if choice == "off" or n < 2:
+                    continue
+                sizes = np.bincount(labels.ravel())
+                sizes[0] = 0
+                small = (sizes < float(choice.split("=")[1])) & (sizes < sizes.max())  # the largest: kept, ties too
+                removed[..., r] = small[labels] & (labels > 0)
+            np.testing.assert_array_equal(_labels(path), regions_to_labels(nested(unet ^ removed)))
 
 
 def test_predict_writes_the_labels_of_its_input(finished, tmp_path):
