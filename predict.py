@@ -24,7 +24,8 @@ flags.DEFINE_bool(
     "gate",
     True,
     "Keep only the flips the refiner's gate allows (chosen by evaluate.py on all folds' held-out cases); "
-    "--nogate keeps every flip, as the paper does.",
+    "--nogate keeps every flip, as the paper does. With --model unet: its post-processing (small components "
+    "removed as evaluate.py chose); --nogate: none.",
 )
 flags.DEFINE_enum(
     "labels",

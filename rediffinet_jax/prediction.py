@@ -24,7 +24,7 @@ from rediffinet_jax import workdir as wd
 from rediffinet_jax.data import brats, resample
 from rediffinet_jax.errors import CaseError, ConfigError
 from rediffinet_jax.files import atomic_path
-from rediffinet_jax.labels import LAYOUTS, MODALITIES, regions_to_labels, to_convention
+from rediffinet_jax.labels import LAYOUTS, MODALITIES, nested, regions_to_labels, to_convention
 
 RECORD = "prediction.json"  # in the output folder: what made its label maps (model, folds, trainings)
 
@@ -128,7 +128,10 @@ def _check_labels(labels: str) -> str:
 def _gates(layout: wd.Layout, model: str, dstage, use_gate: bool, record: dict, log) -> dict | None:
     """The gate chosen on all folds' held-out cases (``eval/<model>/gate.json``, written by evaluate.py),
     per region a candidate or None (off); None: every flip (no gate asked for, none chosen yet, or not a
-    discrepancy refiner). Recorded in ``record``."""
+    discrepancy refiner). For the U-Net alone, its post-processing (:func:`_postprocess`). Recorded in
+    ``record``."""
+    if dstage is None and use_gate:
+        return _postprocess(layout, model, record, log)
     if dstage is None or dstage.variant.target != "discrepancy" or not use_gate:
         return None
     chosen = wd.read_json(layout.eval_model(model) / gate_eval.RECORD)
@@ -142,6 +145,19 @@ def _gates(layout: wd.Layout, model: str, dstage, use_gate: bool, record: dict, 
     for line in gate.describe(chosen["all"], "held-out cases of all folds"):
         log(f"gate {line}")
     return {r: gate.parse(name) for r, name in record["gate"].items()}
+
+
+def _postprocess(layout: wd.Layout, model: str, record: dict, log) -> dict | None:
+    """The U-Net's removal of small components chosen on all folds' out-of-fold maps
+    (``eval/<unet>/postprocess.json``), as :func:`_gates` returns a gate; None when none is chosen yet."""
+    chosen = wd.read_json(layout.eval_model(model) / gate_eval.POSTPROCESS.record)
+    if chosen is None:
+        log(f"no post-processing chosen for {model} yet (evaluate.py chooses it): its maps as they are")
+        return None
+    record["postprocess"] = {r: c["gate"] for r, c in chosen["all"].items()}
+    for line in gate.describe(chosen["all"], "held-out cases of all folds", gate_eval.POSTPROCESS.every):
+        log(f"post-processing {line}")
+    return {r: gate.parse(name) for r, name in record["postprocess"].items()}
 
 
 def predict_folder(
@@ -308,7 +324,9 @@ def _segment(
         probs = np.mean([inference.unet_probabilities(ustage.cfg, m, image) for m in unets], 0)
         probs = brats.to_source(probs, meta)
         unet = (probs > 0.5).astype(np.uint8)
-    if dstage is None:
+    if dstage is None:  # the U-Net alone, post-processed with ``gates`` (gate.COMPONENTS) when given
+        if gates is not None:
+            unet = gate.apply(gate.component_fields(nested(unet)), gates, gate.COMPONENTS)
         return unet, probs, None
     s = dstage.cfg.sampler
     cond_unet = brats.to_work(unet, meta) if dstage.with_unet else None

@@ -218,9 +218,17 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
         proc = _run("predict.py", "-i", str(src), "-o", str(tmp_path / name), f"--workdir={copy}")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         outs[name] = tmp_path / name
-    for flag, name in (("--model=unet", "unet"), ("--nogate", "nogate")):
+    pp_file = copy / "eval" / "unet" / "postprocess.json"
+    runs = (("--model=unet", "unet", "off"), ("--nogate", "nogate", None), ("--model=unet", "pp", "inf"))
+    for flag, name, pp in runs:
+        if pp:  # the U-Net alone: as it is (post-processing off), then every component but the largest removed
+            rec = json.loads(pp_file.read_text())
+            rec["all"] = {r: {**c, "gate": "off" if pp == "off" else "min_size=inf"} for r, c in rec["all"].items()}
+            pp_file.write_text(json.dumps(rec))
         proc = _run("predict.py", "-i", str(src), "-o", str(tmp_path / name), f"--workdir={copy}", flag)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for case in sorted(p.name for p in (tmp_path / "unet").glob("*.nii.gz")):
+        np.testing.assert_array_equal(_labels(tmp_path / "pp" / case), _largest_only(_labels(tmp_path / "unet" / case)))
     assert json.loads((tmp_path / "off" / "prediction.json").read_text())["gate"] == {
         "WT": "off",
         "TC": "off",
@@ -229,6 +237,22 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
     for case in sorted(p.name for p in (tmp_path / "unet").glob("*.nii.gz")):
         np.testing.assert_array_equal(_labels(tmp_path / "off" / case), _labels(tmp_path / "unet" / case))
         np.testing.assert_array_equal(_labels(tmp_path / "paper" / case), _labels(tmp_path / "nogate" / case))
+
+
+def _largest_only(labels):
+    """A label map with, per region, only its largest 26-connected components (ties: all of that size)."""
+    from scipy import ndimage
+
+    from rediffinet_jax.labels import labels_to_regions, nested, regions_to_labels
+
+    regions = labels_to_regions(labels)
+    for r in range(3):
+        comp, n = ndimage.label(regions[..., r], np.ones((3, 3, 3)))
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            regions[..., r] = (sizes == sizes.max())[comp] & (comp > 0)
+    return regions_to_labels(nested(regions))
 
 
 def _check_postprocessing(w, record):
