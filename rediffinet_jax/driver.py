@@ -15,7 +15,7 @@ import numpy as np
 
 from rediffinet_jax import config_check, diffusion, given_maps, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
-from rediffinet_jax.data import brats, phantoms, pipeline, splits
+from rediffinet_jax.data import brats, changes, phantoms, pipeline, splits
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import regions_to_labels
 from rediffinet_jax.training import Trainer
@@ -39,6 +39,7 @@ class Data:
     refs: list
     refs_by_id: dict
     folds: list
+    fingerprint: str = ""  # of the source files (changes.fingerprint): part of every stage's settings
 
 
 def check_request(config, fold: int | None, stage: str | None = None) -> None:
@@ -98,7 +99,8 @@ def prepare(config, layout: wd.Layout, progress_bars: bool, log=print) -> Data:
             allow_empty_modality=d.get("allow_empty_modality", False),
             spacing=tuple(d.get("spacing") or ()) or None,
         )
-    return Data({c.case_id: c for c in cases}, refs, {r.case_id: r for r in refs}, folds)
+    by_id = {c.case_id: c for c in cases}
+    return Data(by_id, refs, {r.case_id: r for r in refs}, folds, changes.fingerprint(layout.cache, list(by_id)))
 
 
 def _val_cases(ids, refs_by_id, limit: int, with_unet: bool) -> list[ValCase]:
@@ -263,12 +265,29 @@ def _refuse_evaluation_changes(config, layout: wd.Layout) -> None:
         )
 
 
+def _refuse_data_changes(layout: wd.Layout, overwrite: bool, log) -> None:
+    """A source file changed under a trained run (:mod:`changes`): refused, or with ``overwrite`` named and
+    retrained (the stages' settings hold the data's fingerprint)."""
+    if not layout.splits.is_file():
+        return
+    ids = [c for fold in wd.read_json(layout.splits)["folds"] for c in fold]
+    if not overwrite:
+        changes.refuse_changes(
+            layout.cache,
+            ids,
+            "the stages trained on it and their scores no longer match it; restore it, retrain every stage on it "
+            "with --overwrite, or use another --workdir",
+        )
+    for line in changes.changed_sources(layout.cache, ids):
+        log(f"--overwrite: {line}; the stages trained on it are trained again")
+
+
 def run_unet(
     config, layout: wd.Layout, data: Data, fold_ids, stage_flag, overwrite, stop_after, progress_bars, log
 ) -> dict | None:
     """Stage 1: settings checked, the U-Net of each fold, then its out-of-fold maps."""
     stage = stages.make("unet", config.unet)
-    settings = _unet_settings(config)
+    settings = {**_unet_settings(config), wd.DATA_KEY: data.fingerprint}
     with parallel.main_first("unet settings"):
         if stage_flag in (None, "unet"):  # the maps are remade below
             wd.renew_oof_if_checkpoint_changed(layout, settings, log)
@@ -293,7 +312,7 @@ def run_diffusion(
 ) -> tuple[str, dict | None]:
     """Stage 2: settings checked (with the U-Net trainings whose maps it trains on), each fold trained."""
     stage = stages.make("diffusion", config.diffusion)
-    settings = {**_unet_settings(config), "diffusion": config.diffusion.to_dict()}
+    settings = {**_unet_settings(config), "diffusion": config.diffusion.to_dict(), wd.DATA_KEY: data.fingerprint}
     with parallel.main_first(f"{stage.name} settings"):
         if stage.with_unet:  # trained on these U-Nets' maps: refused once a U-Net fold is trained again
             pipeline.attach_unet_masks(data.refs, layout.oof)
@@ -322,6 +341,7 @@ def run(
     given = given_maps.configured(config)
     layout = wd.Layout(workdir, wd.GIVEN if given else wd.BASELINE)
     _refuse_changed_settings(config, layout, stage, overwrite)
+    _refuse_data_changes(layout, overwrite, log)
     data = prepare(config, layout, progress, log)
     fold_ids = list(range(config.data.n_folds)) if fold is None else [fold]
     results: dict = {}

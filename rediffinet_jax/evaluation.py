@@ -35,7 +35,7 @@ from rediffinet_jax import (
 )
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.case_rows import append_rows, read_rows
-from rediffinet_jax.data import brats
+from rediffinet_jax.data import brats, changes
 from rediffinet_jax.errors import ConfigError
 from rediffinet_jax.labels import labels_to_regions, regions_to_labels
 
@@ -71,6 +71,12 @@ def _open_run(workdir, folds, checkpoint, convention) -> Run:
     if not layout.splits.is_file():
         raise ConfigError(f"{layout.root} has no splits.json; run train.py first")
     all_folds = wd.read_json(layout.splits)["folds"]
+    changes.refuse_changes(
+        layout.cache,
+        [c for fold in all_folds for c in fold],
+        f"the models trained on it and their scores no longer match it; restore it, or retrain on it with train.py "
+        f"--workdir {layout.root} --overwrite",
+    )
     fold_ids = list(range(len(all_folds))) if folds is None else list(folds)
     if bad := [k for k in fold_ids if not 0 <= k < len(all_folds)]:
         raise ConfigError(f"--folds {bad} outside 0..{len(all_folds) - 1}")

@@ -40,6 +40,7 @@ GIVEN = "baseline"  # the same for another model's out-of-fold maps (config base
 SETTINGS_FILE, STAGE_CONFIG = "settings.json", "config.json"
 DONE, METRICS, CHECKPOINTS = "done.json", "metrics.jsonl", "checkpoints"
 OOF_KEY = "oof_checkpoint"  # which checkpoint of each fold made unet/oof/ (part of stage 1's settings)
+DATA_KEY = "data_sources"  # the fingerprint of the source files a stage trained on (data/changes.py)
 OOF_RUNS = "oof_runs"  # which training of each U-Net fold made unet/oof/ (part of a refiner's settings)
 # Settings that change how a run is carried out, not what it produces: never a conflict.
 _RUNTIME_KEYS = {"num_workers", "val_every", "keep", "batch_windows", "val_cases", "sampler", "val_sampler"}
@@ -169,6 +170,8 @@ def _settings_diff(folder: Path, settings: dict, implied: dict | None = None):
         saved = {k: v for k, v in saved.items() if k not in retired or retired[k] != v}
         # keys added since, at the value that does what the saved settings did: no difference
         saved.update({k: v for k, v in ADDED_SETTINGS.items() if k not in saved and flat.get(k) == v})
+        if DATA_KEY not in saved:  # saved before the data's fingerprint was kept: not compared
+            saved[DATA_KEY] = flat.get(DATA_KEY)
     diff = sorted(k for k in set(saved or {}) | set(flat) if (saved or {}).get(k) != flat.get(k))
     return saved, flat, diff
 
@@ -183,7 +186,8 @@ def refuse_changed(folder: Path, settings: dict, implied=None, overwrite: bool =
     ``overwrite``), writing nothing; the records of which U-Net trainings a refiner used are not compared."""
     saved, flat, diff = _settings_diff(folder, settings, implied)
     # which U-Net trainings made the maps: checked later; the maps' checkpoint alone: remade, not refused
-    diff = [k for k in diff if not k.startswith(OOF_RUNS) and k != OOF_KEY]
+    # and the data's fingerprint: known once the cache is made (changed files are named before: data/changes.py)
+    diff = [k for k in diff if not k.startswith(OOF_RUNS) and k not in (OOF_KEY, DATA_KEY)]
     if saved is not None and diff and not overwrite:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {flat.get(k)!r}" for k in diff[:8])
         raise ConfigError(
@@ -232,10 +236,11 @@ def renew_oof_if_checkpoint_changed(layout: Layout, settings: dict, log=print) -
         return
     log(
         f"the out-of-fold U-Net maps were made from the {saved.get(OOF_KEY)} checkpoints; remaking them from "
-        f"the {flat[OOF_KEY]} ones (and the U-Net's scores in eval/unet)"
+        f"the {flat[OOF_KEY]} ones (and the U-Net's scores in eval/unet and eval/unet+pp)"
     )
     shutil.rmtree(layout.oof, ignore_errors=True)
-    shutil.rmtree(layout.eval_model(layout.baseline), ignore_errors=True)
+    for scored in [layout.eval_model(layout.baseline), *layout.eval.glob(f"{layout.baseline}+*")]:
+        shutil.rmtree(scored, ignore_errors=True)  # the U-Net's rows and its post-processed ones
     _write_settings(folder, flat, settings)
 
 

@@ -246,7 +246,7 @@ def test_evaluate_writes_tables(finished):
     assert summary["models"]["unet"]["n_folds"] == 2 and summary["models"]["rediffinet"]["n_folds"] == 2
     assert "rediffinet" in summary["improvement"]
     assert (
-        set(summary["flips"]) == {"rediffinet", "rediffinet+gate"}
+        set(summary["flips"]) == {"rediffinet", "unet+pp", "rediffinet+gate"}
         and summary["flips"]["rediffinet"]["WT"]["net_error_change"] == wt_net
     )
     md = (workdir / "eval" / "summary.md").read_text()
@@ -280,6 +280,7 @@ def test_evaluate_another_sampler_beside(finished):
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
     assert set(summary["models"]) == {
         "unet",
+        "unet+pp",
         "rediffinet",
         "rediffinet+gate",
         "rediffinet-suf-k2-s2",
@@ -326,7 +327,7 @@ def test_retrained_stage_is_rescored(finished, tmp_path):
     assert "0.123456" in (workdir / "eval" / "unet" / "fold_0" / "cases.csv").read_text()  # U-Net not retrained
     assert "rediffinet-suf-k1-s1/fold_0: scored before rediffinet fold 0 or its U-Net maps" in proc.stdout
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
-    assert set(summary["models"]) == {"unet", "rediffinet", "rediffinet+gate"}
+    assert set(summary["models"]) == {"unet", "unet+pp", "rediffinet", "rediffinet+gate"}
 
 
 def test_predict_new_cases(finished, tmp_path):
@@ -475,3 +476,37 @@ def test_lost_done_json_is_rebuilt_from_the_checkpoints(finished, tmp_path):
     assert "rediffinet fold_1: done.json was missing" in proc.stdout and "resuming" not in proc.stdout
     assert json.loads((w / "unet" / "fold_0" / "done.json").read_text()) == before
     assert "remaking them" not in proc.stdout  # the maps of the rebuilt fold stand
+
+
+def test_changed_source_file_is_named_and_refused(finished, tmp_path):
+    """A seg corrected after training: train.py and evaluate.py refuse, naming the case and the file, and
+    change nothing; the same bytes merely touched are no change; --overwrite names it and retrains."""
+    import json
+
+    from rediffinet_jax.data import changes
+
+    w = tmp_path / "w"
+    shutil.copytree(finished[0], w)
+    for meta in w.glob("cache/*/meta.json"):  # as if made from the copy's own files (copytree keeps mtimes)
+        meta.write_text(meta.read_text().replace(str(finished[0]), str(w)))
+    ids = [c for fold in json.loads((w / "splits.json").read_text())["folds"] for c in fold]
+    cid = ids[0]
+    seg = w / "data" / cid / f"{cid}-seg.nii.gz"
+    os.utime(seg, ns=(1, 1))  # another mtime, the same bytes
+    assert changes.changed_sources(w / "cache", ids) == []
+    img = nib.load(str(seg))
+    labels = np.asarray(img.dataobj).copy()
+    labels[0, 0, 0] = 2  # a corrected voxel
+    nib.save(nib.Nifti1Image(labels, img.affine, img.header), str(seg))
+    assert changes.changed_sources(w / "cache", ids) == [f"case {cid}: {seg} changed"]
+    before = {p: p.read_bytes() for p in (w / "config.json", w / "cache" / cid / "meta.json")}
+    for proc in (_train(w), _run("evaluate.py", f"--workdir={w}")):
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and f"error: case {cid}: {seg} changed since" in out, out[-2000:]
+        assert "Traceback" not in out
+    assert all(p.read_bytes() == b for p, b in before.items())
+    proc = _train(w, "--overwrite", "--stage=unet", "--stop_after=1")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert f"--overwrite: case {cid}: {seg} changed; the stages trained on it are trained again" in out
+    assert "data_sources" in out and not (w / "unet" / "fold_0" / "done.json").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import zlib
@@ -378,12 +379,23 @@ def source_truth(folder) -> np.ndarray:
     return np.load(folder / ("truth.npy" if (folder / "truth.npy").is_file() else "regions.npy"))
 
 
+def file_digest(path) -> str:
+    """The sha256 of a file's bytes, hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _write_entry(folder: Path, case: Case, key: dict, spacing) -> dict:
-    """Writes a cache entry (atomically, as a folder) of a loaded case, resampled to ``spacing``; its meta."""
+    """Writes a cache entry (atomically, as a folder) of a loaded case, resampled to ``spacing``; its meta,
+    with the sha256 of each source file (``digests``, by file name: what :mod:`changes` compares)."""
     shape = case.image.shape[:3]
     work = resample.work_shape(shape, case.spacing, spacing) if spacing else shape
     meta = {
         "key": key,
+        "digests": {Path(p).name: file_digest(p) for p, _, _ in key["sources"]},
         "spacing": case.spacing,
         "affine": case.affine.tolist(),
         "box": case.box,
