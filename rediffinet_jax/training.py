@@ -27,6 +27,21 @@ class TrainingError(RediffinetError):
     """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
+def _loader_workers(folder: Path, asked: int, resuming: bool, log) -> int:
+    """The data loader's worker count for a fold: a resumed fold keeps the one it began with (its saved
+    position in the data is that loader's), a new one records ``asked`` (``data.num_workers``)."""
+    saved = wd.read_json(wd.loader_file(folder)) if resuming else None
+    if saved is not None and saved.get("num_workers") != asked:
+        log(
+            f"{folder.name}: resuming with data.num_workers={saved['num_workers']}, as it began (its place in the "
+            f"data is saved for that loader); {asked} holds for the folds that start from now on"
+        )
+        return saved["num_workers"]
+    if not resuming and parallel.is_main():  # (a fold begun before this record: as asked)
+        wd.write_atomic(wd.loader_file(folder), json.dumps({"num_workers": asked}))
+    return asked
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drops the records of steps after ``step`` (they are redone after a resume), and a last line cut off
     by a kill."""
@@ -87,6 +102,7 @@ class Trainer:
         mgr = checkpoints.manager(wd.checkpoints_dir(folder), c.keep)
         state = self.init_state(seed)
         restored = checkpoints.restore(mgr, state, "latest", sharding=self.replicated, log=log)
+        num_workers = _loader_workers(folder, num_workers, restored is not None, log)
         ds = pipeline.train_dataset(
             refs,
             c.patch,

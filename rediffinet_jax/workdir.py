@@ -104,6 +104,11 @@ def metrics_file(fold) -> Path:
     return Path(fold) / METRICS
 
 
+def loader_file(fold_dir) -> Path:
+    """The data loader's worker count a fold's training began with (its saved data position is that loader's)."""
+    return Path(fold_dir) / "loader.json"
+
+
 def write_atomic(path, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
     files.write_text(path, text)

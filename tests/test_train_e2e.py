@@ -510,3 +510,16 @@ def test_changed_source_file_is_named_and_refused(finished, tmp_path):
     assert proc.returncode == 0, out[-2000:]
     assert f"--overwrite: case {cid}: {seg} changed; the stages trained on it are trained again" in out
     assert "data_sources" in out and not (w / "unet" / "fold_0" / "done.json").is_file()
+
+
+def test_resume_keeps_the_loader_it_began_with(tmp_path):
+    """A fold stopped with data.num_workers=1 and resumed with 0 goes on with 1 worker, as it began (the saved
+    data position is that loader's), says so, and finishes."""
+    w = tmp_path / "w"
+    proc = _train(w, "--stage=unet", "--fold=0", "--stop_after=2", "--config.data.num_workers=1")
+    assert proc.returncode == 0 and not (w / "unet" / "fold_0" / "done.json").is_file(), proc.stdout[-2000:]
+    proc = _train(w, "--stage=unet", "--fold=0", "--config.data.num_workers=0")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out, out[-2000:]
+    assert "fold_0: resuming with data.num_workers=1, as it began" in out
+    assert (w / "unet" / "fold_0" / "done.json").is_file()
