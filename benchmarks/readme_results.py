@@ -3,6 +3,7 @@
     python benchmarks/readme_results.py demo --seeds 0,1,2      # runs the README's demo per seed, records it
     python benchmarks/readme_results.py bench --root runs/bench  # records benchmarks/refinement.py's table
     python benchmarks/readme_results.py bench --baseline grown_edema   # ... of its --baseline grown_edema run
+    python benchmarks/readme_results.py bench --data real --root runs/real   # ... of the real-data benchmark
     python benchmarks/readme_results.py render                   # rewrites the README blocks from the records
 
 Records live in ``benchmarks/results/`` (``demo_runs.json``, ``phantom_bench.json``), each with the commit
@@ -29,6 +30,7 @@ if str(ROOT) not in sys.path:
 RESULTS = ROOT / "benchmarks" / "results"
 DEMO, BENCH, SWEEP = RESULTS / "demo_runs.json", RESULTS / "phantom_bench.json", RESULTS / "sampler_sweep.json"
 GROWN = RESULTS / "phantom_bench_grown_edema.json"  # the refiner on a systematic-error baseline
+REAL = RESULTS / "real_bench.json"  # the 20 real BraTS exams (benchmarks/refinement.py --data real)
 REGIONS, COLS = ("WT", "TC", "ET"), ("WT", "TC", "ET", "avg")
 DEMO_CMD = "python train.py --config configs/rediffinet.py:demo --workdir runs/demo"
 
@@ -227,15 +229,20 @@ def render_status(runs: list[dict], bench: dict | None) -> str:
     )
 
 
+SEED_KEYS = {"phantoms": "`seed`, `data.phantoms.seed` and `data.split_seed`", "real": "`seed` and `data.split_seed`"}
+DOCS_ANCHOR = {"phantoms": "the-phantom-benchmark-generated", "real": "real-brats-cases-the-u-net-at-2-mm"}
+
+
 def render_bench(b: dict) -> str:
     r = b["result"]
+    data = r.get("data", "phantoms")
     seeds, asked = sorted(r["seeds"]), r.get("seeds_asked", len(r["seeds"]))
     mins = [s / 60 for s in b["seconds"].values()]
     notes = sorted({c["note"] for cs in r.get("calls", {}).values() for c in cs if c.get("note")})
     one = len(seeds) == 1
     lines = [
-        f"`{b['command']}`: {len(seeds)} of its {asked} seeds finished so far (a seed changes `seed`, "
-        f"`data.phantoms.seed` and `data.split_seed`), on {'; '.join(b['machines'])}, commit "
+        f"`{b['command']}`: {len(seeds)} of its {asked} seeds finished so far (a seed changes "
+        f"{SEED_KEYS[data]}), on {'; '.join(b['machines'])}, commit "
         f"{', '.join(b['commits'])}: {_span(mins, '{:.0f}') if mins else '?'} min per seed"
         + (f" ({'; '.join(notes)})" if notes else "")
         + ". "
@@ -262,8 +269,8 @@ def render_bench(b: dict) -> str:
     lines += [
         "",
         "Net wrong voxels: every held-out case of every seed pooled, against the U-Net's (negative = fewer); "
-        "precision, recall and per-region HD95 in "
-        "[docs/benchmarks.md](docs/benchmarks.md#the-phantom-benchmark-generated).",
+        "precision, recall, per-region HD95 and what each seed missed in "
+        f"[docs/benchmarks.md](docs/benchmarks.md#{DOCS_ANCHOR[data]}).",
     ]
     new_targets = any("never_worse" in v for v in r["verdicts"].values())
     if new_targets:
@@ -276,10 +283,8 @@ def render_bench(b: dict) -> str:
             "",
         ]
         for name, v in r["verdicts"].items():
-            missed = sorted({k for x in [v["mean"], *v["per_seed"].values()] for k, ok in x.items() if not ok})
             verdict = f"never worse: {'met' if v['never_worse'] else '**not met**'}; better: "
-            verdict += "met" if v["better"] else "**not met**"
-            lines.append(f"* {name}: {verdict}" + (f" (missed: {', '.join(missed)})." if missed else "."))
+            lines.append(f"* {name}: {verdict}" + ("met." if v["better"] else "**not met**."))
         return "\n".join(lines)
     lines += [
         "",
@@ -317,9 +322,11 @@ def render_docs(text: str) -> str:
     text = replace_block(text, "demo-runs", "\n".join(lines) if runs else "Not measured yet.")
     sweep = json.loads(SWEEP.read_text()) if SWEEP.is_file() else None
     text = replace_block(text, "sampler-sweep", render_sweep(sweep) if sweep else "Not run yet.")
-    grown = json.loads(GROWN.read_text()) if GROWN.is_file() else None
-    full = refinement.markdown(grown["result"], f"`{grown['command']}`") if grown else "Not run yet."
-    return replace_block(text, "bench-grown-edema", full.strip())
+    for record, block in ((GROWN, "bench-grown-edema"), (REAL, "real-bench-full")):
+        rec = json.loads(record.read_text()) if record.is_file() else None
+        full = refinement.markdown(rec["result"], f"`{rec['command']}`") if rec else "Not run yet."
+        text = replace_block(text, block, full.strip())
+    return text
 
 
 def render_readme(text: str) -> str:
@@ -327,7 +334,9 @@ def render_readme(text: str) -> str:
     bench = json.loads(BENCH.read_text()) if BENCH.is_file() else None
     text = replace_block(text, "demo-status", render_status(runs, bench))
     text = replace_block(text, "demo", render_demo(runs) if runs else "Not measured yet.")
-    return replace_block(text, "bench", render_bench(bench) if bench else "Not run yet.")
+    text = replace_block(text, "bench", render_bench(bench) if bench else "Not run yet.")
+    real = json.loads(REAL.read_text()) if REAL.is_file() else None
+    return replace_block(text, "real-bench", render_bench(real) if real else "Not run yet.")
 
 
 def main(argv=None) -> None:
@@ -337,8 +346,9 @@ def main(argv=None) -> None:
     d.add_argument("--seeds", default="0,1,2")
     d.add_argument("--root", default="runs")
     b = sub.add_parser("bench")
-    b.add_argument("--root", default="runs/bench")
+    b.add_argument("--root", help="default: runs/bench, runs/real")
     b.add_argument("--baseline", choices=("unet", "grown_edema"), default="unet")
+    b.add_argument("--data", choices=("phantoms", "real"), default="phantoms")
     w = sub.add_parser("sweep")
     w.add_argument("--workdir", default="runs/bench/seed_0")
     w.add_argument("--folds", default="0")
@@ -351,7 +361,8 @@ def main(argv=None) -> None:
             runs = [r for r in runs if r["seed"] != seed] + [run_demo(seed, Path(a.root))]
             DEMO.write_text(json.dumps(sorted(runs, key=lambda r: r["seed"]), indent=1))
     elif a.what == "bench":
-        root, record = Path(a.root), BENCH if a.baseline == "unet" else GROWN
+        root = Path(a.root or ("runs/real" if a.data == "real" else "runs/bench"))
+        record = REAL if a.data == "real" else BENCH if a.baseline == "unet" else GROWN
         record.write_text(json.dumps(record_bench(root if a.baseline == "unet" else root / a.baseline), indent=1))
     elif a.what == "sweep":
         SWEEP.write_text(json.dumps(record_sweep(Path(a.workdir), a.folds), indent=1))

@@ -186,10 +186,12 @@ def _score(mask, gt, r: int, spacing, convention: str, scored: dict) -> list:
     return scored[key]
 
 
-def choose(effects: list[dict], rules: dict = RULES) -> dict:
+def choose(effects: list[dict], rules: dict = RULES, groups: list | None = None) -> dict:
     """The gate from the :func:`case_effects` of the selection cases: per region ``{"gate": candidate name or
     "off", "wrong_change", "hd95_change"}`` (summed voxels, mean mm, of the gate chosen; 0 for off) and
-    ``"paper"``: the same for every flip, so a reader sees what was turned off. No case: every region off."""
+    ``"paper"``: the same for every flip, so a reader sees what was turned off. No case: every region off.
+    ``groups`` (one label per case, e.g. its fold): a candidate must also not add wrong voxels in any group
+    taken alone, so that a gain of some folds does not pay for a loss in another."""
     out = {}
     n = len(effects)
     for region in REGIONS:
@@ -199,7 +201,8 @@ def choose(effects: list[dict], rules: dict = RULES) -> dict:
         base = np.sum([e[region]["unet"] for e in effects], 0)
         totals = {name(c): np.sum([e[region][name(c)] for e in effects], 0) for c in candidates(rules)}
         change = {c: (int(w - base[0]), float((h - base[1]) / n)) for c, (w, h) in totals.items()}
-        ok = [c for c, (dw, dh) in change.items() if dw < 0 and dh <= 0]
+        steady = _no_group_worse(effects, region, list(change), groups)
+        ok = [c for c, (dw, dh) in change.items() if dw < 0 and dh <= 0 and c in steady]
         best = min(ok, key=lambda c: (change[c][0], change[c][1]), default="off")
         dw, dh = change.get(best, (0, 0.0))
         paper = change[name(every(rules))]
@@ -210,6 +213,18 @@ def choose(effects: list[dict], rules: dict = RULES) -> dict:
             "paper": {"wrong_change": paper[0], "hd95_change": paper[1]},
             "n_cases": n,
         }
+    return out
+
+
+def _no_group_worse(effects: list[dict], region: str, names: list[str], groups: list | None) -> set[str]:
+    """The candidates that add no wrong voxels of ``region`` in any group of cases taken alone."""
+    if groups is None:
+        return set(names)
+    out = set(names)
+    for g in set(groups):
+        cases = [e[region] for e, h in zip(effects, groups) if h == g]
+        base = sum(c["unet"][0] for c in cases)
+        out -= {c for c in names if sum(x[c][0] for x in cases) > base}
     return out
 
 

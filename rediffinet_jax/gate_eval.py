@@ -109,14 +109,17 @@ def choose_gates(run, label: str, progress_bar: bool, log, kind: Kind = GATE) ->
     missing = {k: len(run.all_folds[k]) - len(e) for k, e in effects.items() if len(e) < len(run.all_folds[k])}
     if missing:
         log(f"{label}{kind.suffix}: chosen without the unscored or unkept cases of fold(s) {sorted(missing)}")
-    record = {
-        str(k): gate.choose([e for j, fx in effects.items() if j != k for e in fx.values()], kind.rules)
-        for k in run.fold_ids
-    }
-    record["all"] = gate.choose([e for fx in effects.values() for e in fx.values()], kind.rules)
+    record = {str(k): _choose({j: fx for j, fx in effects.items() if j != k}, kind) for k in run.fold_ids}
+    record["all"] = _choose(effects, kind)
     if parallel.is_main():
         wd.write_atomic(run.layout.eval_model(label) / kind.record, json.dumps(record, indent=1))
     return record
+
+
+def _choose(effects: dict, kind: Kind) -> dict:
+    """:func:`gate.choose` on ``{fold: {case: effects}}``, each fold a group that must not be made worse."""
+    cases = [(k, e) for k, fx in effects.items() for e in fx.values()]
+    return gate.choose([e for _, e in cases], kind.rules, groups=[k for k, _ in cases])
 
 
 def score_gated(run, model, progress_bar: bool, log, write_pred, kind: Kind = GATE) -> tuple[dict, dict]:

@@ -86,6 +86,22 @@ def test_wrong_everywhere_is_off():
     assert "WT: off" in gate.describe(choice)[0] and "added 755 wrong voxels" in gate.describe(choice)[0]
 
 
+def test_a_fold_made_worse_is_not_paid_for_by_the_others():
+    """Two folds of selection cases: fold 0 twice the shell case (every flip −701 each, the band of 3: −728),
+    fold 1 once the wrong-everywhere case (+755 for every flip; the band of 3 keeps the shell, +728). Summed,
+    the band of 3 removes 728 wrong voxels (2 × 728 − 728), but fold 1 alone gets 728 more: off by fold; with
+    one group, kept."""
+    good = gate.case_effects(*case(SHELL | FAR_BLOB, np.where(SHELL | FAR_BLOB, 0.9, 0.0)), SPACING, "brats2023")
+    bad = case(SHELL | FAR_BLOB, np.where(SHELL | FAR_BLOB, 0.99, 0.0), truth_grown=False)
+    bad = gate.case_effects(*bad, SPACING, "brats2023")
+    assert bad["WT"]["tau=0.5,band=3"][0] - bad["WT"]["unet"][0] == 728
+    effects = [good, good, bad]
+    pooled = gate.choose(effects, groups=[0, 0, 0])
+    assert pooled["WT"]["gate"] == "tau=0.5,band=3" and pooled["WT"]["wrong_change"] == -2 * 728 + 728
+    assert gate.choose(effects)["WT"]["gate"] == "tau=0.5,band=3"
+    assert gate.choose(effects, groups=[0, 0, 1])["WT"]["gate"] == "off"
+
+
 def test_nothing_gained_is_off():
     """A gate must lower the wrong voxels: a region the refiner never flips stays off."""
     fields, gt = case(np.zeros(SHAPE, bool), np.zeros(SHAPE))
