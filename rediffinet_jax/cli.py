@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import traceback
@@ -79,10 +80,28 @@ def _guard():
     except RediffinetError as e:
         _fail(e)
     except Exception as e:  # noqa: BLE001 - only to stop the other processes; re-raised with one
+        full = _no_space(e)
+        if full is not None:  # every write is atomic: nothing half-written is left, a rerun goes on
+            where = f" writing {full}" if full else ""
+            _fail(f"no space left on the device{where}: free some and run the same command again")
         if jax.process_count() <= 1:
             raise
         traceback.print_exc()
         _fail(f"{type(e).__name__}: {e}", status=1)
+
+
+def _no_space(error: BaseException) -> str | None:
+    """The file a full disk refused (``""`` when not named) if ``error`` or what caused it is ENOSPC, else
+    None (libraries such as Orbax wrap the OSError in their own errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return str(error.filename or "")
+        if "No space left on device" in str(error):
+            return ""
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def config_keys(config, prefix: str = "") -> list[str]:

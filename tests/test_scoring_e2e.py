@@ -376,3 +376,33 @@ def test_predict_new_save_flag_and_colliding_names(finished, tmp_path):
     proc = _run("predict.py", "-i", str(src), "-o", str(tmp_path / "out2"), f"--workdir={w}", "--model=unet")
     assert proc.returncode == 2 and f"cases {ids[0]} and {twin} would write one file" in proc.stdout
     assert not (tmp_path / "out2").exists()
+
+
+def test_full_disk_is_one_line_and_the_rerun_finishes(finished, tmp_path):
+    """predict.py writing to a disk with two 4 KiB blocks free (a 1 MiB tmpfs, filled): its lock and record
+    fit, the first label map does not: one `error: no space left on the device` line, status 2, no map or
+    temporary left; with the space freed, the same command writes every map."""
+    import os
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip()}): the full disk is untested")
+    try:
+        src = tmp_path / "cases"
+        ids = _predict_inputs(finished[0], src)
+        st = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 2 * 4096))
+        args = ("predict.py", "-i", str(src), "-o", str(disk / "out"), f"--workdir={finished[0]}")
+        proc = _run(*args)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and "error: no space left on the device" in out and "Traceback" not in out, out
+        assert [p.name for p in (disk / "out").iterdir() if p.name != ".lock"] == ["prediction.json"]
+        (disk / "filler").unlink()
+        proc = _run(*args)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert sorted(p.name for p in (disk / "out").glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in ids)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
