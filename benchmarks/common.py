@@ -116,3 +116,17 @@ def commit(root) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")
+
+
+def run_measured(cmd: list, cwd, log_path) -> tuple[int, float, float]:
+    """Runs ``cmd`` with its output to ``log_path``: (exit code, wall seconds, that process's own peak
+    resident memory in GiB; ``os.wait4``, not the largest child so far)."""
+    import os
+    import subprocess
+    import time
+
+    t0 = time.time()
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.time() - t0, usage.ru_maxrss / 2**20  # KiB -> GiB

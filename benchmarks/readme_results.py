@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,14 +48,9 @@ def run_demo(seed: int, root: Path) -> dict:
     cmd += [f"--config.seed={seed}", f"--config.data.phantoms.seed={seed}", f"--config.data.split_seed={seed}"]
     log = root / f"demo_seed_{seed}.log"
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this run's own peak memory, not the largest child so far
-    wall = time.time() - t0
-    if os.waitstatus_to_exitcode(status):
+    code, wall, peak = common.run_measured(cmd, ROOT, log)
+    if code:
         raise SystemExit(f"error: the demo failed for seed {seed}; see {log}")
-    peak = usage.ru_maxrss / 2**20  # KiB -> GiB
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
     return {
         "seed": seed,
