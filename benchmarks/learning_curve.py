@@ -2,6 +2,7 @@
 would it help?
 
     python benchmarks/learning_curve.py --root runs/bench --seed 0 --fold 0 --steps 1000,3000,10000
+    python benchmarks/learning_curve.py --data real --cases /path/to/brats --steps 1000,3000,10000
 
 For each model (the paper's refiner, ``rediffinet_plus``, the control) and each budget, the refiner of
 ``--fold`` is trained with that many steps (its own cosine schedule) in
@@ -26,16 +27,17 @@ from benchmarks import common, levers  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
 
 MODELS = {
-    "rediffinet": "configs/rediffinet.py:bench",
-    "rediffinet_plus": "configs/rediffinet_plus.py:bench",
-    "control": "configs/control.py:bench",
+    "rediffinet": "configs/rediffinet.py:{v}",
+    "rediffinet_plus": "configs/rediffinet_plus.py:{v}",
+    "control": "configs/control.py:{v}",
 }
+VARIANT = {"phantoms": "bench", "real": "real"}  # which benchmark's configs
 
 
-def run_point(workdir: Path, config: str, steps: int, seed: int, fold: int) -> None:
+def run_point(workdir: Path, config: str, steps: int, seed: int, fold: int, cases: Path | None = None) -> None:
     """Trains (or resumes) one refiner of ``fold`` for ``steps`` steps and scores it ungated."""
     over = [f"--config.diffusion.steps={steps}", f"--config.diffusion.val_every={steps}"]
-    levers.train_and_score(workdir, config, over, seed, fold, workdir.name)
+    levers.train_and_score(workdir, config, over, seed, fold, workdir.name, cases)
 
 
 def point(workdir: Path, fold: int) -> dict:
@@ -92,14 +94,20 @@ def figure(curve: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default="runs/bench")
+    p.add_argument("--root", help="the benchmark's root (default: runs/bench, runs/real)")
+    p.add_argument("--data", choices=tuple(VARIANT), default="phantoms")
+    p.add_argument("--cases", help="--data real: the real cases' folder (benchmarks/real_data.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--steps", default="1000,3000,10000")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--table_only", action="store_true")
     a = p.parse_args(argv)
-    base, out = Path(a.root) / f"seed_{a.seed}", Path(a.root) / "curve" / f"seed_{a.seed}"
+    root = Path(a.root or ("runs/real" if a.data == "real" else "runs/bench"))
+    base, out = root / f"seed_{a.seed}", root / "curve" / f"seed_{a.seed}"
+    if a.data == "real" and not a.cases:
+        raise SystemExit("error: --data real needs --cases (see benchmarks/real_data.py)")
+    cases = Path(a.cases) if a.data == "real" else None
     curve: dict = {}
     for name in a.models.split(","):
         for steps in (int(s) for s in a.steps.split(",")):
@@ -107,7 +115,7 @@ def main(argv=None) -> None:
             if not a.table_only:
                 levers.prepare(base, workdir)
                 if not (workdir / name / f"fold_{a.fold}" / "done.json").is_file() or not (workdir / "eval").is_dir():
-                    run_point(workdir, MODELS[name], steps, a.seed, a.fold)
+                    run_point(workdir, MODELS[name].format(v=VARIANT[a.data]), steps, a.seed, a.fold, cases)
             if (workdir / "eval" / name).is_dir():
                 curve.setdefault(name, {})[str(steps)] = point(workdir, a.fold)
     result = {

@@ -59,16 +59,20 @@ def prepare(source: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "splits.json"):
         shutil.copy2(source / name, dest / name)
-    for name in ("data", "cache", "unet"):
-        shutil.copytree(source / name, dest / name, symlinks=True)
+    for name in ("data", "cache", "unet"):  # (no data/ for real cases: they stay where data.root says)
+        if (source / name).is_dir():
+            shutil.copytree(source / name, dest / name, symlinks=True)
 
 
-def train_and_score(workdir: Path, config: str, extra: list[str], seed: int, fold: int, what: str) -> float:
+def train_and_score(
+    workdir: Path, config: str, extra: list[str], seed: int, fold: int, what: str, cases: Path | None = None
+) -> float:
     """Trains (or resumes) the refiner of ``fold`` alone with ``config`` and ``extra`` train.py flags, then
-    scores it ungated on that fold's held-out cases; returns the seconds of this call."""
+    scores it ungated on that fold's held-out cases; returns the seconds of this call. ``cases``: the real
+    cases' folder (None: the seed's phantoms)."""
     t0 = time.time()
     cmd = [sys.executable, str(ROOT / "train.py"), f"--config={config}", f"--workdir={workdir}", f"--fold={fold}"]
-    cmd += ["--stage=diffusion", "--noevaluate", *seed_overrides(seed), *extra]
+    cmd += ["--stage=diffusion", "--noevaluate", *seed_overrides(seed, cases), *extra]
     print(f"{what}: {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode:
         raise SystemExit(f"error: train.py failed for {what}")
