@@ -226,7 +226,9 @@ SEED_KEYS = {"phantoms": "`seed`, `data.phantoms.seed` and `data.split_seed`", "
 DOCS_ANCHOR = {"phantoms": "the-phantom-benchmark-generated", "real": "real-brats-cases-the-u-net-at-2-mm"}
 
 
-def render_bench(b: dict) -> str:
+def render_bench(b: dict, explained: bool = True) -> str:
+    """A benchmark's README block; ``explained=False``: its notes and targets only named (a block above
+    explains them)."""
     r = b["result"]
     data = r.get("data", "phantoms")
     seeds, asked = sorted(r["seeds"]), r.get("seeds_asked", len(r["seeds"]))
@@ -259,22 +261,29 @@ def render_bench(b: dict) -> str:
         flips = m.get("flips", {})
         net = " / ".join(f"{flips[reg]['net_error_change']:+d}" for reg in flips) if flips else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} | {net} |")
-    lines += [
-        "",
-        "Net wrong voxels: every held-out case of every seed pooled, against the U-Net's (negative = fewer); "
-        "precision, recall, per-region HD95 and what each seed missed in "
-        f"[docs/benchmarks.md](docs/benchmarks.md#{DOCS_ANCHOR[data]}).",
-    ]
-    new_targets = any("never_worse" in v for v in r["verdicts"].values())
-    if new_targets:
+    docs = f"[docs/benchmarks.md](docs/benchmarks.md#{DOCS_ANCHOR[data]})"
+    if not explained:
+        lines += ["", f"Net wrong voxels and targets as above; every seed's rows in {docs}:", ""]
+    else:
         lines += [
             "",
-            ("" if one else f"Std: the sample standard deviation over the {len(seeds)} seeds (n − 1). ")
-            + "Targets: **never worse** (in every seed and the mean: no region with more wrong voxels, HD95 avg not "
-            "above the U-Net's) and **better** (the mean over seeds: HD95 avg ≥ 5 % below the U-Net's, Dice avg at "
-            "most 0.5 points below):",
-            "",
+            "Net wrong voxels: every held-out case of every seed pooled, against the U-Net's (negative = fewer); "
+            f"precision, recall, per-region HD95 and what each seed missed in {docs}.",
         ]
+    new_targets = any("never_worse" in v for v in r["verdicts"].values())
+    if new_targets:
+        lines += (
+            [
+                "",
+                ("" if one else f"Std: the sample standard deviation over the {len(seeds)} seeds (n − 1). ")
+                + "Targets: **never worse** (in every seed and the mean: no region with more wrong voxels, HD95 avg "
+                "not above the U-Net's) and **better** (the mean over seeds: HD95 avg ≥ 5 % below the U-Net's, Dice "
+                "avg at most 0.5 points below):",
+                "",
+            ]
+            if explained
+            else []
+        )
         for name, v in r["verdicts"].items():
             verdict = f"never worse: {'met' if v['never_worse'] else '**not met**'}; better: "
             lines.append(f"* {name}: {verdict}" + ("met." if v["better"] else "**not met**."))
@@ -329,7 +338,7 @@ def render_readme(text: str) -> str:
     text = replace_block(text, "demo", render_demo(runs) if runs else "Not measured yet.")
     text = replace_block(text, "bench", render_bench(bench) if bench else "Not run yet.")
     real = json.loads(REAL.read_text()) if REAL.is_file() else None
-    return replace_block(text, "real-bench", render_bench(real) if real else "Not run yet.")
+    return replace_block(text, "real-bench", render_bench(real, explained=False) if real else "Not run yet.")
 
 
 def main(argv=None) -> None:
