@@ -4,7 +4,8 @@
 
 The case (its four modalities, never its seg) is copied into a folder of its own and segmented by
 ``predict.py`` with the work directory's models of every fold, once ``--model unet`` and once with the
-refiner (``--model``, default ``rediffinet``, gated as evaluate.py chose), each a fresh process timed alone:
+refiner (``--model``, default ``rediffinet``), gated as evaluate.py chose (windows no kept flip can reach are
+not sampled) and with ``--nogate`` (every window sampled), each a fresh process timed alone:
 wall seconds (start-up and compilation included) and its peak resident memory. Out:
 ``benchmarks/results/predict-cpu.json`` (with the machine and the commit) and a table on stdout.
 """
@@ -27,15 +28,16 @@ from benchmarks import common  # noqa: E402
 OUT = ROOT / "benchmarks" / "results" / "predict-cpu.json"
 
 
-def timed_predict(src: Path, out: Path, workdir: Path, model: str) -> dict:
+def timed_predict(src: Path, out: Path, workdir: Path, model: str, *flags: str) -> dict:
     """One predict.py process: wall seconds and peak RSS (GiB)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "predict.py", "-i", str(src), "-o", str(out), f"--workdir={workdir}", f"--model={model}"]
-    log = out.parent / f"{model}.log"
+    cmd += list(flags)
+    log = out.parent / f"{out.name}.log"
     code, wall, peak = common.run_measured(cmd, ROOT, log)
     if code:
         raise SystemExit(f"error: predict.py failed for --model {model}; see {log}")
-    return {"model": model, "seconds": round(wall, 1), "peak_rss_gib": round(peak, 2)}
+    return {"model": " ".join([model, *flags]), "seconds": round(wall, 1), "peak_rss_gib": round(peak, 2)}
 
 
 def main(argv=None) -> None:
@@ -52,7 +54,9 @@ def main(argv=None) -> None:
     for f in sorted(Path(a.cases, a.case).glob(f"{a.case}_*.nii*")):
         if "_seg" not in f.name:
             shutil.copy2(f, src / f.name)
-    rows = [timed_predict(tmp / "in", tmp / m, Path(a.workdir), m) for m in ("unet", a.model)]
+    w = Path(a.workdir)
+    rows = [timed_predict(tmp / "in", tmp / "unet", w, "unet"), timed_predict(tmp / "in", tmp / "gated", w, a.model)]
+    rows.append(timed_predict(tmp / "in", tmp / "every_flip", w, a.model, "--nogate"))  # samples every window
     record = {
         "command": " ".join(["python benchmarks/predict_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
         "case": a.case,
