@@ -76,19 +76,19 @@ class Fields:
     sign: np.ndarray  # [D, H, W, 3] bool: Y > 0, the flips the paper makes
     p: np.ndarray  # [D, H, W, 3] float: the fused probability of Δ
     unet: np.ndarray  # [D, H, W, 3] uint8: U(I)
-    _dist: dict = dataclasses.field(default_factory=dict)
+    _cache: dict = dataclasses.field(default_factory=dict)  # per region: distances, component sizes
 
     def distance(self, r: int) -> np.ndarray:
-        if r not in self._dist:
-            self._dist[r] = surface_distance(self.unet[..., r])
-        return self._dist[r]
+        if ("distance", r) not in self._cache:
+            self._cache[("distance", r)] = surface_distance(self.unet[..., r])
+        return self._cache[("distance", r)]
 
     def component_size(self, r: int) -> np.ndarray:
         """Per voxel, the voxel count of its connected component (26-connected) of U(I)'s region r; 0 outside."""
-        if ("size", r) not in self._dist:
+        if ("size", r) not in self._cache:
             labels, _ = ndimage.label(self.unet[..., r] > 0, np.ones((3, 3, 3), bool))
-            self._dist[("size", r)] = np.bincount(labels.ravel())[labels] * (labels > 0)
-        return self._dist[("size", r)]
+            self._cache[("size", r)] = np.bincount(labels.ravel())[labels] * (labels > 0)
+        return self._cache[("size", r)]
 
 
 def component_fields(unet: np.ndarray) -> Fields:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,16 @@ SUFFIX = "+gate"
 FIELDS_DIR, EFFECTS, RECORD = "fused", "gate_effects.json", "gate.json"
 
 
+def _refiner_fields(source: Path, cid: str, unet_crop: np.ndarray) -> gate.Fields | None:
+    """A refiner's kept fields of a case (None: scored before they were kept)."""
+    path = source / FIELDS_DIR / f"{cid}.npz"
+    return load_fields(path, unet_crop) if path.is_file() else None
+
+
+def _component_fields(source: Path, cid: str, unet_crop: np.ndarray) -> gate.Fields:
+    return gate.component_fields(unet_crop)
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """What is chosen: the gate of a refiner's flips, or the U-Net's post-processing (its own flips)."""
@@ -45,16 +56,13 @@ class Kind:
     effects: str  # per fold: each case's effects
     record: str  # per model: the choices
     every: str  # what the candidate keeping every flip does, for the summary
-
-    def fields(self, source: Path, cid: str, unet_crop: np.ndarray) -> gate.Fields | None:
-        if self.rules is gate.COMPONENTS:
-            return gate.component_fields(unet_crop)
-        path = source / FIELDS_DIR / f"{cid}.npz"
-        return load_fields(path, unet_crop) if path.is_file() else None
+    fields: Callable  # (the scored model's fold folder, case, U(I) cropped) -> gate.Fields or None
 
 
-GATE = Kind(SUFFIX, gate.RULES, EFFECTS, RECORD, "every flip")
-POSTPROCESS = Kind("+pp", gate.COMPONENTS, "postprocess_effects.json", "postprocess.json", "removing them all")
+GATE = Kind(SUFFIX, gate.RULES, EFFECTS, RECORD, "every flip", _refiner_fields)
+POSTPROCESS = Kind(
+    "+pp", gate.COMPONENTS, "postprocess_effects.json", "postprocess.json", "removing them all", _component_fields
+)
 
 
 def gated_label(label: str, kind: Kind = GATE) -> str:
