@@ -159,31 +159,60 @@ def needed(unet: np.ndarray, gates: dict) -> np.ndarray | None:
     return out
 
 
-def case_effects(fields: Fields, gt: np.ndarray, spacing, convention: str, rules: dict = RULES) -> dict:
+def case_effects(
+    fields: Fields, gt: np.ndarray, spacing, convention: str, rules: dict = RULES, hd95=None, known=None
+) -> dict:
     """Per region, per candidate name: [wrong voxels, HD95] of the region's nested mask with only that
     region's kept flips, and under ``"unet"`` the same for U(I). ``gt`` ``[D, H, W, 3]`` on the same
     crop as ``fields`` (what lies outside is the same for every candidate). An HD95 that is NaN (both
-    masks empty, brats2025) counts as 0."""
+    masks empty, brats2025) counts as 0. ``hd95``: {region: candidate names} whose HD95 is measured
+    besides U(I)'s and every flip's (None: every candidate); the others hold None until :func:`choose`
+    needs them (:func:`hd95_needed`). ``known``: the case's earlier effects, whose measured HD95s are kept."""
     out = {}
     for r, region in enumerate(REGIONS):
-        scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
-        row = {"unet": _score(np.asarray(fields.unet, np.uint8), gt, r, spacing, convention, scored)}
-        for cand in candidates(rules):
-            refined = np.asarray(fields.unet, np.uint8).copy()
-            refined[..., r] ^= flips(fields, r, cand, rules).astype(np.uint8)
-            row[name(cand)] = _score(refined, gt, r, spacing, convention, scored)
-        out[region] = row
+        want = None if hd95 is None else {name(every(rules)), *hd95.get(region, ())}
+        out[region] = _region_effects(fields, gt, r, spacing, convention, rules, want, (known or {}).get(region, {}))
     return out
 
 
-def _score(mask, gt, r: int, spacing, convention: str, scored: dict) -> list:
-    """[wrong voxels, HD95] of region ``r`` of the nested ``mask`` against ``gt``, memoised in ``scored``."""
+def _region_effects(fields: Fields, gt, r: int, spacing, convention: str, rules: dict, want, known: dict) -> dict:
+    scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
+    row = {"unet": _score(np.asarray(fields.unet, np.uint8), gt, r, spacing, convention, scored, True)}
+    for cand in candidates(rules):
+        n = name(cand)
+        if known.get(n, [0, None])[1] is not None:
+            row[n] = known[n]
+            continue
+        refined = np.asarray(fields.unet, np.uint8).copy()
+        refined[..., r] ^= flips(fields, r, cand, rules).astype(np.uint8)
+        row[n] = _score(refined, gt, r, spacing, convention, scored, want is None or n in want)
+    return row
+
+
+def _score(mask, gt, r: int, spacing, convention: str, scored: dict, with_hd95: bool) -> list:
+    """[wrong voxels, HD95 or None when not ``with_hd95``] of region ``r`` of the nested ``mask`` against
+    ``gt``, memoised in ``scored``."""
     key = hashlib.sha1(np.packbits(mask).tobytes()).digest()
+    pred, g = nested(mask)[..., r] > 0, gt[..., r] > 0
     if key not in scored:
-        pred, g = nested(mask)[..., r] > 0, gt[..., r] > 0
+        scored[key] = [int((pred ^ g).sum()), None]
+    if with_hd95 and scored[key][1] is None:
         h = metrics.hd95(pred, g, spacing, convention)
-        scored[key] = [int((pred ^ g).sum()), 0.0 if math.isnan(h) else float(h)]
-    return scored[key]
+        scored[key][1] = 0.0 if math.isnan(h) else float(h)
+    return list(scored[key])
+
+
+def hd95_needed(effects: list[dict], rules: dict = RULES, groups: list | None = None) -> dict[str, list[str]]:
+    """Per region, the candidates whose HD95 :func:`choose` reads on these cases (besides U(I)'s and every
+    flip's): those that lower the summed wrong voxels and add none in any group taken alone."""
+    return {region: _eligible(effects, region, rules, groups) for region in REGIONS}
+
+
+def _eligible(effects: list[dict], region: str, rules: dict, groups: list | None) -> list[str]:
+    base = sum(e[region]["unet"][0] for e in effects)
+    names = [name(c) for c in candidates(rules)]
+    steady = _no_group_worse(effects, region, names, groups)
+    return [c for c in names if sum(e[region][c][0] for e in effects) < base and c in steady]
 
 
 def choose(effects: list[dict], rules: dict = RULES, groups: list | None = None) -> dict:
@@ -191,29 +220,35 @@ def choose(effects: list[dict], rules: dict = RULES, groups: list | None = None)
     "off", "wrong_change", "hd95_change"}`` (summed voxels, mean mm, of the gate chosen; 0 for off) and
     ``"paper"``: the same for every flip, so a reader sees what was turned off. No case: every region off.
     ``groups`` (one label per case, e.g. its fold): a candidate must also not add wrong voxels in any group
-    taken alone, so that a gain of some folds does not pay for a loss in another."""
-    out = {}
+    taken alone, so that a gain of some folds does not pay for a loss in another. The HD95 of every
+    candidate that :func:`hd95_needed` names must be measured (ValueError otherwise)."""
     n = len(effects)
-    for region in REGIONS:
-        if not n:
-            out[region] = {"gate": "off", "wrong_change": 0, "hd95_change": 0.0, "paper": None, "n_cases": 0}
-            continue
-        base = np.sum([e[region]["unet"] for e in effects], 0)
-        totals = {name(c): np.sum([e[region][name(c)] for e in effects], 0) for c in candidates(rules)}
-        change = {c: (int(w - base[0]), float((h - base[1]) / n)) for c, (w, h) in totals.items()}
-        steady = _no_group_worse(effects, region, list(change), groups)
-        ok = [c for c, (dw, dh) in change.items() if dw < 0 and dh <= 0 and c in steady]
-        best = min(ok, key=lambda c: (change[c][0], change[c][1]), default="off")
-        dw, dh = change.get(best, (0, 0.0))
-        paper = change[name(every(rules))]
-        out[region] = {
-            "gate": best,
-            "wrong_change": dw,
-            "hd95_change": dh,
-            "paper": {"wrong_change": paper[0], "hd95_change": paper[1]},
-            "n_cases": n,
-        }
-    return out
+    off = {"gate": "off", "wrong_change": 0, "hd95_change": 0.0, "paper": None, "n_cases": 0}
+    return {region: _choose_region(effects, region, rules, groups) if n else dict(off) for region in REGIONS}
+
+
+def _choose_region(effects: list[dict], region: str, rules: dict, groups: list | None) -> dict:
+    n, every_flip = len(effects), name(every(rules))
+    base = np.sum([e[region]["unet"] for e in effects], 0)
+
+    def change(c: str) -> tuple[int, float]:
+        rows = [e[region][c] for e in effects]
+        if any(h is None for _, h in rows):
+            raise ValueError(f"{region} {c}: an HD95 the choice reads was not measured (gate.hd95_needed)")
+        return int(sum(w for w, _ in rows) - base[0]), float((sum(h for _, h in rows) - base[1]) / n)
+
+    ok = {c: change(c) for c in _eligible(effects, region, rules, groups)}
+    ok = {c: v for c, v in ok.items() if v[1] <= 0}
+    best = min(ok, key=lambda c: ok[c], default="off")
+    dw, dh = ok.get(best, (0, 0.0))
+    paper = change(every_flip)
+    return {
+        "gate": best,
+        "wrong_change": dw,
+        "hd95_change": dh,
+        "paper": {"wrong_change": paper[0], "hd95_change": paper[1]},
+        "n_cases": n,
+    }
 
 
 def _no_group_worse(effects: list[dict], region: str, names: list[str], groups: list | None) -> set[str]:

@@ -91,8 +91,9 @@ def _case_inputs(run, cid: str):
 
 
 def fold_effects(run, label: str, k: int, progress_bar: bool, kind: Kind = GATE) -> dict:
-    """``{case: effects}`` of fold k's held-out cases that have fields (computed once, then read). Only
-    scored cases count: a post-processing's U-Net map exists for cases not scored yet."""
+    """``{case: effects}`` of fold k's held-out cases that have fields (computed once, then read), with the
+    HD95 of U(I) and of every flip only (:func:`measure_needed` adds those a choice reads). Only scored
+    cases count: a post-processing's U-Net map exists for cases not scored yet."""
     fold_dir = run.layout.eval_fold(label, k)
     path = fold_dir / kind.effects
     effects = wd.read_json(path, {})
@@ -103,7 +104,7 @@ def fold_effects(run, label: str, k: int, progress_bar: bool, kind: Kind = GATE)
         meta, gt, unet, _ = _case_inputs(run, cid)
         fields = kind.fields(fold_dir, cid, unet)
         if fields is not None:
-            effects[cid] = gate.case_effects(fields, gt, meta["spacing"], run.convention, kind.rules)
+            effects[cid] = gate.case_effects(fields, gt, meta["spacing"], run.convention, kind.rules, hd95={})
             added += 1
     if added and parallel.is_main():
         wd.write_atomic(path, json.dumps(effects))
@@ -117,11 +118,37 @@ def choose_gates(run, label: str, progress_bar: bool, log, kind: Kind = GATE) ->
     missing = {k: len(run.all_folds[k]) - len(e) for k, e in effects.items() if len(e) < len(run.all_folds[k])}
     if missing:
         log(f"{label}{kind.suffix}: chosen without the unscored or unkept cases of fold(s) {sorted(missing)}")
-    record = {str(k): _choose({j: fx for j, fx in effects.items() if j != k}, kind) for k in run.fold_ids}
-    record["all"] = _choose(effects, kind)
+    selections = {str(k): [j for j in effects if j != k] for k in run.fold_ids} | {"all": list(effects)}
+    measure_needed(run, label, effects, selections.values(), progress_bar, kind)
+    record = {key: _choose({j: effects[j] for j in folds}, kind) for key, folds in selections.items()}
     if parallel.is_main():
         wd.write_atomic(run.layout.eval_model(label) / kind.record, json.dumps(record, indent=1))
     return record
+
+
+def measure_needed(run, label: str, effects: dict, selections, progress_bar: bool, kind: Kind = GATE) -> None:
+    """Measures in ``effects`` (``{fold: {case: effects}}``) the HD95s that the choice on each selection
+    (a list of folds) reads (:func:`gate.hd95_needed`: only candidates that lower the wrong voxels), and
+    keeps them in the folds' effects files. Most candidates of a refiner that adds errors are never read."""
+    need: dict = {}  # (fold, case) -> {region: candidate names}
+    for folds in selections:
+        cases = [(j, c) for j in folds for c in effects[j]]
+        names = gate.hd95_needed([effects[j][c] for j, c in cases], kind.rules, groups=[j for j, _ in cases])
+        for j, c in cases:
+            for region, wanted in names.items():
+                todo = [n for n in wanted if effects[j][c][region][n][1] is None]
+                need.setdefault((j, c), {}).setdefault(region, set()).update(todo)
+    need = {jc: regions for jc, regions in need.items() if any(regions.values())}
+    for j in sorted({j for j, _ in need}):
+        fold_dir = run.layout.eval_fold(label, j)
+        todo = [c for jj, c in need if jj == j]
+        for cid in progress.bar(todo, f"{kind.suffix[1:]} HD95 {label} fold {j}", enabled=progress_bar):
+            meta, gt, unet, _ = _case_inputs(run, cid)
+            fields = kind.fields(fold_dir, cid, unet)
+            args = (gt, meta["spacing"], run.convention, kind.rules)
+            effects[j][cid] = gate.case_effects(fields, *args, hd95=need[(j, cid)], known=effects[j][cid])
+        if parallel.is_main():
+            wd.write_atomic(fold_dir / kind.effects, json.dumps(effects[j]))
 
 
 def _choose(effects: dict, kind: Kind) -> dict:

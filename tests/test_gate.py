@@ -8,6 +8,7 @@ of U(I)'s surface (faces at 1, edges √2, corners √3).
 import math
 
 import numpy as np
+import pytest
 
 from rediffinet_jax import gate
 from rediffinet_jax.labels import nested
@@ -100,6 +101,30 @@ def test_a_fold_made_worse_is_not_paid_for_by_the_others():
     assert pooled["WT"]["gate"] == "tau=0.5,band=3" and pooled["WT"]["wrong_change"] == -2 * 728 + 728
     assert gate.choose(effects)["WT"]["gate"] == "tau=0.5,band=3"
     assert gate.choose(effects, groups=[0, 0, 1])["WT"]["gate"] == "off"
+
+
+def test_hd95_measured_only_where_the_choice_reads_it():
+    """HD95 is the gate's slow part, and only the candidates that lower the wrong voxels need it. Wrong
+    everywhere: none does, so only U(I)'s and every flip's HD95 are measured (and that of candidates keeping
+    the same flips). The shell case: τ ≤ 0.9 (5
+    values) with any band (4) lowers them (−701, −728, −728, −600 for band 1); τ = 0.95 keeps no flip.
+    Measured afterwards, the choice is the one made with every HD95 measured at once."""
+    bad = case(SHELL | FAR_BLOB, np.where(SHELL | FAR_BLOB, 0.99, 0.0), truth_grown=False)
+    bad = gate.case_effects(*bad, SPACING, "brats2023", hd95={})
+    assert gate.hd95_needed([bad]) == {"WT": [], "TC": [], "ET": []}
+    every_flip = {f"tau={t},band=inf" for t in gate.RULES["tau"].grid}  # p = 0.99: the same flips, scored once
+    assert {n for n, (_, h) in bad["WT"].items() if h is not None} == {"unet"} | every_flip
+    assert gate.choose([bad])["WT"]["gate"] == "off"
+    fields, gt = case(SHELL | FAR_BLOB, np.where(SHELL | FAR_BLOB, 0.9, 0.0))
+    lazy = gate.case_effects(fields, gt, SPACING, "brats2023", hd95={})
+    need = gate.hd95_needed([lazy])
+    assert len(need["WT"]) == 20 and not any("0.95" in n for n in need["WT"]) and need["TC"] == need["ET"] == []
+    with pytest.raises(ValueError, match="not measured"):
+        gate.choose([lazy])
+    filled = gate.case_effects(fields, gt, SPACING, "brats2023", hd95=need, known=lazy)
+    eager = gate.case_effects(fields, gt, SPACING, "brats2023")
+    assert all(filled["WT"][n] == eager["WT"][n] for n in need["WT"])
+    assert gate.choose([filled, filled]) == gate.choose([eager, eager])
 
 
 def test_nothing_gained_is_off():

@@ -204,6 +204,7 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
             gated = _labels(w / "eval" / "rediffinet+gate" / f"fold_{k}" / "pred" / f"{cid}.nii.gz")
             np.testing.assert_array_equal(brats.crop(gated, meta["box"]), regions_to_labels(nested(unet ^ flips)))
     _check_postprocessing(w, json.loads((w / "eval" / "unet" / "postprocess.json").read_text()))
+    _check_choices_from_kept_effects(w, record)
 
     src = tmp_path / "cases"
     _predict_inputs(w, src)
@@ -237,6 +238,21 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
     for case in sorted(p.name for p in (tmp_path / "unet").glob("*.nii.gz")):
         np.testing.assert_array_equal(_labels(tmp_path / "off" / case), _labels(tmp_path / "unet" / case))
         np.testing.assert_array_equal(_labels(tmp_path / "paper" / case), _labels(tmp_path / "nogate" / case))
+
+
+def _check_choices_from_kept_effects(w, record):
+    """Each fold's stored gate is :func:`gate.choose` on the other folds' kept effects (each fold a group),
+    ``all`` on every fold's: the HD95s measured only where a choice reads them are all there."""
+    import json
+
+    from rediffinet_jax import gate
+
+    effects = {
+        k: json.loads((w / "eval" / "rediffinet" / f"fold_{k}" / "gate_effects.json").read_text()) for k in (0, 1)
+    }
+    for key, folds in (("0", [1]), ("1", [0]), ("all", [0, 1])):
+        cases = [(k, e) for k in folds for e in effects[k].values()]
+        assert gate.choose([e for _, e in cases], groups=[k for k, _ in cases]) == record[key]
 
 
 def _largest_only(labels):
