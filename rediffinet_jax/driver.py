@@ -98,6 +98,7 @@ def prepare(config, layout: wd.Layout, progress_bars: bool, log=print) -> Data:
             progress=progress_bars and parallel.is_main(),
             allow_empty_modality=d.get("allow_empty_modality", False),
             spacing=tuple(d.get("spacing") or ()) or None,
+            log=log if parallel.is_main() else None,
         )
     by_id = {c.case_id: c for c in cases}
     return Data(by_id, refs, {r.case_id: r for r in refs}, folds, changes.fingerprint(layout.cache, list(by_id)))

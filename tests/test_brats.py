@@ -103,6 +103,12 @@ def test_cache_reuse_and_invalidation(phantom_root, tmp_path):
     c = brats.cached_case(files, cache, normalization="zscore")
     assert c.image.shape == b.image.shape
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp folders left
+    (cache / cid / "meta.json").write_text('{"box": [[0, ')  # cut off by a full disk: rebuilt, said
+    lines = []
+    d = brats.cached_case(files, cache, normalization="zscore", log=lines.append)
+    np.testing.assert_array_equal(np.asarray(d.image), np.asarray(c.image))
+    assert lines == [f"{cid}: the cache's {cache / cid / 'meta.json'} was damaged: rebuilt"]
+    assert brats.cached_meta(cache / cid)["box"] == c.box
 
 
 def _broken(tmp_path, phantom_root, how):

@@ -422,18 +422,22 @@ def cached_case(
     require_labels: bool = False,
     allow_empty_modality: bool = False,
     spacing=None,
+    log=None,
 ) -> Case:
     """Like :func:`load_case`, through a cache of ``.npy`` files opened memory-mapped.
 
     ``spacing`` (mm per axis; None or empty: the source's): the crop is resampled to it
     (:mod:`resample`; image and ``regions.npy`` on that grid, the source-grid truth kept as ``truth.npy``).
     The entry ``cache_dir/<case>/`` is rebuilt when a source file (size or mtime) or an option changes.
-    It is built in a temporary folder and renamed into place, so an interrupted build leaves nothing.
+    It is built in a temporary folder and renamed into place, so an interrupted build leaves nothing; a
+    damaged ``meta.json`` is rebuilt too, said through ``log`` (a callable taking a line) when given.
     """
     folder = Path(cache_dir) / files.case_id
     key = _source_key(files, normalization, old_brats, allow_empty_modality, spacing)
     meta = cached_meta(folder) if (folder / "meta.json").is_file() else None
-    if meta is None or meta["key"] != key:  # (a damaged meta.json reads as None: rebuilt)
+    if meta is None and (folder / "meta.json").is_file() and log:
+        log(f"{files.case_id}: the cache's {folder / 'meta.json'} was damaged: rebuilt")
+    if meta is None or meta["key"] != key:
         case = load_case(files, normalization, old_brats, require_labels, allow_empty_modality=allow_empty_modality)
         meta = _write_entry(folder, case, key, spacing)
     if require_labels and not meta["labelled"]:

@@ -97,9 +97,10 @@ def prepare_cache(
     progress: bool = True,
     allow_empty_modality: bool = False,
     spacing=None,
+    log=None,
 ) -> list[CaseRef]:
     """Builds (or reuses) the cache of every case, labels required, resampled to ``spacing`` (mm) when given;
-    returns the pipeline's references."""
+    returns the pipeline's references. ``log``: where a rebuilt damaged entry is said."""
     refs = []
     for files in bar(cases, "cache", enabled=progress):
         brats.cached_case(
@@ -110,6 +111,7 @@ def prepare_cache(
             require_labels=True,
             allow_empty_modality=allow_empty_modality,
             spacing=spacing,
+            log=log,
         )
         refs.append(CaseRef(files.case_id, str(Path(cache_dir) / files.case_id)))
     return refs
