@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from rediffinet_jax import metrics
-from rediffinet_jax.labels import REGIONS, nested
+from rediffinet_jax.labels import REGIONS, nested_region
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,24 +176,25 @@ def case_effects(
 
 
 def _region_effects(fields: Fields, gt, r: int, spacing, convention: str, rules: dict, want, known: dict) -> dict:
+    u = np.asarray(fields.unet) > 0
+    inner = nested_region(u, r + 1)  # the regions inside r, painted into it (none inside ET)
+    g = np.asarray(gt[..., r]) > 0
     scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
-    row = {"unet": _score(np.asarray(fields.unet, np.uint8), gt, r, spacing, convention, scored, True)}
+    row = {"unet": _score(u[..., r] | inner, g, spacing, convention, scored, True)}
     for cand in candidates(rules):
         n = name(cand)
         if known.get(n, [0, None])[1] is not None:
             row[n] = known[n]
             continue
-        refined = np.asarray(fields.unet, np.uint8).copy()
-        refined[..., r] ^= flips(fields, r, cand, rules).astype(np.uint8)
-        row[n] = _score(refined, gt, r, spacing, convention, scored, want is None or n in want)
+        pred = (u[..., r] ^ flips(fields, r, cand, rules)) | inner
+        row[n] = _score(pred, g, spacing, convention, scored, want is None or n in want)
     return row
 
 
-def _score(mask, gt, r: int, spacing, convention: str, scored: dict, with_hd95: bool) -> list:
-    """[wrong voxels, HD95 or None when not ``with_hd95``] of region ``r`` of the nested ``mask`` against
-    ``gt``, memoised in ``scored``."""
-    key = hashlib.sha1(np.packbits(mask).tobytes()).digest()
-    pred, g = nested(mask)[..., r] > 0, gt[..., r] > 0
+def _score(pred: np.ndarray, g: np.ndarray, spacing, convention: str, scored: dict, with_hd95: bool) -> list:
+    """[wrong voxels, HD95 or None when not ``with_hd95``] of a region's mask against its truth (bool
+    ``[D, H, W]``), memoised in ``scored``."""
+    key = hashlib.sha1(np.packbits(pred).tobytes()).digest()
     if key not in scored:
         scored[key] = [int((pred ^ g).sum()), None]
     if with_hd95 and scored[key][1] is None:

@@ -108,3 +108,9 @@ def nested(regions: np.ndarray) -> np.ndarray:
     scored. Painting nests them (TC ⊆ WT, ET ⊆ TC): a TC voxel outside WT becomes WT too, an ET voxel
     outside TC becomes WT and TC. A refiner flips each region on its own, so its masks need not be nested."""
     return labels_to_regions(regions_to_labels(regions))
+
+
+def nested_region(regions: np.ndarray, r: int) -> np.ndarray:
+    """``nested(regions)[..., r]`` as bool ``[...]`` without writing the label map: region r or any region
+    nested inside it (later in :data:`REGIONS`), which painting puts in r."""
+    return (np.asarray(regions)[..., r:] > 0).any(-1)

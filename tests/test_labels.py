@@ -1,7 +1,9 @@
+import itertools
+
 import numpy as np
 import pytest
 
-from rediffinet_jax.labels import REGIONS, check_labels, labels_to_regions, nested, regions_to_labels
+from rediffinet_jax.labels import REGIONS, check_labels, labels_to_regions, nested, nested_region, regions_to_labels
 
 
 def test_regions_by_hand():
@@ -41,3 +43,10 @@ def test_nested_by_hand():
     r[3] = (1, 1, 1)
     np.testing.assert_array_equal(nested(r), [(1, 1, 0), (1, 1, 1), (1, 0, 0), (1, 1, 1)])
     np.testing.assert_array_equal(nested(nested(r)), nested(r))
+
+
+def test_nested_region_is_a_channel_of_nested():
+    """Every combination of the three region bits, each voxel one: channel r of the label map's masks."""
+    regions = np.array(list(itertools.product((0, 1), repeat=3)), np.uint8).reshape(2, 4, 3)
+    for r in range(3):
+        np.testing.assert_array_equal(nested_region(regions, r), nested(regions)[..., r] > 0)
