@@ -225,7 +225,8 @@ def _score_gated(run: Run, models: list[Model], per_fold: dict, scored: list, ga
             kind = gate_eval.GATE
         else:
             continue
-        rows, record = gate_eval.score_gated(run, model, progress_bar, log, _write_pred, kind)
+        unet = next((m.label for m in models if m.stage is None), None)
+        rows, record = gate_eval.score_gated(run, model, progress_bar, log, _write_pred, kind, per_fold.get(unet))
         label = gate_eval.gated_label(model.label, kind)
         gates[label if kind is gate_eval.POSTPROCESS else model.label] = record
         per_fold[label] = rows

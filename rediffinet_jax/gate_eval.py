@@ -157,10 +157,13 @@ def _choose(effects: dict, kind: Kind) -> dict:
     return gate.choose([e for _, e in cases], kind.rules, groups=[k for k, _ in cases])
 
 
-def score_gated(run, model, progress_bar: bool, log, write_pred, kind: Kind = GATE) -> tuple[dict, dict]:
+def score_gated(
+    run, model, progress_bar: bool, log, write_pred, kind: Kind = GATE, unet_rows: dict | None = None
+) -> tuple[dict, dict]:
     """Chooses the gates of ``model`` (an evaluation's Model: a discrepancy refiner, or the U-Net for
     :data:`POSTPROCESS`) and scores its gated row; returns ({k: rows}, the record).
-    ``write_pred(labels, path, layout, cid)`` writes a map."""
+    ``write_pred(labels, path, layout, cid)`` writes a map. ``unet_rows`` (``{k: rows}``, the U-Net's scores):
+    a fold whose gate is off in every region writes U(I) and takes the U-Net's rows, the same map's scores."""
     record = choose_gates(run, model.label, progress_bar, log, kind)
     label = gated_label(model.label, kind)
     wd.check_record(
@@ -183,8 +186,9 @@ def score_gated(run, model, progress_bar: bool, log, write_pred, kind: Kind = GA
         done = {r["case"] for r in read_rows(csv_path)}
         source_rows = {(r["case"], r["region"]): r for r in read_rows(run.layout.cases_csv(model.label, k))}
         todo = [c for c in run.all_folds[k] if c not in done and c in {r[0] for r in source_rows}]
+        same = _unet_rows(unet_rows, k) if all(g is None for g in gates.values()) else {}
         for cid in progress.bar(todo, f"eval {label} fold {k}", enabled=progress_bar):
-            rows = _gated_case(run, source, cid, gates, label, k, write_pred, kind)
+            rows = _gated_case(run, source, cid, gates, label, k, write_pred, kind, same.get(cid))
             if rows is None:
                 continue
             for row in rows:  # the prediction's time is the ungated model's: a gate costs no sampling
@@ -199,7 +203,17 @@ def score_gated(run, model, progress_bar: bool, log, write_pred, kind: Kind = GA
     return per_fold, record
 
 
-def _gated_case(run, source: Path, cid: str, gates: dict, label: str, k: int, write_pred, kind) -> list | None:
+def _unet_rows(unet_rows: dict | None, k: int) -> dict:
+    """``{case: its three rows}`` of the U-Net's fold k (empty: not given)."""
+    out: dict = {}
+    for row in (unet_rows or {}).get(k, []):
+        out.setdefault(row["case"], []).append(row)
+    return {c: rows for c, rows in out.items() if len(rows) == len(REGIONS)}
+
+
+def _gated_case(run, source: Path, cid: str, gates: dict, label: str, k: int, write_pred, kind, same=None):
+    """The gated case's rows (None: its fields were not kept); ``same``: the U-Net's rows, when the gate is
+    off in every region (the map written is U(I), so they are its scores)."""
     meta, _, unet, unet_full = _case_inputs(run, cid)
     box, full = meta["box"], meta["full_shape"]
     fields = kind.fields(source, cid, unet)
@@ -209,6 +223,8 @@ def _gated_case(run, source: Path, cid: str, gates: dict, label: str, k: int, wr
     labels = regions_to_labels(brats.paste(refined, box, full))
     if parallel.is_main():
         write_pred(labels, run.layout.pred_map(label, k, cid), run.layout, cid)
+    if same is not None:
+        return [dict(r) for r in same]
     pred = labels_to_regions(labels)
     gt = brats.paste(brats.source_truth(run.layout.cache / cid), box, full)
     rows = metrics.score_case(pred, gt, meta["spacing"], cid, run.convention, with_lesion_wise=True)

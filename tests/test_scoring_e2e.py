@@ -203,8 +203,10 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
                 flips[..., r] = keep
             gated = _labels(w / "eval" / "rediffinet+gate" / f"fold_{k}" / "pred" / f"{cid}.nii.gz")
             np.testing.assert_array_equal(brats.crop(gated, meta["box"]), regions_to_labels(nested(unet ^ flips)))
+            _check_rows_score_the_map(w, "rediffinet+gate", cid, gated, meta["spacing"])
     _check_postprocessing(w, json.loads((w / "eval" / "unet" / "postprocess.json").read_text()))
     _check_choices_from_kept_effects(w, record)
+    _check_gate_off_everywhere(w, tmp_path / "off_everywhere")
 
     src = tmp_path / "cases"
     _predict_inputs(w, src)
@@ -238,6 +240,47 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
     for case in sorted(p.name for p in (tmp_path / "unet").glob("*.nii.gz")):
         np.testing.assert_array_equal(_labels(tmp_path / "off" / case), _labels(tmp_path / "unet" / case))
         np.testing.assert_array_equal(_labels(tmp_path / "paper" / case), _labels(tmp_path / "nogate" / case))
+
+
+def _check_rows_score_the_map(w, label, cid, labels, spacing):
+    """The rows of ``cid`` under ``label`` are the scores of its written map against the phantom's seg (a
+    fold gated off in every region takes the U-Net's rows: the same map)."""
+    from rediffinet_jax import metrics
+    from rediffinet_jax.labels import labels_to_regions
+
+    truth = labels_to_regions(_labels(w / "data" / cid / f"{cid}-seg.nii.gz"))
+    rows = {r["region"]: r for r in rows_of(w, label) if r["case"] == cid}
+    for want in metrics.score_case(labels_to_regions(labels), truth, spacing, cid):
+        got = rows[want["region"]]
+        assert (float(got["dice"]), float(got["hd95"])) == pytest.approx((want["dice"], want["hd95"])), (cid, want)
+
+
+def _check_gate_off_everywhere(w, copy):
+    """Every candidate made to add a wrong voxel in the kept effects: the gate is off in every region of every
+    fold, the folds are rescored, their maps are U(I) and their rows the U-Net's (only the seconds differ)."""
+    import json
+
+    shutil.copytree(w, copy)
+    for path in copy.glob("eval/rediffinet/fold_*/gate_effects.json"):
+        effects = json.loads(path.read_text())
+        for case in effects.values():
+            for row in case.values():
+                row.update({n: [row["unet"][0] + 1, v[1]] for n, v in row.items() if n != "unet"})
+        path.write_text(json.dumps(effects))
+    proc = _run("evaluate.py", f"--workdir={copy}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {
+        c["gate"]
+        for fold in json.loads((copy / "eval/rediffinet/gate.json").read_text()).values()
+        for c in fold.values()
+    } == {"off"}
+    unet = {(r["case"], r["region"]): r for r in rows_of(copy, "unet")}
+    gated = rows_of(copy, "rediffinet+gate")
+    assert len(gated) == len(unet) and all(
+        {**r, "seconds": ""} == {**unet[r["case"], r["region"]], "seconds": ""} for r in gated
+    )
+    for path in copy.glob("eval/rediffinet+gate/fold_*/pred/*.nii.gz"):
+        np.testing.assert_array_equal(_labels(path), _labels(copy / "unet" / "oof" / path.name))
 
 
 def _check_choices_from_kept_effects(w, record):
