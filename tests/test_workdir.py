@@ -156,3 +156,24 @@ def test_overlapping_folds_are_refused(tmp_path):
     (tmp_path / splits.SPLITS_FILE).write_text(json.dumps({"folds": [["a", "b"], ["b", "c"]]}))
     with pytest.raises(ConfigError, match="case b is in folds 0 and 1"):
         splits.load_or_create(tmp_path, ["a", "b", "c"], 2)
+
+
+def test_a_full_disk_is_recognised_through_library_wrappers():
+    """cli's one-line "no space left" needs ENOSPC found however a library wraps it: an OSError naming the file,
+    one raised inside another error (Orbax re-raises as its own), or only the C library's message."""
+    import errno
+
+    from rediffinet_jax import cli
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/w/unet/fold_0/checkpoints/100/x")
+    assert cli._no_space(full) == "/w/unet/fold_0/checkpoints/100/x"
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise RuntimeError("checkpoint save failed") from e
+    except RuntimeError as wrapped:
+        assert cli._no_space(wrapped) == "/w/unet/fold_0/checkpoints/100/x"
+    assert cli._no_space(ValueError("write failed: [Errno 28] No space left on device")) == ""
+    assert cli._no_space(OSError(errno.EACCES, "Permission denied", "/w")) is None
+    assert cli._no_space(ValueError("a bug")) is None
