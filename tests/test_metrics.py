@@ -133,8 +133,10 @@ def test_bad_input():
     a = _cube()
     with pytest.raises(ValueError, match="shape"):
         M.dice(a, a[:-1])
-    with pytest.raises(ValueError, match="binary"):
-        M.hd95(a.astype(int) * 2, a)
+    for bad in (a.astype(int) * 2, a.astype(np.int8) - 1, a * 0.5, np.where(a, np.nan, 0.0)):
+        with pytest.raises(ValueError, match="binary"):
+            M.hd95(bad, a)
+    assert M.dice(a.astype(np.uint8), a.astype(np.float32)) == 1.0  # 0/1 in any dtype is a mask
     with pytest.raises(ValueError, match="spacing"):
         M.hd95(a, a, (1, 0, 1))
     with pytest.raises(ValueError, match="convention"):
