@@ -43,18 +43,35 @@ class Rule:
     keep: Callable
 
 
-def surface_distance(unet_region: np.ndarray) -> np.ndarray:
+def surface_distance(unet_region: np.ndarray, near: np.ndarray | None = None, reach: float = math.inf) -> np.ndarray:
     """Per voxel, its Euclidean distance in voxels to the other side of U(I)'s surface (1 for the voxels
-    touching it on either side); ∞ everywhere when the region is empty or fills the volume (no surface)."""
+    touching it on either side); ∞ everywhere when the region is empty or fills the volume (no surface).
+
+    ``near`` (bool, same shape) with a finite ``reach``: only whether the voxels of ``near`` lie within
+    ``reach`` is wanted, so the transform runs on their bounding box grown by ``reach`` (the other side of any
+    voxel within reach lies inside it): exact up to ``reach`` there, never below the true distance, ∞ outside."""
     u = np.asarray(unet_region, bool)
+    if near is None or reach == math.inf:
+        return _distance(u)
+    out = np.full(u.shape, np.inf, np.float32)
+    hits = np.nonzero(near)
+    if hits[0].size:
+        grow = int(math.ceil(reach))
+        box = tuple(slice(max(int(h.min()) - grow, 0), int(h.max()) + grow + 1) for h in hits)
+        out[box] = _distance(u[box])
+    return out
+
+
+def _distance(u: np.ndarray) -> np.ndarray:
     if not u.any() or u.all():  # no surface inside the volume
         return np.full(u.shape, np.inf, np.float32)
     return np.where(u, ndimage.distance_transform_edt(u), ndimage.distance_transform_edt(~u)).astype(np.float32)
 
 
+BANDS = (math.inf, 3, 2, 1)  # voxels from U(I)'s surface; ∞ first: every flip
 RULES: dict[str, Rule] = {
     "tau": Rule((0.5, 0.6, 0.7, 0.8, 0.9, 0.95), lambda f, r, v: f.p[..., r] >= v),
-    "band": Rule((math.inf, 3, 2, 1), lambda f, r, v: f.distance(r) <= v),
+    "band": Rule(BANDS, lambda f, r, v: f.distance(r) <= v),
 }
 COMPONENTS: dict[str, Rule] = {
     "min_size": Rule((math.inf, 3000, 1000, 300, 100, 30), lambda f, r, v: f.component_size(r) < v),
@@ -79,8 +96,10 @@ class Fields:
     _cache: dict = dataclasses.field(default_factory=dict)  # per region: distances, component sizes
 
     def distance(self, r: int) -> np.ndarray:
+        """:func:`surface_distance` of region r, exact up to the widest finite band at the proposed flips."""
         if ("distance", r) not in self._cache:
-            self._cache[("distance", r)] = surface_distance(self.unet[..., r])
+            reach = max(b for b in BANDS if b != math.inf)
+            self._cache[("distance", r)] = surface_distance(self.unet[..., r], self.sign[..., r], reach)
         return self._cache[("distance", r)]
 
     def component_size(self, r: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from rediffinet_jax import gate
 from rediffinet_jax.labels import nested
@@ -45,6 +46,22 @@ def test_hand_counts():
     dist = gate.surface_distance(cube(10, 20))
     assert dist[SHELL].max() == np.float32(math.sqrt(3)) and dist[9, 15, 15] == 1.0
     assert dist[FAR_BLOB].min() > 3
+
+
+def test_distance_on_the_flips_box_decides_every_band_as_the_full_one():
+    """The band reads distances only at proposed flips and only up to 3 voxels: computed on the flips' box
+    grown by 3 it must decide b ≤ 3 exactly as the full transform does, and never read below it."""
+    rng = np.random.default_rng(0)
+    u = ndimage.gaussian_filter(rng.standard_normal(SHAPE), 4) > 0  # smooth blobs, 1 to 7 voxels deep
+    near = np.zeros(SHAPE, bool)
+    near[5:12, 20:31, 3:9] = rng.random((7, 11, 6)) < 0.5
+    full = gate.surface_distance(u)
+    boxed = gate.surface_distance(u, near, 3)
+    assert (full[near] <= 3).any() and (full[near] > 3).any() and (boxed[near] > full[near]).any()  # cut off
+    assert np.isinf(boxed[~near]).any() and (boxed[near] >= full[near]).all()
+    for b in (1, 2, 3):
+        np.testing.assert_array_equal(boxed[near] <= b, full[near] <= b)
+    assert np.isinf(gate.surface_distance(u, np.zeros(SHAPE, bool), 3)).all()
 
 
 def test_right_inside_the_band_wrong_outside_it():
