@@ -218,6 +218,7 @@ def _score_gated(run: Run, models: list[Model], per_fold: dict, scored: list, ga
     gates = {}
     if not (gate if gate is not None else wd.read_json(run.layout.config, {}).get("eval", {}).get("gate", True)):
         return gates
+    unet = next((m.label for m in models if m.stage is None), None)
     for model in models:
         if model.stage is None and model.label in per_fold:
             kind = gate_eval.POSTPROCESS
@@ -225,7 +226,6 @@ def _score_gated(run: Run, models: list[Model], per_fold: dict, scored: list, ga
             kind = gate_eval.GATE
         else:
             continue
-        unet = next((m.label for m in models if m.stage is None), None)
         rows, record = gate_eval.score_gated(run, model, progress_bar, log, _write_pred, kind, per_fold.get(unet))
         label = gate_eval.gated_label(model.label, kind)
         gates[label if kind is gate_eval.POSTPROCESS else model.label] = record

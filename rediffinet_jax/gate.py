@@ -188,18 +188,19 @@ def case_effects(
     besides U(I)'s and every flip's (None: every candidate); the others hold None until :func:`choose`
     needs them (:func:`hd95_needed`). ``known``: the case's earlier effects, whose measured HD95s are kept."""
     out = {}
+    u = np.asarray(fields.unet) > 0
     for r, region in enumerate(REGIONS):
         want = None if hd95 is None else {name(every(rules)), *hd95.get(region, ())}
-        out[region] = _region_effects(fields, gt, r, spacing, convention, rules, want, (known or {}).get(region, {}))
+        out[region] = _region_effects(fields, u, gt, r, spacing, convention, rules, want, (known or {}).get(region, {}))
     return out
 
 
-def _region_effects(fields: Fields, gt, r: int, spacing, convention: str, rules: dict, want, known: dict) -> dict:
-    u = np.asarray(fields.unet) > 0
+def _region_effects(fields: Fields, u, gt, r: int, spacing, convention: str, rules: dict, want, known: dict) -> dict:
+    """One region's row of :func:`case_effects` (``u``: U(I) as bool); what ``known`` measured is kept."""
     inner = nested_region(u, r + 1)  # the regions inside r, painted into it (none inside ET)
     g = np.asarray(gt[..., r]) > 0
     scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
-    row = {"unet": _score(u[..., r] | inner, g, spacing, convention, scored, True)}
+    row = {"unet": known.get("unet") or _score(u[..., r] | inner, g, spacing, convention, scored, True)}
     for cand in candidates(rules):
         n = name(cand)
         if known.get(n, [0, None])[1] is not None:
