@@ -15,8 +15,10 @@ flips (:func:`component_fields`) remove every connected component of U(I)'s regi
 The choice (:func:`choose`) follows nnU-Net's post-processing rule: a region keeps the candidate with
 the fewest wrong voxels among those that, summed over the selection cases, **lower** its wrong voxels
 and do **not raise** its mean HD95; none → off. Each region's effect is measured with the other regions
-left as U(I) (:func:`case_effects`), on the nested masks a label map encodes. Arrays are channels-last
-``[D, H, W, 3]``; ``sign`` is Y > 0 (the paper's flips), ``p`` the fused probability in [0, 1].
+left as U(I) (:func:`case_effects`), on the nested masks a label map encodes. :data:`SELECTIONS` holds
+stricter rules on top of it (a margin, no case made worse, ...), one entry each; ``"summed"`` (nothing
+more) is the default everywhere, and ``benchmarks/gate_rules.py`` replays the others on a benchmark.
+Arrays are channels-last ``[D, H, W, 3]``; ``sign`` is Y > 0 (the paper's flips), ``p`` the fused probability in [0, 1].
 """
 
 from __future__ import annotations
@@ -223,32 +225,81 @@ def _score(pred: np.ndarray, g: np.ndarray, spacing, convention: str, scored: di
     return list(scored[key])
 
 
-def hd95_needed(effects: list[dict], rules: dict = RULES, groups: list | None = None) -> dict[str, list[str]]:
+Selection = Callable[[list[dict], str, list | None], bool]
+
+
+def _margin(fraction: float) -> Selection:
+    """The summed wrong voxels lowered by at least ``fraction`` of U(I)'s."""
+    return lambda rows, c, groups: sum(r[c][0] for r in rows) <= (1 - fraction) * sum(r["unet"][0] for r in rows)
+
+
+def _case_slack(fraction: float) -> Selection:
+    """No case given more wrong voxels than ``fraction`` of its U(I)'s (0: no case made worse)."""
+    return lambda rows, c, groups: all(r[c][0] - r["unet"][0] <= fraction * r["unet"][0] for r in rows)
+
+
+def _most_cases(rows: list[dict], c: str, groups) -> bool:
+    """More cases with fewer wrong voxels than with more."""
+    return sum(r[c][0] < r["unet"][0] for r in rows) > sum(r[c][0] > r["unet"][0] for r in rows)
+
+
+def _every_group_better(rows: list[dict], c: str, groups) -> bool:
+    """Every group of cases (a fold) that has wrong voxels gets fewer, not only none more."""
+    groups = groups if groups is not None else [0] * len(rows)
+    for g in set(groups):
+        base = sum(r["unet"][0] for r, h in zip(rows, groups) if h == g)
+        if base and sum(r[c][0] for r, h in zip(rows, groups) if h == g) >= base:
+            return False
+    return True
+
+
+# What a candidate must also do on the selection cases (one region's effect rows, the candidate's name, the
+# cases' groups) beyond nnU-Net's rule. Each was replayed alone on the stored effects of both benchmarks.
+SELECTIONS: dict[str, Selection] = {
+    "summed": lambda rows, c, groups: True,
+    "margin_1pct": _margin(0.01),
+    "margin_2pct": _margin(0.02),
+    "margin_5pct": _margin(0.05),
+    "every_fold_better": _every_group_better,
+    "most_cases": _most_cases,
+    "no_case_worse": _case_slack(0.0),
+    "case_5pct": _case_slack(0.05),
+    "case_10pct": _case_slack(0.10),
+}
+
+
+def hd95_needed(
+    effects: list[dict], rules: dict = RULES, groups: list | None = None, selection: str = "summed"
+) -> dict[str, list[str]]:
     """Per region, the candidates whose HD95 :func:`choose` reads on these cases (besides U(I)'s and every
-    flip's): those that lower the summed wrong voxels and add none in any group taken alone."""
-    return {region: _eligible(effects, region, rules, groups) for region in REGIONS}
+    flip's): those that lower the summed wrong voxels, add none in any group taken alone and pass
+    ``selection`` (a key of :data:`SELECTIONS`)."""
+    return {region: _eligible(effects, region, rules, groups, selection) for region in REGIONS}
 
 
-def _eligible(effects: list[dict], region: str, rules: dict, groups: list | None) -> list[str]:
-    base = sum(e[region]["unet"][0] for e in effects)
+def _eligible(effects: list[dict], region: str, rules: dict, groups: list | None, selection: str) -> list[str]:
+    rows = [e[region] for e in effects]
+    base = sum(r["unet"][0] for r in rows)
     names = [name(c) for c in candidates(rules)]
     steady = _no_group_worse(effects, region, names, groups)
-    return [c for c in names if sum(e[region][c][0] for e in effects) < base and c in steady]
+    lower = [c for c in names if sum(r[c][0] for r in rows) < base and c in steady]
+    return [c for c in lower if SELECTIONS[selection](rows, c, groups)]
 
 
-def choose(effects: list[dict], rules: dict = RULES, groups: list | None = None) -> dict:
+def choose(effects: list[dict], rules: dict = RULES, groups: list | None = None, selection: str = "summed") -> dict:
     """The gate from the :func:`case_effects` of the selection cases: per region ``{"gate": candidate name or
     "off", "wrong_change", "hd95_change"}`` (summed voxels, mean mm, of the gate chosen; 0 for off) and
     ``"paper"``: the same for every flip, so a reader sees what was turned off. No case: every region off.
     ``groups`` (one label per case, e.g. its fold): a candidate must also not add wrong voxels in any group
-    taken alone, so that a gain of some folds does not pay for a loss in another. The HD95 of every
-    candidate that :func:`hd95_needed` names must be measured (ValueError otherwise)."""
+    taken alone, so that a gain of some folds does not pay for a loss in another. ``selection``: a stricter
+    rule of :data:`SELECTIONS` on top. The HD95 of every candidate that :func:`hd95_needed` names must be
+    measured (ValueError otherwise)."""
     n = len(effects)
     off = {"gate": "off", "wrong_change": 0, "hd95_change": 0.0, "paper": None, "n_cases": 0}
-    return {region: _choose_region(effects, region, rules, groups) if n else dict(off) for region in REGIONS}
+    return {region: _choose_region(effects, region, rules, groups, selection) if n else dict(off) for region in REGIONS}
 
 
-def _choose_region(effects: list[dict], region: str, rules: dict, groups: list | None) -> dict:
+def _choose_region(effects: list[dict], region: str, rules: dict, groups: list | None, selection: str) -> dict:
     n, every_flip = len(effects), name(every(rules))
     base = np.sum([e[region]["unet"] for e in effects], 0)
 
@@ -258,7 +309,7 @@ def _choose_region(effects: list[dict], region: str, rules: dict, groups: list |
             raise ValueError(f"{region} {c}: an HD95 the choice reads was not measured (gate.hd95_needed)")
         return int(sum(w for w, _ in rows) - base[0]), float((sum(h for _, h in rows) - base[1]) / n)
 
-    ok = {c: change(c) for c in _eligible(effects, region, rules, groups)}
+    ok = {c: change(c) for c in _eligible(effects, region, rules, groups, selection)}
     ok = {c: v for c, v in ok.items() if v[1] <= 0}
     best = min(ok, key=lambda c: ok[c], default="off")
     dw, dh = ok.get(best, (0, 0.0))

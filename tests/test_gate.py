@@ -5,6 +5,7 @@ The cases: U(I) = a 10³ cube at [10, 20)³ of a 40³ volume, the truth = that c
 of U(I)'s surface (faces at 1, edges √2, corners √3).
 """
 
+import json
 import math
 
 import numpy as np
@@ -118,6 +119,53 @@ def test_a_fold_made_worse_is_not_paid_for_by_the_others():
     assert pooled["WT"]["gate"] == "tau=0.5,band=3" and pooled["WT"]["wrong_change"] == -2 * 728 + 728
     assert gate.choose(effects)["WT"]["gate"] == "tau=0.5,band=3"
     assert gate.choose(effects, groups=[0, 0, 1])["WT"]["gate"] == "off"
+
+
+def _hand_effects(every_flip: list[int], unet: int = 100) -> list[dict]:
+    """Effects rows by hand: per case, U(I) with ``unet`` wrong WT voxels, every flip with the given count,
+    every other candidate no change; HD95 10 mm for all (never raised); TC and ET unchanged."""
+    names = [gate.name(c) for c in gate.candidates()]
+    flat = {n: [unet, 10.0] for n in ["unet", *names]}
+    return [{"WT": flat | {names[0]: [w, 10.0]}, "TC": dict(flat), "ET": dict(flat)} for w in every_flip]
+
+
+@pytest.mark.parametrize(
+    "selection, groups, kept",
+    [
+        ("summed", None, True),  # 255 < 300
+        ("margin_5pct", None, True),  # 255 ≤ 0.95 × 300 = 285
+        ("margin_1pct", [0, 0, 1], True),  # fold 1 (case 3): 100, not more
+        ("every_fold_better", None, True),  # one group: 255 < 300
+        ("every_fold_better", [0, 0, 1], False),  # fold 1: 100, not fewer
+        ("most_cases", None, False),  # one case better (50), one worse (105)
+        ("no_case_worse", None, False),  # 105 > 100
+        ("case_5pct", None, True),  # +5 ≤ 5 % of 100
+    ],
+)
+def test_stricter_selections_by_hand(selection, groups, kept):
+    """Three selection cases of 100 wrong WT voxels each; every flip gives 50, 105 and 100 (summed 255)."""
+    effects = _hand_effects([50, 105, 100])
+    every_flip = gate.name(gate.candidates()[0])
+    choice = gate.choose(effects, groups=groups, selection=selection)
+    assert choice["WT"]["gate"] == (every_flip if kept else "off")
+    assert choice["WT"]["wrong_change"] == (-45 if kept else 0)
+    assert gate.hd95_needed(effects, groups=groups, selection=selection)["WT"] == ([every_flip] if kept else [])
+
+
+def test_stricter_selections_replayed_on_stored_effects(tmp_path):
+    """benchmarks/gate_rules.py: fold k chosen on the other folds alone. Two folds, one case each: fold 0's
+    every flip 50 (of 100), fold 1's 105. Summed: fold 0 chosen on fold 1 (105: off), fold 1 on fold 0 (50:
+    kept, +5). No case worse: fold 1 kept too (50 ≤ 100), fold 0 off: +5. Margin 5 %: the same."""
+    from benchmarks import gate_rules
+
+    for k, w in enumerate([50, 105]):
+        fold = tmp_path / "seed_0" / "eval" / "refiner" / f"fold_{k}"
+        fold.mkdir(parents=True)
+        (fold / "gate_effects.json").write_text(json.dumps({f"case{k}": _hand_effects([w])[0]}))
+    rows = {r["selection"]: r for r in gate_rules.replay(tmp_path, [0])}
+    assert {r["model"] for r in rows.values()} == {"refiner+gate"} and set(rows) == set(gate.SELECTIONS)
+    assert rows["summed"]["WT"] == rows["no_case_worse"]["WT"] == 5 and rows["summed"]["TC"] == 0
+    assert "| refiner+gate | summed | +5 / +0 / +0 | +5 / +0 / +0 | NO |" in gate_rules.table(list(rows.values()))
 
 
 def test_hd95_measured_only_where_the_choice_reads_it():
