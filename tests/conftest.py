@@ -1,5 +1,6 @@
-"""Test set-up: two fake CPU devices, absl flags parsed (grain workers need it), shared tiny data, and one
-JAX compilation cache for every test process and the commands they start.
+"""Test set-up: two fake CPU devices, absl flags parsed (grain workers need it), shared tiny data, one smoke
+run trained per test run and copied where a test changes it, the longest files first, and one JAX
+compilation cache for every test process and the commands they start.
 
 The cache: the end-to-end tests start train.py, evaluate.py and predict.py dozens of times on the same tiny
 config, and compiling is most of each run (a smoke run took 158 s with an empty cache, 67 s with a warm
@@ -7,7 +8,10 @@ one, with the same summary.json to the byte). A compiled program is the same bin
 the compiler, so no result changes; the key covers the program, the JAX version and the flags.
 """
 
+import fcntl
+import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -35,16 +39,54 @@ def phantom_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """The smoke config trained end to end (train.py, both stages, the evaluation): (work directory, seconds,
-    output, summary.json as the run left it). Module-scoped: each end-to-end file trains its own once."""
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, worker_id):
+    """The smoke config trained end to end once per test run (train.py, both stages, the evaluation), shared
+    by the xdist workers of the run: (work directory, seconds, output). The first worker to ask trains it
+    while the other waits on the lock; tests use copies (:func:`finished`), never this one."""
     from e2e import _train
 
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if worker_id != "master" else base) / "smoke"  # the run's folder, not a worker's
+    shared.mkdir(exist_ok=True)
+    record = shared / "record.json"
+    with open(shared / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            t0 = time.time()
+            proc = _train(shared / "run")
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            record.write_text(json.dumps({"seconds": time.time() - t0, "output": proc.stdout + proc.stderr}))
+    r = json.loads(record.read_text())
+    return shared / "run", r["seconds"], r["output"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, smoke_run):
+    """A copy of the smoke run for this test file, as if trained there: (work directory, seconds, output,
+    summary.json as the run left it). Later tests of the file evaluate it again in other ways."""
+    src, seconds, output = smoke_run
     workdir = tmp_path_factory.mktemp("e2e") / "run"
-    t0 = time.time()
-    proc = _train(workdir)
-    elapsed = time.time() - t0
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # the scores as the run left them (later tests evaluate this work directory again in other ways)
-    return workdir, elapsed, proc.stdout + proc.stderr, (workdir / "eval" / "summary.json").read_text()
+    shutil.copytree(src, workdir)
+    for meta in workdir.glob("cache/*/meta.json"):  # the only record naming a path: the case's source files
+        meta.write_text(meta.read_text().replace(str(src), str(workdir)))
+    return workdir, seconds, output, (workdir / "eval" / "summary.json").read_text()
+
+
+# --dist loadfile hands whole files to the two workers in collection order (pyproject.toml: no reordering by
+# test count, which queued the long end-to-end files last), so the longest go first; test_benchmarks.py
+# second: it needs no smoke run, so one worker works while the other trains it.
+LONGEST_FIRST = (
+    "test_train_e2e.py",
+    "test_benchmarks.py",
+    "test_scoring_e2e.py",
+    "test_resume_e2e.py",
+    "test_cli_e2e.py",
+    "test_multihost.py",
+    "test_models.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order kept
