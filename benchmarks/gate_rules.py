@@ -43,13 +43,12 @@ def stored_effects(seed_dir: Path) -> list:
     return out
 
 
-def held_out_change(effects: dict, rules: dict, selection: str) -> dict[str, int]:
+def held_out_change(effects: dict, kind: gate_eval.Kind, selection: str) -> dict[str, int]:
     """Per region, the wrong voxels added (negative: removed) on every fold's own cases by the gate chosen on
     the other folds (``effects``: ``{fold: {case: effects}}``)."""
     out = dict.fromkeys(REGIONS, 0)
     for k, own in effects.items():
-        cases = [(j, e) for j, fx in effects.items() if j != k for e in fx.values()]
-        choice = gate.choose([e for _, e in cases], rules, groups=[j for j, _ in cases], selection=selection)
+        choice = gate_eval.choose_on_folds({j: fx for j, fx in effects.items() if j != k}, kind, selection)
         for region in REGIONS:
             if choice[region]["gate"] != "off":
                 out[region] += sum(e[region][choice[region]["gate"]][0] - e[region]["unet"][0] for e in own.values())
@@ -63,8 +62,7 @@ def replay(root: Path, seeds: list[int]) -> list[dict]:
             model = gate_eval.gated_label(label, kind)
             for selection in gate.SELECTIONS:
                 rows.append(
-                    {"seed": s, "model": model, "selection": selection}
-                    | held_out_change(effects, kind.rules, selection)
+                    {"seed": s, "model": model, "selection": selection} | held_out_change(effects, kind, selection)
                 )
     return rows
 

@@ -243,14 +243,17 @@ def _most_cases(rows: list[dict], c: str, groups) -> bool:
     return sum(r[c][0] < r["unet"][0] for r in rows) > sum(r[c][0] > r["unet"][0] for r in rows)
 
 
+def _group_sums(rows: list[dict], c: str, groups: list | None) -> list[tuple[int, int]]:
+    """Per group of cases (all cases one group when ``groups`` is None): (U(I)'s summed wrong voxels, the
+    candidate's)."""
+    groups = groups if groups is not None else [0] * len(rows)
+    members = [[r for r, h in zip(rows, groups) if h == g] for g in set(groups)]
+    return [(sum(r["unet"][0] for r in m), sum(r[c][0] for r in m)) for m in members]
+
+
 def _every_group_better(rows: list[dict], c: str, groups) -> bool:
     """Every group of cases (a fold) that has wrong voxels gets fewer, not only none more."""
-    groups = groups if groups is not None else [0] * len(rows)
-    for g in set(groups):
-        base = sum(r["unet"][0] for r, h in zip(rows, groups) if h == g)
-        if base and sum(r[c][0] for r, h in zip(rows, groups) if h == g) >= base:
-            return False
-    return True
+    return all(mine < base for base, mine in _group_sums(rows, c, groups) if base)
 
 
 # What a candidate must also do on the selection cases (one region's effect rows, the candidate's name, the
@@ -281,8 +284,7 @@ def _eligible(effects: list[dict], region: str, rules: dict, groups: list | None
     rows = [e[region] for e in effects]
     base = sum(r["unet"][0] for r in rows)
     names = [name(c) for c in candidates(rules)]
-    steady = _no_group_worse(effects, region, names, groups)
-    lower = [c for c in names if sum(r[c][0] for r in rows) < base and c in steady]
+    lower = [c for c in names if sum(r[c][0] for r in rows) < base and _no_group_worse(rows, c, groups)]
     return [c for c in lower if SELECTIONS[selection](rows, c, groups)]
 
 
@@ -323,16 +325,9 @@ def _choose_region(effects: list[dict], region: str, rules: dict, groups: list |
     }
 
 
-def _no_group_worse(effects: list[dict], region: str, names: list[str], groups: list | None) -> set[str]:
-    """The candidates that add no wrong voxels of ``region`` in any group of cases taken alone."""
-    if groups is None:
-        return set(names)
-    out = set(names)
-    for g in set(groups):
-        cases = [e[region] for e, h in zip(effects, groups) if h == g]
-        base = sum(c["unet"][0] for c in cases)
-        out -= {c for c in names if sum(x[c][0] for x in cases) > base}
-    return out
+def _no_group_worse(rows: list[dict], c: str, groups: list | None) -> bool:
+    """The candidate adds no wrong voxels in any group of cases taken alone."""
+    return all(mine <= base for base, mine in _group_sums(rows, c, groups))
 
 
 def describe(choice: dict, where: str = "cases of the other folds", every_flip: str = "every flip") -> list[str]:

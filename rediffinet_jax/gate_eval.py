@@ -120,7 +120,7 @@ def choose_gates(run, label: str, progress_bar: bool, log, kind: Kind = GATE) ->
         log(f"{label}{kind.suffix}: chosen without the unscored or unkept cases of fold(s) {sorted(missing)}")
     selections = {str(k): [j for j in effects if j != k] for k in run.fold_ids} | {"all": list(effects)}
     measure_needed(run, label, effects, selections.values(), progress_bar, kind)
-    record = {key: _choose({j: effects[j] for j in folds}, kind) for key, folds in selections.items()}
+    record = {key: choose_on_folds({j: effects[j] for j in folds}, kind) for key, folds in selections.items()}
     if parallel.is_main():
         wd.write_atomic(run.layout.eval_model(label) / kind.record, json.dumps(record, indent=1))
     return record
@@ -151,10 +151,11 @@ def measure_needed(run, label: str, effects: dict, selections, progress_bar: boo
             wd.write_atomic(fold_dir / kind.effects, json.dumps(effects[j]))
 
 
-def _choose(effects: dict, kind: Kind) -> dict:
-    """:func:`gate.choose` on ``{fold: {case: effects}}``, each fold a group that must not be made worse."""
+def choose_on_folds(effects: dict, kind: Kind, selection: str = "summed") -> dict:
+    """:func:`gate.choose` on ``{fold: {case: effects}}``, each fold a group that must not be made worse
+    (``selection``: a stricter rule of ``gate.SELECTIONS``, for benchmarks/gate_rules.py)."""
     cases = [(k, e) for k, fx in effects.items() for e in fx.values()]
-    return gate.choose([e for _, e in cases], kind.rules, groups=[k for k, _ in cases])
+    return gate.choose([e for _, e in cases], kind.rules, groups=[k for k, _ in cases], selection=selection)
 
 
 def score_gated(

@@ -164,7 +164,8 @@ def test_stricter_selections_replayed_on_stored_effects(tmp_path):
         (fold / "gate_effects.json").write_text(json.dumps({f"case{k}": _hand_effects([w])[0]}))
     rows = {r["selection"]: r for r in gate_rules.replay(tmp_path, [0])}
     assert {r["model"] for r in rows.values()} == {"refiner+gate"} and set(rows) == set(gate.SELECTIONS)
-    assert rows["summed"]["WT"] == rows["no_case_worse"]["WT"] == 5 and rows["summed"]["TC"] == 0
+    assert rows["summed"]["WT"] == rows["no_case_worse"]["WT"] == rows["margin_5pct"]["WT"] == 5
+    assert rows["summed"]["TC"] == rows["summed"]["ET"] == 0
     assert "| refiner+gate | summed | +5 / +0 / +0 | +5 / +0 / +0 | NO |" in gate_rules.table(list(rows.values()))
 
 
