@@ -5,8 +5,8 @@ would it help?
     python benchmarks/learning_curve.py --data real --cases /path/to/brats --steps 1000,3000,10000
 
 For each model (the paper's refiner, ``rediffinet_plus``, the control) and each budget, the refiner of
-``--fold`` is trained with that many steps (its own cosine schedule) in
-``<root>/curve/seed_<s>/<model>-<steps>/``, a copy of the seed's finished U-Net work directory
+``--fold`` is trained with that many steps (its own cosine schedule; every model's smaller budgets
+first) in ``<root>/curve/seed_<s>/<model>-<steps>/``, a copy of the seed's finished U-Net work directory
 (``benchmarks/levers.py``'s), and scored ungated on the fold's held-out cases. A budget interrupted resumes;
 a finished one is only re-read. Out: ``<root>/curve/seed_<s>/curve.{json,md,png}``: flip precision and
 recall pooled over the regions, Dice avg and HD95 avg against steps, the U-Net's as a line.
@@ -35,8 +35,10 @@ VARIANT = {"phantoms": "bench", "real": "real"}  # which benchmark's configs
 
 
 def run_point(workdir: Path, config: str, steps: int, seed: int, fold: int, cases: Path | None = None) -> None:
-    """Trains (or resumes) one refiner of ``fold`` for ``steps`` steps and scores it ungated."""
-    over = [f"--config.diffusion.steps={steps}", f"--config.diffusion.val_every={steps}"]
+    """Trains (or resumes) one refiner of ``fold`` for ``steps`` steps and scores it ungated. A checkpoint
+    every 2000 steps at most, so that a long budget killed resumes near where it was (the evaluation takes
+    the last checkpoint, so this changes no score)."""
+    over = [f"--config.diffusion.steps={steps}", f"--config.diffusion.val_every={min(steps, 2000)}"]
     levers.train_and_score(workdir, config, over, seed, fold, workdir.name, cases)
 
 
@@ -109,8 +111,9 @@ def main(argv=None) -> None:
         raise SystemExit("error: --data real needs --cases (see benchmarks/real_data.py)")
     cases = Path(a.cases) if a.data == "real" else None
     curve: dict = {}
-    for name in a.models.split(","):
-        for steps in (int(s) for s in a.steps.split(",")):
+    # budgets in the outer loop: a run cut short has every model at its smaller budgets
+    for steps in (int(s) for s in a.steps.split(",")):
+        for name in a.models.split(","):
             workdir = out / f"{name}-{steps}"
             if not a.table_only:
                 levers.prepare(base, workdir)
