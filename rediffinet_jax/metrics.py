@@ -32,11 +32,22 @@ _DILATION = ndimage.generate_binary_structure(3, 2)  # the challenge script's di
 def _brats_hd95(pred: np.ndarray, gt: np.ndarray, spacing) -> float:
     """DeepMind's surface-distance HD95 (the BraTS 2023 script's), both masks non-empty. Imported here:
     the training step (and so benchmarks/train_step.py) imports this module, and the GPU machines lack
-    the package."""
+    the package. The package orders its (distance, area) pairs with Python's ``sorted``, most of its time
+    on small masks; for this call that step is :func:`_sort_surfels`, the same arrays by numpy."""
+    from unittest import mock
+
     import surface_distance
 
-    sd = surface_distance.compute_surface_distances(gt, pred, tuple(float(s) for s in spacing))
+    with mock.patch.object(surface_distance.metrics, "_sort_distances_surfels", _sort_surfels):
+        sd = surface_distance.compute_surface_distances(gt, pred, tuple(float(s) for s in spacing))
     return float(surface_distance.compute_robust_hausdorff(sd, 95))
+
+
+def _sort_surfels(distances: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """surface-distance 0.1's ``_sort_distances_surfels``: the pairs by distance, then area (``sorted`` on
+    tuples), as float64 columns. Pairs that tie on both are equal, so their order changes nothing."""
+    order = np.lexsort((areas, distances))
+    return distances[order].astype(np.float64), areas[order].astype(np.float64)
 
 
 def _check_pair(pred, gt, spacing=None):
