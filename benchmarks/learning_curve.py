@@ -69,15 +69,16 @@ def figure(curve: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     keys = (
-        ("precision", "flip precision"),
-        ("recall", "flip recall"),
+        ("precision", "flip precision (%)"),
+        ("recall", "flip recall (%)"),
         ("dice_avg", "Dice avg (%)"),
         ("hd95_avg", "HD95 avg (mm)"),
     )
     for ax, (key, title) in zip(axes, keys):
         for name, pts in curve.items():
             steps = sorted(pts, key=int)
-            ax.plot([int(s) for s in steps], [pts[s][key] for s in steps], "o-", label=name)
+            scale = 100 if key in ("precision", "recall") else 1  # percent, as the table gives them
+            ax.plot([int(s) for s in steps], [scale * pts[s][key] for s in steps], "o-", label=name)
         if key in ("dice_avg", "hd95_avg"):
             first = next(iter(next(iter(curve.values())).values()))
             ax.axhline(first[f"unet_{key}"], color="k", ls="--", lw=1, label="U-Net")
