@@ -79,6 +79,8 @@ def figure(curve: dict, path: Path) -> None:
             steps = sorted(pts, key=int)
             scale = 100 if key in ("precision", "recall") else 1  # percent, as the table gives them
             ax.plot([int(s) for s in steps], [scale * pts[s][key] for s in steps], "o-", label=name)
+        if key == "precision":  # below it a flip adds more wrong voxels than it removes
+            ax.axhline(50, color="gray", ls=":", lw=1)
         if key in ("dice_avg", "hd95_avg"):
             first = next(iter(next(iter(curve.values())).values()))
             ax.axhline(first[f"unet_{key}"], color="k", ls="--", lw=1, label="U-Net")
