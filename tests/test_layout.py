@@ -70,3 +70,17 @@ def test_tree_is_clean_under_ruff():
     for args in (["check", "."], ["format", "--check", "."]):
         proc = subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_the_commands_forked_for_tests_start_from_a_fork_safe_server():
+    """tests/e2e.py forks the end-to-end tests' commands from a server that imported ``e2e.PRELOAD``: a fork
+    is only as fresh as a new interpreter while those imports start neither JAX's backend nor a thread (a
+    module-level jnp array would do both, and every forked command would inherit a half-copied runtime)."""
+    from e2e import PRELOAD
+
+    code = (
+        f"import importlib, threading\nfor m in {PRELOAD!r}: importlib.import_module(m)\n"
+        "from jax._src import xla_bridge\nprint(len(xla_bridge._backends), threading.active_count())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["0", "1"], out.stdout + out.stderr[-2000:]
