@@ -75,9 +75,9 @@ def figure(curve: dict, path: Path) -> None:
         ("hd95_avg", "HD95 avg (mm)"),
     )
     for ax, (key, title) in zip(axes, keys):
+        scale = 100 if key in ("precision", "recall") else 1  # percent, as the table gives them
         for name, pts in curve.items():
             steps = sorted(pts, key=int)
-            scale = 100 if key in ("precision", "recall") else 1  # percent, as the table gives them
             ax.plot([int(s) for s in steps], [scale * pts[s][key] for s in steps], "o-", label=name)
         if key == "precision":  # below it a flip adds more wrong voxels than it removes
             ax.axhline(50, color="gray", ls=":", lw=1)

@@ -1,16 +1,19 @@
 """What the end-to-end test files share: the smoke config, how they start train.py and the other commands,
 and small readers (the smoke run they read is conftest.py's ``finished`` fixture)."""
 
+import functools
 import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from processes import env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "configs/rediffinet.py:smoke"
@@ -37,18 +40,21 @@ PRELOAD = [
     "rediffinet_jax.driver",
     "rediffinet_jax.evaluation",
 ]
-_FORKS = []
 
 
-def _env():
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+@functools.cache
+def _forkserver():
+    """The forkserver context, its server started with PRELOAD imported at the first command."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def _train(workdir, *args, wait=True, timeout=300):
     cmd = ["train.py", f"--config={SMOKE}", f"--workdir={workdir}", *args]
     if not wait:
         return subprocess.Popen(
-            [sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [sys.executable, *cmd], cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
     return _command(cmd, timeout)
 
@@ -60,15 +66,9 @@ def _run(script, *args):
 def _command(cmd, timeout) -> subprocess.CompletedProcess:
     """``python *cmd`` in ROOT, as a fork of the preloaded server: its exit status and its whole stdout and
     stderr (fds 1 and 2, so native output too), as subprocess.run(capture_output=True, text=True) gives."""
-    import tempfile
-
-    if not _FORKS:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        _FORKS.append(ctx)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "out", Path(tmp) / "err"
-        proc = _FORKS[0].Process(target=_script, args=([str(c) for c in cmd], _env(), str(out), str(err)))
+        proc = _forkserver().Process(target=_script, args=([str(c) for c in cmd], env(2), str(out), str(err)))
         proc.start()
         proc.join(timeout)
         if proc.is_alive():
@@ -99,8 +99,8 @@ def _script(cmd, env, out, err):
     try:
         runpy.run_path(cmd[0], run_name="__main__")
     except SystemExit as e:  # as the interpreter treats it: None is 0, a message is printed and is 1
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, int) and e.code is not None:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if code == 1 and not isinstance(e.code, int):
             print(e.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
