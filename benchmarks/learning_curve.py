@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import common, levers  # noqa: E402
+from benchmarks import common, levers, refinement  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
 
 MODELS = {
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
         for name in a.models.split(","):
             workdir = out / f"{name}-{steps}"
             if not a.table_only:
-                levers.prepare(base, workdir)
+                refinement.copy_unet(base, workdir)
                 if not (workdir / name / f"fold_{a.fold}" / "done.json").is_file() or not (workdir / "eval").is_dir():
                     run_point(workdir, MODELS[name].format(v=VARIANT[a.data]), steps, a.seed, a.fold, cases)
             if (workdir / "eval" / name).is_dir():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.refinement import COLS, seed_overrides  # noqa: E402
+from benchmarks.refinement import COLS, copy_unet, seed_overrides  # noqa: E402
 from rediffinet_jax import reports  # noqa: E402
 from rediffinet_jax.case_rows import read_rows  # noqa: E402
 from rediffinet_jax.labels import REGIONS  # noqa: E402
@@ -48,20 +47,6 @@ LEVERS = {
     "control": ("configs/control.py:bench", []),
 }
 STARTS = (500, 250)  # sampler_start_<t>: the paper's refiner, sampled from t
-
-
-def prepare(source: Path, dest: Path) -> None:
-    """Copies what the refiner needs of a finished U-Net work directory (not its refiners or scores)."""
-    if (dest / "unet").is_dir():
-        return
-    if not (source / "unet" / "oof" / "runs.json").is_file():
-        raise SystemExit(f"error: {source} has no finished U-Net out-of-fold maps: run refinement.py first")
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "splits.json"):
-        shutil.copy2(source / name, dest / name)
-    for name in ("data", "cache", "unet"):  # (no data/ for real cases: they stay where data.root says)
-        if (source / name).is_dir():
-            shutil.copytree(source / name, dest / name, symlinks=True)
 
 
 def train_and_score(
@@ -171,7 +156,7 @@ def main(argv=None) -> None:
         start = int(lever.rpartition("_")[2]) if lever.startswith("sampler_start_") else None
         workdir = out / ("paper" if start is not None else lever)
         if not a.table_only:
-            prepare(base, workdir)
+            copy_unet(base, workdir)
             done = workdir / "eval" / (f"rediffinet-mean-k3-s4-t{start}" if start is not None else "x")
             if lever not in seconds or (start is not None and not done.is_dir()):
                 seconds[lever] = (

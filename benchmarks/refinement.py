@@ -6,11 +6,14 @@
     python benchmarks/refinement.py --variants            # + Diff-U-Net and UA-Diffusion concat
     python benchmarks/refinement.py --seeds 5 --root runs/bench --set diffusion.steps=3000
     python benchmarks/refinement.py --baseline grown_edema --seeds 1   # the refiner on another model's maps
+    python benchmarks/refinement.py --root runs/bench3000 --unet_from runs/bench --set diffusion.steps=3000
 
 Seed ``s`` changes ``seed``, ``data.phantoms.seed`` and ``data.split_seed`` (new phantoms, new folds, new
 initialisation) and runs ``train.py`` (both stages on every fold, then the evaluation) in
 ``<root>/seed_<s>``; a seed interrupted at any moment continues where it was when the command is run
-again (train.py resumes), a finished one is only re-read. The table is recomputed from the per-case rows
+again (train.py resumes), a finished one is only re-read. ``--unet_from ROOT`` starts each seed from a copy
+of ``ROOT/seed_<s>``'s finished U-Net (the same phantoms, folds and U(I)), so that refiners trained another
+way are compared on the same U-Net without training it again. The table is recomputed from the per-case rows
 (``eval/<model>/fold_k/cases.csv``) of every seed and written to ``<root>/refinement.{md,csv,json}``:
 per seed and mean ± sample std (n − 1) over seeds, each model's Dice and HD95 per region and averaged (every
 discrepancy refiner twice: as the paper does it and ``+gate``, gated per fold on the other folds), the HD95
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -68,9 +72,11 @@ def seed_overrides(seed: int, cases: Path | None = None) -> list[str]:
     return [f"--config.seed={seed}", *data, f"--config.data.split_seed={seed}"]
 
 
-def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log=print, cases=None) -> float:
+def run_seed(
+    workdir: Path, configs: list[str], seed: int, extra: list[str], log=print, cases=None, note: str = ""
+) -> float:
     """Runs (or resumes) train.py for each config in ``workdir``; returns the seconds spent on the seed over
-    all calls. Each call is recorded in ``workdir/bench_time.json`` (commit, machine, seconds)."""
+    all calls. Each call is recorded in ``workdir/bench_time.json`` (commit, machine, seconds, ``note``)."""
     t0 = time.time()
     for spec in configs:
         cmd = [
@@ -92,10 +98,26 @@ def run_seed(workdir: Path, configs: list[str], seed: int, extra: list[str], log
             "machine": common.machine(),
             "seconds": time.time() - t0,
             "date": time.strftime("%Y-%m-%d"),
+            **({"note": note} if note else {}),
         }
     )
     (workdir / "bench_time.json").write_text(json.dumps({"calls": calls}, indent=1))
     return sum(c["seconds"] for c in calls)
+
+
+def copy_unet(source: Path, dest: Path) -> None:
+    """Copies what a refiner needs of a finished U-Net work directory (its config, splits, phantoms, cache and
+    U-Net with its out-of-fold maps; not its refiners or scores) unless ``dest`` already has a U-Net."""
+    if (dest / "unet").is_dir():
+        return
+    if not (source / "unet" / "oof" / "runs.json").is_file():
+        raise SystemExit(f"error: {source} has no finished U-Net out-of-fold maps: run refinement.py first")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "splits.json"):
+        shutil.copy2(source / name, dest / name)
+    for name in ("data", "cache", "unet"):  # (no data/ for real cases: they stay where data.root says)
+        if (source / name).is_dir():
+            shutil.copytree(source / name, dest / name, symlinks=True)
 
 
 def seed_calls(workdir: Path) -> list[dict]:
@@ -307,7 +329,8 @@ def main(argv=None) -> None:
     for seed in range(a.seeds):
         workdir, given = baseline_args(root, seed, a.baseline)
         if not a.table_only:
-            run_seed(workdir, configs, seed, extra + given, cases=cases)
+            note = _reuse_unet(a, seed, workdir)
+            run_seed(workdir, configs, seed, extra + given, cases=cases, note=note)
         if (workdir / "eval").is_dir():
             tables[str(seed)] = seed_table(seed_rows(workdir))
             calls[str(seed)] = seed_calls(workdir)
@@ -328,6 +351,18 @@ def main(argv=None) -> None:
     )
     write_outputs(root if a.baseline == "unet" else root / a.baseline, result, header)
     print(markdown(result, header))
+
+
+def _reuse_unet(a, seed: int, workdir: Path) -> str:
+    """``--unet_from``: the seed's finished U-Net copied in (once), so that only the refiners train; the note
+    for its time record."""
+    if not a.unet_from:
+        return ""
+    if a.baseline != "unet":
+        raise SystemExit("error: --unet_from takes the U-Net's maps as the baseline (leave --baseline out)")
+    source = Path(a.unet_from) / f"seed_{seed}"
+    copy_unet(source, workdir)
+    return f"U-Net folds copied from {source}, not timed here"
 
 
 def _real_cases(a) -> Path:
@@ -357,6 +392,11 @@ def _parse(argv):
         default=[],
         metavar="KEY=VALUE",
         help="a config value for every model of every seed (repeatable)",
+    )
+    p.add_argument(
+        "--unet_from",
+        metavar="ROOT",
+        help="copy each seed's finished U-Net (folds, out-of-fold maps, phantoms, splits) from ROOT/seed_<s>",
     )
     p.add_argument("--table_only", action="store_true", help="only rewrite the table from finished seeds")
     p.add_argument("--baseline", choices=("unet", "grown_edema"), default="unet", help="U(I): see the docstring")
