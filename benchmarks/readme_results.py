@@ -226,6 +226,21 @@ SEED_KEYS = {"phantoms": "`seed`, `data.phantoms.seed` and `data.split_seed`", "
 DOCS_ANCHOR = {"phantoms": "the-phantom-benchmark-generated", "real": "real-brats-cases-the-u-net-at-2-mm"}
 
 
+def _notes(result: dict) -> str:
+    """The notes of a benchmark's timed calls (what else ran, what was not timed), one sentence."""
+    notes = sorted({c["note"] for cs in result.get("calls", {}).values() for c in cs if c.get("note")})
+    return "; ".join(notes)
+
+
+def _full(record: dict) -> str:
+    """A benchmark's every-seed rows for docs/benchmarks.md, headed by its command and the calls' notes."""
+    from benchmarks import refinement
+
+    notes = _notes(record["result"])
+    head = f"`{record['command']}`" + (f". Times per seed: {notes}" if notes else "")
+    return refinement.markdown(record["result"], head).strip()
+
+
 def render_bench(b: dict, explained: bool = True) -> str:
     """A benchmark's README block; ``explained=False``: its notes and targets only named (a block above
     explains them)."""
@@ -233,13 +248,13 @@ def render_bench(b: dict, explained: bool = True) -> str:
     data = r.get("data", "phantoms")
     seeds, asked = sorted(r["seeds"]), r.get("seeds_asked", len(r["seeds"]))
     mins = [s / 60 for s in b["seconds"].values()]
-    notes = sorted({c["note"] for cs in r.get("calls", {}).values() for c in cs if c.get("note")})
+    docs = f"[docs/benchmarks.md](docs/benchmarks.md#{DOCS_ANCHOR[data]})"
     one = len(seeds) == 1
     lines = [
         f"`{b['command']}`: {len(seeds)} of its {asked} seeds finished so far (a seed changes "
         f"{SEED_KEYS[data]}), on {'; '.join(b['machines'])}, commit "
         f"{', '.join(b['commits'])}: {_span(mins, '{:.0f}') if mins else '?'} min per seed"
-        + (f" ({'; '.join(notes)})" if notes else "")
+        + (f" (how each was timed: {docs})" if _notes(r) else "")
         + ". "
         + (
             "One seed's mean over 5 folds: not yet a mean over seeds"
@@ -261,7 +276,6 @@ def render_bench(b: dict, explained: bool = True) -> str:
         flips = m.get("flips", {})
         net = " / ".join(f"{flips[reg]['net_error_change']:+d}" for reg in flips) if flips else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} | {net} |")
-    docs = f"[docs/benchmarks.md](docs/benchmarks.md#{DOCS_ANCHOR[data]})"
     if not explained:
         lines += ["", f"Net wrong voxels and targets as above; every seed's rows in {docs}:", ""]
     else:
@@ -309,12 +323,9 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 def render_docs(text: str) -> str:
     """docs/benchmarks.md's blocks: every seed's rows of the phantom benchmark, every demo run."""
-    from benchmarks import refinement
-
     bench = json.loads(BENCH.read_text()) if BENCH.is_file() else None
     runs = json.loads(DEMO.read_text()) if DEMO.is_file() else []
-    full = refinement.markdown(bench["result"], f"`{bench['command']}`") if bench else "Not run yet."
-    text = replace_block(text, "bench-full", full.strip())
+    text = replace_block(text, "bench-full", _full(bench) if bench else "Not run yet.")
     lines = ["| seed | commit | machine | minutes | peak GiB | target met |", "|---|---|---|---|---|---|"]
     lines += [
         f"| {r['seed']} | {r['commit']} | {r['machine']} | {r['wall_s'] / 60:.1f} | {r['peak_rss_gib']:.2f} | "
@@ -326,8 +337,7 @@ def render_docs(text: str) -> str:
     text = replace_block(text, "sampler-sweep", render_sweep(sweep) if sweep else "Not run yet.")
     for record, block in ((GROWN, "bench-grown-edema"), (REAL, "real-bench-full")):
         rec = json.loads(record.read_text()) if record.is_file() else None
-        full = refinement.markdown(rec["result"], f"`{rec['command']}`") if rec else "Not run yet."
-        text = replace_block(text, block, full.strip())
+        text = replace_block(text, block, _full(rec) if rec else "Not run yet.")
     return text
 
 
