@@ -124,13 +124,15 @@ def main(argv=None) -> None:
                     run_point(workdir, MODELS[name].format(v=VARIANT[a.data]), steps, a.seed, a.fold, cases)
             if (workdir / "eval" / name).is_dir():
                 curve.setdefault(name, {})[str(steps)] = point(workdir, a.fold)
-    result = {
-        "curve": curve,
-        "seed": a.seed,
-        "fold": a.fold,
-        "machine": common.machine(),
-        "commit": common.commit(ROOT),
-    }
+    write_outputs(
+        out,
+        {"curve": curve, "seed": a.seed, "fold": a.fold, "machine": common.machine(), "commit": common.commit(ROOT)},
+    )
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    """``curve.json``, ``curve.md`` (one row per model and budget) and, with any point, ``curve.png``."""
+    curve = result["curve"]
     (out / "curve.json").write_text(json.dumps(result, indent=1))
     lines = [
         "| model | steps | Dice avg | HD95 avg | flip precision | flip recall | net wrong voxels |",

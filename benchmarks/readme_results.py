@@ -284,12 +284,18 @@ def render_bench(b: dict, explained: bool = True) -> str:
             "Net wrong voxels: every held-out case of every seed pooled, against the U-Net's (negative = fewer); "
             f"precision, recall, per-region HD95 and what each seed missed in {docs}.",
         ]
-    new_targets = any("never_worse" in v for v in r["verdicts"].values())
-    if new_targets:
+    return "\n".join(lines + _verdict_lines(r, explained))
+
+
+def _verdict_lines(r: dict, explained: bool) -> list[str]:
+    """The targets (explained or only named) and each row's verdicts, as README lines."""
+    seeds = r["seeds"]
+    lines: list[str] = []
+    if any("never_worse" in v for v in r["verdicts"].values()):
         lines += (
             [
                 "",
-                ("" if one else f"Std: the sample standard deviation over the {len(seeds)} seeds (n − 1). ")
+                ("" if len(seeds) == 1 else f"Std: the sample standard deviation over the {len(seeds)} seeds (n − 1). ")
                 + "Targets: **never worse** (in every seed and the mean: no region with more wrong voxels, HD95 avg "
                 "not above the U-Net's) and **better** (the mean over seeds: HD95 avg ≥ 5 % below the U-Net's, Dice "
                 "avg at most 0.5 points below):",
@@ -301,7 +307,7 @@ def render_bench(b: dict, explained: bool = True) -> str:
         for name, v in r["verdicts"].items():
             verdict = f"never worse: {'met' if v['never_worse'] else '**not met**'}; better: "
             lines.append(f"* {name}: {verdict}" + ("met." if v["better"] else "**not met**."))
-        return "\n".join(lines)
+        return lines
     lines += [
         "",
         "Targets (HD95 avg ≥ 10 % below the U-Net's, Dice avg at most 0.5 points below, no region with more "
@@ -311,7 +317,7 @@ def render_bench(b: dict, explained: bool = True) -> str:
     for name, v in r["verdicts"].items():
         missed = sorted({k for x in [v["mean"], *v["per_seed"].values()] for k, ok in x.items() if not ok})
         lines.append(f"* {name}: " + ("all met." if v["all_met"] else f"**not met**: {', '.join(missed)}."))
-    return "\n".join(lines)
+    return lines
 
 
 def replace_block(text: str, name: str, body: str) -> str:

@@ -245,6 +245,34 @@ def _pooled(flips: list[dict]) -> dict:
     return reports.flip_record(*(sum(f[k] for f in flips) for k in ("unet_errors", "flipped", "fixed")))
 
 
+def _flip_lines(result: dict) -> list[str]:
+    """The markdown of the flips table (per seed and pooled over seeds) and the targets' lead-in."""
+    n = len(result["seeds"])
+    lines = [
+        "",
+        "Flips, all held-out cases of every fold pooled (net: change in wrong voxels, negative = fewer):",
+        "",
+        f"| seed | model | region | {reports.baseline_name(next(iter(result['mean'])))} errors | flipped | fixed "
+        "| precision | recall | net |",
+        "|" + "---|" * 9,
+    ]
+    flip_rows = [(s, name, r["flips"]) for s, t in result["seeds"].items() for name, r in t.items() if "flips" in r]
+    flip_rows += [(f"all {n} seeds", name, m["flips"]) for name, m in result["mean"].items() if "flips" in m]
+    for seed, name, flips in flip_rows:
+        for reg, f in flips.items():
+            lines.append(
+                f"| {seed} | {name} | {reg} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} | "
+                f"{100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |"
+            )
+    return lines + [
+        "",
+        f"Std: the sample standard deviation over the {n} seeds (n − 1). Targets: never worse (in every seed and the "
+        "mean: no region with more wrong voxels, HD95 avg not above the U-Net's); better (the mean over seeds: HD95 "
+        "avg ≥ 5 % lower, Dice avg ≥ −0.5 points):",
+        "",
+    ]
+
+
 def markdown(result: dict, header: str = "") -> str:
     cols = " | ".join(f"Dice {c}" for c in COLS) + " | " + " | ".join(f"HD95 {c}" for c in COLS)
     lines = [header, "", f"| seed | model | {cols} | HD95 avg change |", "|" + "---|" * (3 + 2 * len(COLS))]
@@ -266,29 +294,7 @@ def markdown(result: dict, header: str = "") -> str:
     n = len(result["seeds"])
     for name in result["mean"]:
         lines.append(f"| mean ± std ({n} seeds) | {name} | {fmt(result['mean'][name], result['std'][name])} |")
-    lines += [
-        "",
-        "Flips, all held-out cases of every fold pooled (net: change in wrong voxels, negative = fewer):",
-        "",
-        f"| seed | model | region | {reports.baseline_name(next(iter(result['mean'])))} errors | flipped | fixed "
-        "| precision | recall | net |",
-        "|" + "---|" * 9,
-    ]
-    flip_rows = [(s, name, r["flips"]) for s, t in result["seeds"].items() for name, r in t.items() if "flips" in r]
-    flip_rows += [(f"all {n} seeds", name, m["flips"]) for name, m in result["mean"].items() if "flips" in m]
-    for seed, name, flips in flip_rows:
-        for reg, f in flips.items():
-            lines.append(
-                f"| {seed} | {name} | {reg} | {f['unet_errors']} | {f['flipped']} | {f['fixed']} | "
-                f"{100 * f['precision']:.1f} % | {100 * f['recall']:.1f} % | {f['net_error_change']:+d} |"
-            )
-    lines += [
-        "",
-        f"Std: the sample standard deviation over the {n} seeds (n − 1). Targets: never worse (in every seed and the "
-        "mean: no region with more wrong voxels, HD95 avg not above the U-Net's); better (the mean over seeds: HD95 "
-        "avg ≥ 5 % lower, Dice avg ≥ −0.5 points):",
-        "",
-    ]
+    lines += _flip_lines(result)
     for name, v in result["verdicts"].items():
         seeds = "; ".join(
             f"seed {s}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in x.items())
