@@ -37,7 +37,29 @@ def ints(s):
     return tuple(int(x) for x in s.split(","))
 
 
-def main(argv=None):
+def _record(a, cond_channels: int, compile_s: float, window_s: float) -> dict:
+    """The timing's JSON record: seconds, voxels per second, work and its fraction of the matmul peak."""
+    fl = diffusion_flops(a.size, cond_channels, 3, a.features)
+    total = fl["encoder"] + a.steps * a.samples * fl["denoiser"]
+    peak = matmul_peak(DTYPES[a.dtype])
+    rec = {
+        "bench": "sampler",
+        "device": device_name(),
+        **{k: getattr(a, k) for k in ("dtype", "size", "steps", "samples", "features")},
+        "compile_s": round(compile_s, 3),
+        "window_s": window_s,
+        "step_s": window_s / a.steps,
+        "voxels_per_s": a.samples * a.steps * (a.size[0] * a.size[1] * a.size[2]) / window_s,
+        "tflop_per_window": total / 1e12,
+        "tflops": total / window_s / 1e12,
+        "matmul_peak_tflops": peak / 1e12,
+        "fraction_of_peak": total / window_s / peak,
+        "peak_memory_gib": (peak_memory() or 0) / 2**30 or None,
+    }
+    return rec
+
+
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=ints, default=(128, 192, 128))
     p.add_argument("--steps", type=int, default=10)
@@ -55,8 +77,11 @@ def main(argv=None):
         metavar="PREFIX",
         help="also profile one window: PREFIX-DTYPE.{trace.json.gz,hlo.txt.gz}",
     )
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv=None):
+    a = _parse(argv)
     variant = diffusion.Variant(a.condition, "discrepancy" if a.condition != "image" else "mask")
     # made eagerly: under nnx.jit the initializers compile as one program (15.6 s on the CPU at tiny widths)
     model = DiffusionNet(variant.cond_channels, 3, a.features, DTYPES[a.dtype], rngs=nnx.Rngs(0))
@@ -73,11 +98,7 @@ def main(argv=None):
         rec = {
             "bench": "sampler_memory",
             "device": device_name(),
-            "dtype": a.dtype,
-            "size": a.size,
-            "steps": a.steps,
-            "samples": a.samples,
-            "chunk": a.chunk,
+            **{k: getattr(a, k) for k in ("dtype", "size", "steps", "samples", "chunk")},
             **compiled_memory(run, state, cond, jax.random.key(2)),
         }
         print_memory(f"sampler {a.dtype} {a.size} K={a.steps} S={a.samples} chunk={a.chunk}", rec)
@@ -92,27 +113,7 @@ def main(argv=None):
             prefix,
         )
         print(f"profile of one window: {prefix}.trace.json.gz, {prefix}.hlo.txt.gz (benchmarks/hlo_profile.py)")
-    fl = diffusion_flops(a.size, variant.cond_channels, 3, a.features)
-    total = fl["encoder"] + a.steps * a.samples * fl["denoiser"]
-    peak = matmul_peak(DTYPES[a.dtype])
-    rec = {
-        "bench": "sampler",
-        "device": device_name(),
-        "dtype": a.dtype,
-        "size": a.size,
-        "steps": a.steps,
-        "samples": a.samples,
-        "features": a.features,
-        "compile_s": round(compile_s, 3),
-        "window_s": window_s,
-        "step_s": window_s / a.steps,
-        "voxels_per_s": a.samples * a.steps * (a.size[0] * a.size[1] * a.size[2]) / window_s,
-        "tflop_per_window": total / 1e12,
-        "tflops": total / window_s / 1e12,
-        "matmul_peak_tflops": peak / 1e12,
-        "fraction_of_peak": total / window_s / peak,
-        "peak_memory_gib": (peak_memory() or 0) / 2**30 or None,
-    }
+    rec = _record(a, variant.cond_channels, compile_s, window_s)
     print(f"sampler on {rec['device']}, {a.dtype}, window {a.size}, K={a.steps}, S={a.samples}")
     print(f"  compile + first run   {compile_s:8.2f} s")
     print(f"  one window            {window_s:8.3f} s   ({rec['step_s']:.4f} s per DDIM step over S samples)")
