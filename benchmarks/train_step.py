@@ -67,25 +67,28 @@ def diff_cfg(a):
     )
 
 
-def bench(stage, size, batch, flops_per_sample, a, peak):
-    trainer = Trainer(stage, progress=False)
-    state = trainer.init_state(0)
+def _batch(size, batch: int, mesh) -> dict:
+    """A random global batch: 4 image channels, 3 sparse region masks and 3 sparse U-Net masks (uint8)."""
     k = jax.random.key(0)
     local = {
         "image": jax.random.uniform(k, (batch, *size, 4)),
         "regions": (jax.random.uniform(k, (batch, *size, 3)) > 0.9).astype(jnp.uint8),
         "unet": (jax.random.uniform(jax.random.key(1), (batch, *size, 3)) > 0.9).astype(jnp.uint8),
     }
-    gb = parallel.global_batch({kk: jax.device_get(v) for kk, v in local.items()}, trainer.mesh)
+    return parallel.global_batch({kk: jax.device_get(v) for kk, v in local.items()}, mesh)
+
+
+def bench(stage, size, batch, flops_per_sample, a, peak):
+    trainer = Trainer(stage, progress=False)
+    state = trainer.init_state(0)
+    k = jax.random.key(0)
+    gb = _batch(size, batch, trainer.mesh)
     holder = {"state": state}
     if a.compile_only:
         rec = {
             "bench": f"train_step_memory_{stage.name}",
             "device": device_name(),
-            "dtype": a.dtype,
-            "remat": a.remat,
-            "size": size,
-            "batch": batch,
+            **dict(dtype=a.dtype, remat=a.remat, size=size, batch=batch),
             **compiled_memory(trainer.step, state, gb, k),
         }
         print_memory(f"{stage.name} {a.dtype} remat={int(a.remat)} {size} batch {batch}", rec)
@@ -109,10 +112,7 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
     rec = {
         "bench": f"train_step_{stage.name}",
         "device": device_name(),
-        "dtype": a.dtype,
-        "remat": a.remat,
-        "size": size,
-        "batch": batch,
+        **dict(dtype=a.dtype, remat=a.remat, size=size, batch=batch),
         "compile_s": round(compile_s, 3),
         "step_s": step_s,
         "tflop_per_step": total / 1e12,
@@ -121,13 +121,17 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
         "fraction_of_peak": total / step_s / peak,
         "peak_memory_gib": (peak_memory() or 0) / 2**30 or None,
     }
+    _print(stage.name, rec)
+    emit(rec)
+
+
+def _print(name: str, rec: dict) -> None:
     print(
-        f"{stage.name:10s} {a.dtype:8s} remat={int(a.remat)} {str(size):16s} batch {batch}: "
-        f"compile {compile_s:7.2f} s, "
-        f"step {step_s:.3f} s, {rec['tflops']:.2f} TFLOP/s ({100 * rec['fraction_of_peak']:.1f} % of peak)"
+        f"{name:10s} {rec['dtype']:8s} remat={int(rec['remat'])} {str(rec['size']):16s} batch {rec['batch']}: "
+        f"compile {rec['compile_s']:7.2f} s, "
+        f"step {rec['step_s']:.3f} s, {rec['tflops']:.2f} TFLOP/s ({100 * rec['fraction_of_peak']:.1f} % of peak)"
         + (f", peak memory {rec['peak_memory_gib']:.1f} GiB" if rec["peak_memory_gib"] else "")
     )
-    emit(rec)
 
 
 def main(argv=None):
