@@ -99,6 +99,30 @@ def figure(results: list[dict], base: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _rows(workdir: Path, label: str, folds: list[int]) -> list[dict]:
+    from rediffinet_jax import case_rows
+
+    return [r for k in folds for r in case_rows.read_rows(workdir / "eval" / label / f"fold_{k}" / "cases.csv")]
+
+
+def sweep(workdir: Path, a, folds: list[int]) -> list[dict]:
+    """Scores ``a.model`` on ``folds`` with every fusion × steps × samples; one score record each."""
+    from rediffinet_jax import evaluation
+    from rediffinet_jax.workdir import load_settings
+
+    own = load_settings(workdir / a.model).diffusion.sampler
+    results = []
+    for fusion in a.fusions.split(","):
+        for steps in _ints(a.steps):
+            for samples in _ints(a.samples):
+                sampler = {"fusion": fusion, "steps": steps, "samples": samples}
+                evaluation.evaluate(workdir, [a.model], folds, sampler=sampler, progress=False, log=lambda m: None)
+                rows = _rows(workdir, combo_label(a.model, fusion, steps, samples, own), folds)
+                results.append({**sampler, **score(rows)})
+                print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
@@ -109,35 +133,12 @@ def main(argv=None) -> None:
     p.add_argument("--fusions", default="mean,suf")
     a = p.parse_args(argv)
 
-    from rediffinet_jax import case_rows, evaluation
     from rediffinet_jax import workdir as wd
-    from rediffinet_jax.workdir import load_settings
 
     workdir, folds = Path(a.workdir), _ints(a.folds)
-    own = load_settings(workdir / a.model).diffusion.sampler
-    results = []
     with wd.lock(workdir, "benchmarks/sampler_sweep.py", create=False):
-        for fusion in a.fusions.split(","):
-            for steps in _ints(a.steps):
-                for samples in _ints(a.samples):
-                    evaluation.evaluate(
-                        workdir,
-                        [a.model],
-                        folds,
-                        sampler={"fusion": fusion, "steps": steps, "samples": samples},
-                        progress=False,
-                        log=lambda m: None,
-                    )
-                    label = combo_label(a.model, fusion, steps, samples, own)
-                    rows = [
-                        r
-                        for k in folds
-                        for r in case_rows.read_rows(workdir / "eval" / label / f"fold_{k}" / "cases.csv")
-                    ]
-                    results.append({"fusion": fusion, "steps": steps, "samples": samples, **score(rows)})
-                    print(json.dumps(results[-1]), flush=True)
-    base_rows = [r for k in folds for r in case_rows.read_rows(workdir / "eval" / "unet" / f"fold_{k}" / "cases.csv")]
-    base = {k: v for k, v in score(base_rows).items() if not k.startswith("net_")}
+        results = sweep(workdir, a, folds)
+    base = {k: v for k, v in score(_rows(workdir, "unet", folds)).items() if not k.startswith("net_")}
     out = workdir / "eval"
     (out / "sampler_sweep.json").write_text(
         json.dumps({"unet": base, "combinations": results, "folds": folds}, indent=1)
