@@ -311,8 +311,8 @@ def test_check_label_maps_names_each_problem(phantom_root, tmp_path):
     assert "shape" in rec["problems"][1] and "[5" in rec["problems"][2]
 
 
-def test_memory_and_pipeline_tables(tmp_path, capsys):
-    """summary.py --memory and --pipeline: one row per record, with the numbers of the records."""
+def test_memory_table(tmp_path, capsys):
+    """summary.py --memory: one row per record, with the numbers of the records; other lines skipped."""
     mem = tmp_path / "m.jsonl"
     mem.write_text(
         json.dumps(
@@ -349,6 +349,10 @@ def test_memory_and_pipeline_tables(tmp_path, capsys):
         "| sampler, one window | bfloat16 | no | 8×8×8 | 10×10 (all) | 43.21 | 0.25 |",
         "| rediffinet train step | float32 | no | 8×8×8 | 4 | 7.50 | 0.75 |",
     ]
+
+
+def test_pipeline_table(tmp_path, capsys):
+    """summary.py --pipeline: each stage's outcome and numbers, the label maps' problems named."""
     pipe = tmp_path / "p.jsonl"
     pipe.write_text(
         json.dumps(
