@@ -171,15 +171,24 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
     paper's candidate is U(I) XOR (Y > 0) exactly: tests/test_gate.py)."""
     import json
 
+    w = finished[0]
+    record = json.loads((w / "eval" / "rediffinet" / "gate.json").read_text())
+    assert set(record) == {"0", "1", "all"}
+    assert "Gate of rediffinet" in (w / "eval" / "summary.md").read_text()
+    _check_gated_maps(w, record)
+    _check_postprocessing(w, json.loads((w / "eval" / "unet" / "postprocess.json").read_text()))
+    _check_choices_from_kept_effects(w, record)
+    _check_gate_off_everywhere(w, tmp_path / "off_everywhere")
+    _check_predict_applies_the_stored_gates(w, tmp_path)
+
+
+def _check_gated_maps(w, record):
+    """Each fold's paper and gated maps rebuilt from the kept fields (sign, p) and the stored gate."""
     from scipy import ndimage
 
     from rediffinet_jax.data import brats
     from rediffinet_jax.labels import labels_to_regions, nested, regions_to_labels
 
-    w = finished[0]
-    record = json.loads((w / "eval" / "rediffinet" / "gate.json").read_text())
-    assert set(record) == {"0", "1", "all"}
-    assert "Gate of rediffinet" in (w / "eval" / "summary.md").read_text()
     for k in (0, 1):
         for fused in sorted((w / "eval" / "rediffinet" / f"fold_{k}" / "fused").glob("*.npz")):
             cid = fused.name[: -len(".npz")]
@@ -204,9 +213,12 @@ def test_gate_applied_by_evaluate_and_predict(finished, tmp_path):
             gated = _labels(w / "eval" / "rediffinet+gate" / f"fold_{k}" / "pred" / f"{cid}.nii.gz")
             np.testing.assert_array_equal(brats.crop(gated, meta["box"]), regions_to_labels(nested(unet ^ flips)))
             _check_rows_score_the_map(w, "rediffinet+gate", cid, gated, meta["spacing"])
-    _check_postprocessing(w, json.loads((w / "eval" / "unet" / "postprocess.json").read_text()))
-    _check_choices_from_kept_effects(w, record)
-    _check_gate_off_everywhere(w, tmp_path / "off_everywhere")
+
+
+def _check_predict_applies_the_stored_gates(w, tmp_path):
+    """predict.py with the all-folds gate set off (the U-Net's maps) or to the paper's candidate (--nogate's
+    maps), and the U-Net's post-processing off or keeping only the largest component."""
+    import json
 
     src = tmp_path / "cases"
     _predict_inputs(w, src)

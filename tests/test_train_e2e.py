@@ -73,6 +73,13 @@ def _ground_truth_counts(workdir, rows) -> dict:
     return out
 
 
+# the columns of eval/<model>/fold_k/cases.csv, in their order
+CASE_COLUMNS = (
+    "case region dice hd95 lesionwise_dice lesionwise_hd95 tp fp fn unet_errors flipped fixed seconds convention "
+    "gt_empty lesions_dropped"
+).split()
+
+
 def test_evaluate_writes_tables(finished):
     workdir = finished[0]
     proc = _run("evaluate.py", f"--workdir={workdir}")
@@ -85,24 +92,7 @@ def test_evaluate_writes_tables(finished):
         for k in (0, 1):
             with open(workdir / "eval" / model / f"fold_{k}" / "cases.csv") as f:
                 rows = list(csv.DictReader(f))
-            assert list(rows[0]) == [
-                "case",
-                "region",
-                "dice",
-                "hd95",
-                "lesionwise_dice",
-                "lesionwise_hd95",
-                "tp",
-                "fp",
-                "fn",
-                "unet_errors",
-                "flipped",
-                "fixed",
-                "seconds",
-                "convention",
-                "gt_empty",
-                "lesions_dropped",
-            ]
+            assert list(rows[0]) == CASE_COLUMNS
             assert len(rows) == 3 * 3  # 3 held-out cases × [WT, TC, ET]
             if model == "rediffinet":  # the scores and flips are those of the label maps written, recomputed
                 wt_net += check_scores_against_files(workdir, k, rows)
