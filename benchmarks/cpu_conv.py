@@ -262,25 +262,8 @@ def torch_model_times(size, repeats, filters, feats):
     return best_of(fwd, repeats), best_of(step, repeats)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip_models", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="tiny widths for the whole-model rows")
-    p.add_argument(
-        "--all_formulations",
-        action="store_true",
-        help="also the formulations measured and not used (taps on inputs at stride 1, im2col, 27 matmuls)",
-    )
-    a = p.parse_args()
-    try:
-        import torch  # noqa: F401
-
-        have_torch = True
-    except ImportError:
-        have_torch = False
-    print(f"jax {jax.__version__} on {jax.default_backend()}; PyTorch {'installed' if have_torch else 'not installed'}")
+def layer_rows(a, have_torch: bool) -> list[tuple]:
+    """(workload, formulation, forward s, forward+backward s, PyTorch channels-last's pair or None) per layer."""
     rows = []
     layer_cases = [
         ("conv", 16, 16, 1),
@@ -310,12 +293,11 @@ def main():
                 (name, "torch NCDHW", *torch_layer_times(kind, cin, cout, a.size, stride, a.repeats, False), ref)
             )
             rows.append((name, "torch channels-last", *ref, ref))
-    print(f"{'workload':28s} {'impl':20s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'fwd/torch':>10s} {'f+b/torch':>10s}")
-    for name, impl, f, fb, ref in rows:
-        r = f"{f / ref[0]:10.2f} {fb / ref[1]:10.2f}" if ref else ""
-        print(f"{name:28s} {impl:20s} {f:8.3f} {fb:10.3f} {r}")
-    if a.skip_models:
-        return
+    return rows
+
+
+def print_model_rows(a, have_torch: bool) -> None:
+    """The denoiser's forward and the U-Net's train step with each convolution formulation (and PyTorch's)."""
     print(f"\n{'model workload @' + str(a.size) + '^3':40s} {'impl':8s} {'seconds':>8s} {'/torch':>7s}")
     tor = None
     for impl in layers.CONV_IMPLS:
@@ -328,6 +310,34 @@ def main():
         print(
             f"{'denoiser forward':40s} {'torch':8s} {tor[0]:8.3f}\n{'U-Net train step':40s} {'torch':8s} {tor[1]:8.3f}"
         )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip_models", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny widths for the whole-model rows")
+    p.add_argument(
+        "--all_formulations",
+        action="store_true",
+        help="also the formulations measured and not used (taps on inputs at stride 1, im2col, 27 matmuls)",
+    )
+    a = p.parse_args()
+    try:
+        import torch  # noqa: F401
+
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    print(f"jax {jax.__version__} on {jax.default_backend()}; PyTorch {'installed' if have_torch else 'not installed'}")
+    rows = layer_rows(a, have_torch)
+    print(f"{'workload':28s} {'impl':20s} {'fwd s':>8s} {'fwd+bwd s':>10s} {'fwd/torch':>10s} {'f+b/torch':>10s}")
+    for name, impl, f, fb, ref in rows:
+        r = f"{f / ref[0]:10.2f} {fb / ref[1]:10.2f}" if ref else ""
+        print(f"{name:28s} {impl:20s} {f:8.3f} {fb:10.3f} {r}")
+    if not a.skip_models:
+        print_model_rows(a, have_torch)
 
 
 if __name__ == "__main__":
