@@ -171,30 +171,30 @@ def _model_times(size, repeats, tiny):
     return t_den, t_step, filters, feats
 
 
-def torch_model_times(size, repeats, filters, feats):
-    """The same two workloads in PyTorch, channels-last 3-D, 2 threads."""
+def _torch_block(ci, co, stride, bias, slope):
+    """Two 3×3×3 convolutions, each with an affine instance norm and a leaky ReLU (PyTorch)."""
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Conv3d(ci, co, 3, stride, 1, bias=bias),
+        nn.InstanceNorm3d(co, affine=True),
+        nn.LeakyReLU(slope),
+        nn.Conv3d(co, co, 3, 1, 1, bias=bias),
+        nn.InstanceNorm3d(co, affine=True),
+        nn.LeakyReLU(slope),
+    )
+
+
+def _torch_denoiser(f):
+    """The denoiser's convolutions and norms in PyTorch, widths ``f`` (time MLP left out: negligible)."""
     import torch
     import torch.nn as nn
 
-    torch.set_num_threads(2)
-    cl = torch.channels_last_3d
-
-    def block(ci, co, stride, bias, slope):
-        return nn.Sequential(
-            nn.Conv3d(ci, co, 3, stride, 1, bias=bias),
-            nn.InstanceNorm3d(co, affine=True),
-            nn.LeakyReLU(slope),
-            nn.Conv3d(co, co, 3, 1, 1, bias=bias),
-            nn.InstanceNorm3d(co, affine=True),
-            nn.LeakyReLU(slope),
-        )
-
-    class Den(nn.Module):  # the denoiser's convolutions and norms (time MLP left out: negligible)
+    class Den(nn.Module):
         def __init__(self):
             super().__init__()
-            f = feats
             self.enc = nn.ModuleList(
-                [block(10, f[0], 1, True, 0.1)] + [block(f[i], f[i + 1], 1, True, 0.1) for i in range(4)]
+                [_torch_block(10, f[0], 1, True, 0.1)] + [_torch_block(f[i], f[i + 1], 1, True, 0.1) for i in range(4)]
             )
             ups = [
                 (f[4], f[3], f[3], True),
@@ -203,7 +203,9 @@ def torch_model_times(size, repeats, filters, feats):
                 (f[1], f[0], f[5], False),
             ]
             self.ups = nn.ModuleList([nn.ConvTranspose3d(ci, ci // 2 if h else ci, 2, 2) for ci, _, _, h in ups])
-            self.dec = nn.ModuleList([block(cs + (ci // 2 if h else ci), co, 1, True, 0.1) for ci, cs, co, h in ups])
+            self.dec = nn.ModuleList(
+                [_torch_block(cs + (ci // 2 if h else ci), co, 1, True, 0.1) for ci, cs, co, h in ups]
+            )
             self.out = nn.Conv3d(f[5], 3, 1)
 
         def forward(self, x):
@@ -216,15 +218,25 @@ def torch_model_times(size, repeats, filters, feats):
                 x = dec(torch.cat([skips.pop(), up(x)], 1))
             return self.out(x)
 
+    return Den()
+
+
+def _torch_unet(fl):
+    """The U-Net's convolutions and norms in PyTorch, widths ``fl`` (5 input channels, 3 outputs)."""
+    import torch
+    import torch.nn as nn
+
     class UN(nn.Module):
         def __init__(self):
             super().__init__()
-            fl = filters
             self.enc = nn.ModuleList(
-                [block(c, f, 1 if i == 0 else 2, False, 0.01) for i, (c, f) in enumerate(zip((5,) + fl[:-1], fl))]
+                [
+                    _torch_block(c, f, 1 if i == 0 else 2, False, 0.01)
+                    for i, (c, f) in enumerate(zip((5,) + fl[:-1], fl))
+                ]
             )
             self.ups = nn.ModuleList([nn.ConvTranspose3d(fl[i + 1], fl[i], 2, 2) for i in range(len(fl) - 1)])
-            self.dec = nn.ModuleList([block(2 * fl[i], fl[i], 1, False, 0.01) for i in range(len(fl) - 1)])
+            self.dec = nn.ModuleList([_torch_block(2 * fl[i], fl[i], 1, False, 0.01) for i in range(len(fl) - 1)])
             self.head = nn.Conv3d(fl[0], 3, 1)
 
         def forward(self, x):
@@ -237,14 +249,24 @@ def torch_model_times(size, repeats, filters, feats):
                 x = self.dec[i](torch.cat([self.ups[i](x), skips[i]], 1))
             return self.head(x)
 
-    den = Den().to(memory_format=cl)
+    return UN()
+
+
+def torch_model_times(size, repeats, filters, feats):
+    """The same two workloads in PyTorch, channels-last 3-D, 2 threads."""
+    import torch
+    import torch.nn as nn
+
+    torch.set_num_threads(2)
+    cl = torch.channels_last_3d
+    den = _torch_denoiser(feats).to(memory_format=cl)
     x = torch.randn(1, 10, size, size, size).to(memory_format=cl)
 
     def fwd():
         with torch.no_grad():
             den(x)
 
-    un = UN().to(memory_format=cl)
+    un = _torch_unet(filters).to(memory_format=cl)
     opt = torch.optim.SGD(un.parameters(), 1e-4)
     img = torch.randn(1, 5, size, size, size).to(memory_format=cl)
     tgt = (torch.rand(1, 3, size, size, size) > 0.9).float()
