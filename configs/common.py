@@ -7,10 +7,9 @@ of batch 4) are ours, in the range Diff-UNet and the NVIDIA recipe train for.
 from ml_collections import ConfigDict
 
 
-def base() -> ConfigDict:
-    c = ConfigDict()
-    c.seed = 0
-    c.data = ConfigDict(
+def _data() -> ConfigDict:
+    """Where the cases come from and how they are read, cropped, split and loaded."""
+    return ConfigDict(
         dict(
             root="",  # empty: generate phantoms into <workdir>/data
             normalization="zscore_rescale",
@@ -23,8 +22,11 @@ def base() -> ConfigDict:
             phantoms=ConfigDict(dict(n_cases=50, shape=(240, 240, 155), seed=0, hard=False, tumour_scale=1.0)),
         )
     )
-    augment = dict(flip_p=0.5, scale_shift=0.1, nvidia=True, nvidia_p=0.15, zoom_p=0.15, zoom_max=1.4)
-    c.unet = ConfigDict(
+
+
+def _unet(augment: dict) -> ConfigDict:
+    """Stage 1: the U-Net (nnU-Net's BraTS widths), its training and its sliding window."""
+    return ConfigDict(
         dict(
             filters=(64, 96, 128, 192, 256, 384, 512),
             deep_supervision=2,
@@ -46,7 +48,11 @@ def base() -> ConfigDict:
             batch_windows=1,
         )
     )
-    c.diffusion = ConfigDict(
+
+
+def _diffusion(augment: dict) -> ConfigDict:
+    """Stage 2: the refiner (``model``: a variant of stages.VARIANTS), its training and its sampler."""
+    return ConfigDict(
         dict(
             model="rediffinet",  # one of stages.VARIANTS: what is conditioned on and learned
             features=(64, 64, 128, 256, 512, 64),
@@ -86,6 +92,15 @@ def base() -> ConfigDict:
             val_sampler=ConfigDict(dict(steps=10, samples=1)),
         )
     )
+
+
+def base() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.data = _data()
+    augment = dict(flip_p=0.5, scale_shift=0.1, nvidia=True, nvidia_p=0.15, zoom_p=0.15, zoom_max=1.4)
+    c.unet = _unet(augment)
+    c.diffusion = _diffusion(augment)
     # checkpoint: each fold's last one. Validation runs on the fold's held-out cases, so "best" would pick
     # the checkpoint on the very cases it is then scored on (and conditioned on, for stage 2's U(I)).
     # gate: refiners are also scored with a per-region gate chosen on the other folds (gate.py)
