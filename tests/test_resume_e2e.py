@@ -103,13 +103,15 @@ def test_killed_in_stage_two_resumes(finished, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    killed = proc.stdout.read()
     assert ckpt.exists() and not (workdir / "rediffinet" / "fold_1" / "done.json").exists()
     again = _train(workdir, "--config.diffusion.steps=8", "--noevaluate")
     assert again.returncode == 0, again.stdout[-2000:]
     assert "resuming from step" in again.stdout
     for k in (0, 1):
         lines = (workdir / "rediffinet" / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()
-        assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == list(range(1, 9))
+        steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
+        assert steps == list(range(1, 9)), (k, steps, killed[-1500:], again.stdout[-1500:])
         assert (workdir / "rediffinet" / f"fold_{k}" / "done.json").is_file()
 
 
@@ -134,11 +136,12 @@ def test_retrained_stage_is_rescored(finished, tmp_path):
             writer.writerows(rows)
     suf = _run("evaluate.py", f"--workdir={workdir}", "--fusion=suf", "--steps=1", "--samples=1")
     assert suf.returncode == 0, suf.stdout[-2000:] + suf.stderr[-2000:]
-    proc = _train(workdir, "--config.diffusion.steps=3", "--overwrite")
+    # 8 steps: the kill test's count, so that both tests run one compiled step (the schedule is baked into it)
+    proc = _train(workdir, "--config.diffusion.steps=8", "--overwrite")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for k in (0, 1):
         done = json.loads((workdir / "rediffinet" / f"fold_{k}" / "done.json").read_text())
-        assert done["steps"] == 3 and done["run"] != old[k]["run"]
+        assert done["steps"] == 8 and done["run"] != old[k]["run"]
         made_from = json.loads((workdir / "eval" / "rediffinet" / f"fold_{k}" / "trained.json").read_text())
         assert made_from["training"] == done
         with open(workdir / "eval" / "rediffinet" / f"fold_{k}" / "cases.csv") as f:
