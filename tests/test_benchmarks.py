@@ -401,3 +401,50 @@ def test_real_cases_are_checked_file_by_file(tmp_path, monkeypatch):
     (tmp_path / "A" / "A_t1.nii.gz").unlink()
     with pytest.raises(SystemExit, match="case A: .*A_t1.nii.gz is missing"):
         real_data.check(tmp_path)
+
+
+def test_refiners_start_from_a_copied_unet(tmp_path):
+    """refinement.py --unet_from: a seed's finished U-Net (its folds, out-of-fold maps, splits, phantoms, cache)
+    is copied once, without the source's refiners or scores, and the copy is named in the seed's time record;
+    a source without out-of-fold maps is refused, naming it."""
+    from argparse import Namespace
+
+    from benchmarks.refinement import _reuse_unet
+
+    src = tmp_path / "old" / "seed_0"
+    for f in (
+        "unet/oof/runs.json",
+        "unet/fold_0/done.json",
+        "data/c1/c1-seg.nii.gz",
+        "cache/c1/image.npy",
+        "rediffinet/fold_0/done.json",
+        "eval/summary.json",
+        "config.json",
+        "splits.json",
+    ):
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        (src / f).write_text(f)
+    dest = tmp_path / "new" / "seed_0"
+    a = Namespace(unet_from=str(tmp_path / "old"), baseline="unet")
+    assert _reuse_unet(a, 0, dest) == f"U-Net folds copied from {src}, not timed here"
+    assert sorted(p.name for p in dest.iterdir()) == ["cache", "config.json", "data", "splits.json", "unet"]
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert copied == sorted(
+        [
+            "unet/oof/runs.json",
+            "unet/fold_0/done.json",
+            "data/c1/c1-seg.nii.gz",
+            "cache/c1/image.npy",
+            "config.json",
+            "splits.json",
+        ]
+    )
+    assert all((dest / f).read_text() == f for f in copied)
+    (dest / "unet/oof/runs.json").write_text("{}")  # a second call keeps what is there
+    _reuse_unet(a, 0, dest)
+    assert (dest / "unet/oof/runs.json").read_text() == "{}"
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'old' / 'seed_1'} has no finished U-Net"):
+        _reuse_unet(a, 1, tmp_path / "new" / "seed_1")
+    assert _reuse_unet(Namespace(unet_from=None, baseline="unet"), 0, dest) == ""
+    with pytest.raises(SystemExit, match="--unet_from takes the U-Net's maps"):
+        _reuse_unet(Namespace(unet_from=str(tmp_path / "old"), baseline="grown_edema"), 0, dest)

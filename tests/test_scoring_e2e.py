@@ -477,27 +477,3 @@ def test_full_disk_is_one_line_and_the_rerun_finishes(finished, tmp_path):
         assert sorted(p.name for p in (disk / "out").glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in ids)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
-
-
-def test_refiners_start_from_a_copied_unet(finished, tmp_path):
-    """refinement.py --unet_from: a seed's finished U-Net (its folds, out-of-fold maps, splits, phantoms) is
-    copied once, without the source's refiners or scores, and the copy is named in the seed's time record; a
-    source without out-of-fold maps is refused, naming it."""
-    from argparse import Namespace
-
-    from benchmarks.refinement import _reuse_unet
-
-    root = tmp_path / "old"
-    shutil.copytree(finished[0], root / "seed_0", ignore=shutil.ignore_patterns("cache"))
-    dest = tmp_path / "new" / "seed_0"
-    a = Namespace(unet_from=str(root), baseline="unet")
-    assert _reuse_unet(a, 0, dest) == f"U-Net folds copied from {root / 'seed_0'}, not timed here"
-    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "data", "splits.json", "unet"]
-    runs = "unet/oof/runs.json"
-    assert (dest / runs).read_bytes() == (root / "seed_0" / runs).read_bytes()
-    (dest / runs).write_text("{}")  # a second call keeps what is there
-    _reuse_unet(a, 0, dest)
-    assert (dest / runs).read_text() == "{}"
-    with pytest.raises(SystemExit, match=f"{tmp_path / 'old' / 'seed_1'} has no finished U-Net"):
-        _reuse_unet(a, 1, tmp_path / "new" / "seed_1")
-    assert _reuse_unet(Namespace(unet_from=None, baseline="unet"), 0, dest) == ""
