@@ -364,8 +364,6 @@ def _reuse_unet(a, seed: int, workdir: Path) -> str:
     for its time record."""
     if not a.unet_from:
         return ""
-    if a.baseline != "unet":
-        raise SystemExit("error: --unet_from takes the U-Net's maps as the baseline (leave --baseline out)")
     source = Path(a.unet_from) / f"seed_{seed}"
     copy_unet(source, workdir)
     return f"U-Net folds copied from {source}, not timed here"
@@ -406,7 +404,10 @@ def _parse(argv):
     )
     p.add_argument("--table_only", action="store_true", help="only rewrite the table from finished seeds")
     p.add_argument("--baseline", choices=("unet", "grown_edema"), default="unet", help="U(I): see the docstring")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.unet_from and a.baseline != "unet":  # before any seed's work (grown_edema writes its maps first)
+        raise SystemExit("error: --unet_from takes the U-Net's maps as the baseline (leave --baseline out)")
+    return a
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _record(a, cond_channels: int, compile_s: float, window_s: float) -> dict:
     fl = diffusion_flops(a.size, cond_channels, 3, a.features)
     total = fl["encoder"] + a.steps * a.samples * fl["denoiser"]
     peak = matmul_peak(DTYPES[a.dtype])
-    rec = {
+    return {
         "bench": "sampler",
         "device": device_name(),
         **{k: getattr(a, k) for k in ("dtype", "size", "steps", "samples", "features")},
@@ -56,7 +56,6 @@ def _record(a, cond_channels: int, compile_s: float, window_s: float) -> dict:
         "fraction_of_peak": total / window_s / peak,
         "peak_memory_gib": (peak_memory() or 0) / 2**30 or None,
     }
-    return rec
 
 
 def _parse(argv):

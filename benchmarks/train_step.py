@@ -83,12 +83,13 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
     state = trainer.init_state(0)
     k = jax.random.key(0)
     gb = _batch(size, batch, trainer.mesh)
+    what = dict(dtype=a.dtype, remat=a.remat, size=size, batch=batch)
     holder = {"state": state}
     if a.compile_only:
         rec = {
             "bench": f"train_step_memory_{stage.name}",
             "device": device_name(),
-            **dict(dtype=a.dtype, remat=a.remat, size=size, batch=batch),
+            **what,
             **compiled_memory(trainer.step, state, gb, k),
         }
         print_memory(f"{stage.name} {a.dtype} remat={int(a.remat)} {size} batch {batch}", rec)
@@ -112,7 +113,7 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
     rec = {
         "bench": f"train_step_{stage.name}",
         "device": device_name(),
-        **dict(dtype=a.dtype, remat=a.remat, size=size, batch=batch),
+        **what,
         "compile_s": round(compile_s, 3),
         "step_s": step_s,
         "tflop_per_step": total / 1e12,

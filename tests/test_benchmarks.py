@@ -406,10 +406,10 @@ def test_real_cases_are_checked_file_by_file(tmp_path, monkeypatch):
 def test_refiners_start_from_a_copied_unet(tmp_path):
     """refinement.py --unet_from: a seed's finished U-Net (its folds, out-of-fold maps, splits, phantoms, cache)
     is copied once, without the source's refiners or scores, and the copy is named in the seed's time record;
-    a source without out-of-fold maps is refused, naming it."""
+    a source without out-of-fold maps is refused, naming it; with another baseline, refused when parsed."""
     from argparse import Namespace
 
-    from benchmarks.refinement import _reuse_unet
+    from benchmarks.refinement import _parse, _reuse_unet
 
     src = tmp_path / "old" / "seed_0"
     for f in (
@@ -447,4 +447,4 @@ def test_refiners_start_from_a_copied_unet(tmp_path):
         _reuse_unet(a, 1, tmp_path / "new" / "seed_1")
     assert _reuse_unet(Namespace(unet_from=None, baseline="unet"), 0, dest) == ""
     with pytest.raises(SystemExit, match="--unet_from takes the U-Net's maps"):
-        _reuse_unet(Namespace(unet_from=str(tmp_path / "old"), baseline="grown_edema"), 0, dest)
+        _parse(["--unet_from", str(tmp_path / "old"), "--baseline", "grown_edema"])
