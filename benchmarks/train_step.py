@@ -90,14 +90,14 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
             "bench": f"train_step_memory_{stage.name}",
             "device": device_name(),
             **what,
-            **compiled_memory(trainer.step, state, gb, k),
+            **compiled_memory(trainer.step, state, gb, k, trainer.lr(0)),
         }
         print_memory(f"{stage.name} {a.dtype} remat={int(a.remat)} {size} batch {batch}", rec)
         emit(rec)
         return
 
     def one(gb):  # donated state: thread it through
-        holder["state"], m = trainer.step(holder["state"], gb, k)
+        holder["state"], m = trainer.step(holder["state"], gb, k, trainer.lr(0))
         return m["loss"]
 
     compile_s, step_s, _ = timed(one, gb, repeats=a.repeats)
@@ -105,7 +105,7 @@ def bench(stage, size, batch, flops_per_sample, a, peak):
         prefix = f"{a.profile}-{stage.name}-{a.dtype}"
         capture(
             lambda: jax.block_until_ready(one(gb)),
-            trainer.step.lower(holder["state"], gb, k).compile().as_text(),
+            trainer.step.lower(holder["state"], gb, k, trainer.lr(0)).compile().as_text(),
             prefix,
         )
         print(f"profile of one step: {prefix}.trace.json.gz, {prefix}.hlo.txt.gz (benchmarks/hlo_profile.py)")

@@ -89,12 +89,12 @@ class UNetStage:
             rngs=nnx.Rngs(seed),
         )
 
-    def optimizer(self) -> optax.GradientTransformation:
+    def optimizer(self, learning_rate: optax.Schedule) -> optax.GradientTransformation:
         c = self.cfg  # Adam with L2 weight decay added to the gradient, as torch.optim.Adam
         return optax.chain(
             optax.add_decayed_weights(c.weight_decay),
             optax.scale_by_adam(),
-            optax.scale_by_learning_rate(lr_schedule(c.lr, c.steps, c.warmup_frac)),
+            optax.scale_by_learning_rate(learning_rate),
         )
 
     def loss(self, model, batch, key):
@@ -139,9 +139,9 @@ class DiffusionStage:
             self.variant.cond_channels, 3, tuple(c.features), DTYPES[c.dtype], c.remat, rngs=nnx.Rngs(seed)
         )
 
-    def optimizer(self) -> optax.GradientTransformation:
+    def optimizer(self, learning_rate: optax.Schedule) -> optax.GradientTransformation:
         c = self.cfg
-        adamw = optax.adamw(lr_schedule(c.lr, c.steps, c.warmup_frac), c.b1, c.b2, c.eps, weight_decay=c.weight_decay)
+        adamw = optax.adamw(learning_rate, c.b1, c.b2, c.eps, weight_decay=c.weight_decay)
         return optax.chain(optax.clip_by_global_norm(c.clip_norm), adamw) if c.clip_norm else adamw
 
     def loss(self, model, batch, key):

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from rediffinet_jax import checkpoints, compiling, inference, parallel, progress
+from rediffinet_jax import checkpoints, compiling, inference, parallel, progress, stages
 from rediffinet_jax import workdir as wd
 from rediffinet_jax.errors import RediffinetError
 
@@ -65,15 +66,20 @@ class Trainer:
         self.ema = float(getattr(stage.cfg, "ema", 0.0))  # decay of the weights' moving average (0: none)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: stage.build(0)))
-        self.tx = stage.optimizer()
+        schedule = stages.lr_schedule(stage.cfg.lr, stage.cfg.steps, stage.cfg.warmup_frac)
+        self.tx = stage.optimizer(schedule)  # the optimizer state's structure; the step builds its own below
+        # the schedule's values, made once: the step takes its learning rate as an input, so that runs that
+        # differ only in steps or lr share one compiled program (the persistent cache finds it)
+        self.lrs = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(max(stage.cfg.steps, 1))), np.float32)
         rep, bat = parallel.replicated(self.mesh), parallel.batch_sharded(self.mesh)
 
-        def step(state, batch, key):
+        def step(state, batch, key, lr):
             def loss_fn(params):
                 return stage.loss(nnx.merge(self.graphdef, params), batch, key)
 
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-            updates, opt = self.tx.update(grads, state["opt"], state["params"])
+            tx = stage.optimizer(lambda count: lr)  # count unused: lr is this step's value of the schedule
+            updates, opt = tx.update(grads, state["opt"], state["params"])
             new = {"params": optax.apply_updates(state["params"], updates), "opt": opt, "step": state["step"] + 1}
             if "ema" in state:  # the averaged weights that are validated, saved and predicted with
                 n = state["step"].astype(jnp.float32)  # the decay warms up as TF's (1 + n)/(10 + n): short runs
@@ -81,8 +87,12 @@ class Trainer:
                 new["ema"] = optax.incremental_update(new["params"], state["ema"], 1.0 - decay)
             return new, {"loss": loss, **terms}
 
-        self.step = compiling.jit(step, in_shardings=(rep, bat, rep), out_shardings=(rep, rep), donate_argnums=0)
+        self.step = compiling.jit(step, in_shardings=(rep, bat, rep, rep), out_shardings=(rep, rep), donate_argnums=0)
         self.replicated = rep
+
+    def lr(self, step: int) -> np.float32:
+        """The learning rate of step ``step`` (0-based; past the schedule's end: its last value)."""
+        return self.lrs[min(step, len(self.lrs) - 1)]
 
     def init_state(self, seed: int) -> dict:
         params = nnx.state(self.stage.build(seed), nnx.Param)
@@ -185,7 +195,7 @@ class Trainer:
         t0, done_here = time.time(), 0
         batch = parallel.global_batch(next(it), self.mesh) if start < total else None
         for step in range(start, total):
-            state, m = self.step(state, batch, jax.random.fold_in(key, step))
+            state, m = self.step(state, batch, jax.random.fold_in(key, step), self.lr(step))
             last = step + 1 == total
             # the data position after this step's batch (what a checkpoint of this step stores); the next
             # batch is then read while the dispatched step computes

@@ -43,6 +43,25 @@ def test_lr_schedule_warmup_then_cosine():
     assert float(s(7)) == pytest.approx(1e-4 * 7 / 15, rel=1e-5)
 
 
+def test_runs_that_differ_in_steps_and_lr_share_one_program():
+    """The step takes its learning rate as an input: two U-Net stages that differ only in steps and lr lower
+    to the same program (so the persistent cache compiles it once), and each trainer feeds its own schedule."""
+    a, b = _unet_cfg(), _unet_cfg()
+    b.update(steps=a.steps * 3, lr=a.lr / 2)
+    ta, tb = (Trainer(UNetStage(c), progress=False) for c in (a, b))
+    state = ta.init_state(0)
+    p = tuple(a.patch)
+    batch = parallel.global_batch(
+        {"image": np.zeros((a.batch, *p, 4), np.float32), "regions": np.zeros((a.batch, *p, 3), np.float32)}, ta.mesh
+    )
+    text = [t.step.lower(state, batch, jax.random.key(0), t.lr(1)).as_text() for t in (ta, tb)]
+    assert text[0] == text[1]
+    for t, c in ((ta, a), (tb, b)):  # the value fed at step 1 and past the end: the schedule's, by hand
+        warm = max(1, round(c.steps * c.warmup_frac)) if c.warmup_frac else 0
+        assert float(t.lr(1)) == pytest.approx(c.lr * (1 / warm if warm > 1 else 1.0), rel=1e-5)
+        assert float(t.lr(c.steps + 5)) == float(t.lr(c.steps - 1))
+
+
 # stopped at a validation step (2) and between two (3): both checkpoints must store the data position
 # after the last trained batch, not after the batch read ahead
 @pytest.mark.parametrize("stop", [2, 3])
@@ -100,7 +119,7 @@ def test_sharded_step_equals_single_device(data):
         # Plain SGD: Adam divides by √v, so where a gradient is ~0 (kernel taps that see only padding at
         # 4³) summation-order noise between one device and two becomes a full ±lr update (seen: 0.6 % of
         # the elements off by up to lr/6 after 3 steps). SGD keeps the comparison about the gradients.
-        stage.optimizer = lambda: optax.sgd(cfg.lr)
+        stage.optimizer = optax.sgd  # called with the step's learning rate
         trainer = Trainer(stage, mesh=mesh, progress=False)
         state = trainer.init_state(0)
         gb = parallel.global_batch(batch, mesh)
@@ -110,7 +129,7 @@ def test_sharded_step_equals_single_device(data):
             assert all(s.data.shape[0] == 1 for s in shards)
         losses = []
         for step in range(3):
-            state, m = trainer.step(state, gb, jax.random.fold_in(jax.random.key(0), step))
+            state, m = trainer.step(state, gb, jax.random.fold_in(jax.random.key(0), step), trainer.lr(step))
             losses.append(float(m["loss"]))
         results.append((losses, _params(state)))
     (l1, p1), (l2, p2) = results
@@ -191,7 +210,9 @@ def test_ema_is_what_is_validated_saved_and_loaded(data, tmp_path):
     it = iter(ds)
     snaps = [_params(state)]
     for step in range(2):
-        state, _ = trainer.step(state, parallel.global_batch(next(it), trainer.mesh), jax.random.key(step))
+        state, _ = trainer.step(
+            state, parallel.global_batch(next(it), trainer.mesh), jax.random.key(step), trainer.lr(step)
+        )
         snaps.append(_params(state))
     ema = [np.asarray(x) for x in jax.tree.leaves(state["ema"])]
     for e, p0, p1, p2 in zip(ema, *snaps):
