@@ -172,8 +172,7 @@ def render_demo(runs: list[dict]) -> str:
     if GATED in names:
         lines += [
             "",
-            "The gate of each run, per region: each fold's (chosen on the other folds' held-out cases), then the one "
-            "predict.py applies (chosen on all folds):",
+            "The gate per region: each fold's (chosen on the other folds), then predict.py's (on all folds):",
             "",
             "| seed | WT | TC | ET |",
             "|---|---|---|---|",
