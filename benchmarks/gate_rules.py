@@ -38,6 +38,9 @@ def stored_effects(seed_dir: Path) -> list:
                 int(f.parent.name.split("_")[1]): json.loads(f.read_text())
                 for f in model.glob(f"fold_*/{kind.effects}")
             }
+            stale = [f for f, fx in folds.items() if not all(gate.current(e) for e in fx.values())]
+            if stale:
+                raise SystemExit(f"error: {model} folds {stale}: effects of an older form; run evaluate.py on it first")
             if folds:
                 out.append((model.name, kind, folds))
     return out

@@ -14,7 +14,8 @@ flips (:func:`component_fields`) remove every connected component of U(I)'s regi
 
 The choice (:func:`choose`) follows nnU-Net's post-processing rule: a region keeps the candidate with
 the fewest wrong voxels among those that, summed over the selection cases, **lower** its wrong voxels
-and do **not raise** its mean HD95; none → off. Each region's effect is measured with the other regions
+and do **not raise** its mean HD95, nor add wrong voxels to the regions around it (an ET voxel added
+outside U(I)'s TC is painted TC too); none → off. Each region's effect is measured with the other regions
 left as U(I) (:func:`case_effects`), on the nested masks a label map encodes. :data:`SELECTIONS` holds
 stricter rules on top of it (a margin, no case made worse, ...), one entry each; ``"summed"`` (nothing
 more) is the default everywhere, and ``benchmarks/gate_rules.py`` replays the others on a benchmark.
@@ -183,8 +184,9 @@ def needed(unet: np.ndarray, gates: dict) -> np.ndarray | None:
 def case_effects(
     fields: Fields, gt: np.ndarray, spacing, convention: str, rules: dict = RULES, hd95=None, known=None
 ) -> dict:
-    """Per region, per candidate name: [wrong voxels, HD95] of the region's nested mask with only that
-    region's kept flips, and under ``"unet"`` the same for U(I). ``gt`` ``[D, H, W, 3]`` on the same
+    """Per region, per candidate name: [wrong voxels, HD95, wrong voxels added around it] of the region's
+    nested mask with only that region's kept flips (the third: :func:`_outer`), and under ``"unet"`` the same
+    for U(I) (third 0). ``gt`` ``[D, H, W, 3]`` on the same
     crop as ``fields`` (what lies outside is the same for every candidate). An HD95 that is NaN (both
     masks empty, brats2025) counts as 0. ``hd95``: {region: candidate names} whose HD95 is measured
     besides U(I)'s and every flip's (None: every candidate); the others hold None until :func:`choose`
@@ -202,15 +204,35 @@ def _region_effects(fields: Fields, u, gt, r: int, spacing, convention: str, rul
     inner = nested_region(u, r + 1)  # the regions inside r, painted into it (none inside ET)
     g = np.asarray(gt[..., r]) > 0
     scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
-    row = {"unet": known.get("unet") or _score(u[..., r] | inner, g, spacing, convention, scored, True)}
+    row = {"unet": known.get("unet") or _score(u[..., r] | inner, g, spacing, convention, scored, True) + [0]}
     for cand in candidates(rules):
         n = name(cand)
         if known.get(n, [0, None])[1] is not None:
             row[n] = known[n]
             continue
-        pred = (u[..., r] ^ flips(fields, r, cand, rules)) | inner
-        row[n] = _score(pred, g, spacing, convention, scored, want is None or n in want)
+        kept = flips(fields, r, cand, rules)
+        pred = (u[..., r] ^ kept) | inner
+        row[n] = _score(pred, g, spacing, convention, scored, want is None or n in want) + [_outer(kept, u, gt, r)]
     return row
+
+
+def current(effects: dict) -> bool:
+    """Whether a case's stored :func:`case_effects` have today's form (before the regions around each were
+    counted, a row held two numbers): older ones are measured again."""
+    return all(len(row) == 3 for region in effects.values() for row in region.values())
+
+
+def _outer(kept: np.ndarray, u: np.ndarray, gt: np.ndarray, r: int) -> int:
+    """The most wrong voxels that region r's kept flips add to a region around it (WT around TC, both around
+    ET; 0 for WT or when none is added): a voxel added to r outside U(I)'s outer region is painted into it too
+    (U(I) is nested, so a removal changes no outer region)."""
+    added = kept & ~u[..., r]
+    worst = 0
+    for q in range(r):
+        new = added & ~u[..., q]
+        right = int((new & (np.asarray(gt[..., q]) > 0)).sum())
+        worst = max(worst, int(new.sum()) - 2 * right)
+    return worst
 
 
 def _score(pred: np.ndarray, g: np.ndarray, spacing, convention: str, scored: dict, with_hd95: bool) -> list:
@@ -285,7 +307,14 @@ def _eligible(effects: list[dict], region: str, rules: dict, groups: list | None
     base = sum(r["unet"][0] for r in rows)
     names = [name(c) for c in candidates(rules)]
     lower = [c for c in names if sum(r[c][0] for r in rows) < base and _no_group_worse(rows, c, groups)]
-    return [c for c in lower if SELECTIONS[selection](rows, c, groups)]
+    return [c for c in lower if _outer_not_worse(rows, c, groups) and SELECTIONS[selection](rows, c, groups)]
+
+
+def _outer_not_worse(rows: list[dict], c: str, groups: list | None) -> bool:
+    """The candidate adds no wrong voxels to the regions around its own (:func:`_outer`), summed over the
+    cases of each group: an ET flip outside U(I)'s TC is a TC voxel too, judged with TC's truth."""
+    groups = groups if groups is not None else [0] * len(rows)
+    return all(sum(r[c][2] for r, h in zip(rows, groups) if h == g) <= 0 for g in set(groups))
 
 
 def choose(effects: list[dict], rules: dict = RULES, groups: list | None = None, selection: str = "summed") -> dict:
@@ -307,9 +336,9 @@ def _choose_region(effects: list[dict], region: str, rules: dict, groups: list |
 
     def change(c: str) -> tuple[int, float]:
         rows = [e[region][c] for e in effects]
-        if any(h is None for _, h in rows):
+        if any(row[1] is None for row in rows):
             raise ValueError(f"{region} {c}: an HD95 the choice reads was not measured (gate.hd95_needed)")
-        return int(sum(w for w, _ in rows) - base[0]), float((sum(h for _, h in rows) - base[1]) / n)
+        return int(sum(row[0] for row in rows) - base[0]), float((sum(row[1] for row in rows) - base[1]) / n)
 
     ok = {c: change(c) for c in _eligible(effects, region, rules, groups, selection)}
     ok = {c: v for c, v in ok.items() if v[1] <= 0}

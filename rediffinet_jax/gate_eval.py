@@ -57,11 +57,20 @@ class Kind:
     record: str  # per model: the choices
     every: str  # what the candidate keeping every flip does, for the summary
     fields: Callable  # (the scored model's fold folder, case, U(I) cropped) -> gate.Fields or None
+    selection: str  # what a candidate must also do (a key of gate.SELECTIONS)
 
 
-GATE = Kind(SUFFIX, gate.RULES, EFFECTS, RECORD, "every flip", _refiner_fields)
+# A refiner's gate keeps a candidate only if it made no selection case worse; the U-Net's post-processing
+# keeps nnU-Net's rule (docs/decisions.md: what each rule did on both benchmarks and the demo)
+GATE = Kind(SUFFIX, gate.RULES, EFFECTS, RECORD, "every flip", _refiner_fields, "no_case_worse")
 POSTPROCESS = Kind(
-    "+pp", gate.COMPONENTS, "postprocess_effects.json", "postprocess.json", "removing them all", _component_fields
+    "+pp",
+    gate.COMPONENTS,
+    "postprocess_effects.json",
+    "postprocess.json",
+    "removing them all",
+    _component_fields,
+    "summed",
 )
 
 
@@ -96,7 +105,7 @@ def fold_effects(run, label: str, k: int, progress_bar: bool, kind: Kind = GATE)
     cases count: a post-processing's U-Net map exists for cases not scored yet."""
     fold_dir = run.layout.eval_fold(label, k)
     path = fold_dir / kind.effects
-    effects = wd.read_json(path, {})
+    effects = {c: e for c, e in wd.read_json(path, {}).items() if gate.current(e)}
     scored = {r["case"] for r in read_rows(run.layout.cases_csv(label, k))}
     todo = [c for c in run.all_folds[k] if c not in effects and c in scored]
     added = 0
@@ -133,6 +142,8 @@ def measure_needed(run, label: str, effects: dict, selections, progress_bar: boo
     need: dict = {}  # (fold, case) -> {region: candidate names}
     for folds in selections:
         cases = [(j, c) for j in folds for c in effects[j]]
+        # what the loosest rule reads, a superset of what any stricter one reads: benchmarks/gate_rules.py
+        # replays every rule of gate.SELECTIONS on these effects
         names = gate.hd95_needed([effects[j][c] for j, c in cases], kind.rules, groups=[j for j, _ in cases])
         for j, c in cases:
             for region, wanted in names.items():
@@ -151,11 +162,12 @@ def measure_needed(run, label: str, effects: dict, selections, progress_bar: boo
             wd.write_atomic(fold_dir / kind.effects, json.dumps(effects[j]))
 
 
-def choose_on_folds(effects: dict, kind: Kind, selection: str = "summed") -> dict:
+def choose_on_folds(effects: dict, kind: Kind, selection: str | None = None) -> dict:
     """:func:`gate.choose` on ``{fold: {case: effects}}``, each fold a group that must not be made worse
-    (``selection``: a stricter rule of ``gate.SELECTIONS``, for benchmarks/gate_rules.py)."""
+    (``selection``: another rule of ``gate.SELECTIONS`` than the kind's, for benchmarks/gate_rules.py)."""
     cases = [(k, e) for k, fx in effects.items() for e in fx.values()]
-    return gate.choose([e for _, e in cases], kind.rules, groups=[k for k, _ in cases], selection=selection)
+    rule = selection or kind.selection
+    return gate.choose([e for _, e in cases], kind.rules, groups=[k for k, _ in cases], selection=rule)
 
 
 def score_gated(

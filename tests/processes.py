@@ -19,12 +19,15 @@ def free_port() -> int:
 
 
 def env(devices: int, **extra) -> dict:
-    """The test environment with ``devices`` fake CPU devices and no inherited coordinator settings."""
+    """The test environment with ``devices`` fake CPU devices and no inherited coordinator settings. A process
+    of a multi-process run (``JAX_NUM_PROCESSES`` given) also loads ``tests/multiprocess_site/sitecustomize.py``,
+    so that it writes what it compiles to the JAX cache (JAX lets process 0 alone write)."""
     out = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    path = [str(ROOT)] + ([str(ROOT / "tests" / "multiprocess_site")] if "JAX_NUM_PROCESSES" in extra else [])
     out.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
-        PYTHONPATH=str(ROOT),
+        PYTHONPATH=os.pathsep.join(path),
         **extra,
     )
     return out

@@ -73,7 +73,7 @@ def test_right_inside_the_band_wrong_outside_it():
     effects = gate.case_effects(fields, gt, SPACING, "brats2023")
     assert effects["WT"]["unet"][0] == 728
     assert effects["WT"]["tau=0.5,band=inf"][0] == 27
-    assert effects["WT"]["tau=0.5,band=3"] == [0, 0.0]
+    assert effects["WT"]["tau=0.5,band=3"] == [0, 0.0, 0]  # WT: no region around it
     assert effects["WT"]["tau=0.95,band=3"][0] == 728  # p = 0.9 < 0.95: no flip kept
     edges_and_corners = 12 * 10 + 8  # the shell's voxels at √2 and √3
     assert effects["WT"]["tau=0.5,band=1"][0] == edges_and_corners
@@ -105,6 +105,32 @@ def test_wrong_everywhere_is_off():
     assert "WT: off" in gate.describe(choice)[0] and "added 755 wrong voxels" in gate.describe(choice)[0]
 
 
+def test_inner_flips_that_make_an_outer_region_worse_are_off():
+    """ET flips are painted into TC: U(I)'s ET = the cube [14, 18)³ (64 voxels), its TC that cube plus the
+    slab S1 = x 18, y and z in [14, 18) (16); the truth's ET and TC = U(I)'s TC. Δ̂ of ET: S1 (right, inside
+    U(I)'s TC: TC unchanged) and 12 voxels of the slab x 13 (wrong for ET, outside both TCs: 12 wrong TC
+    voxels painted), all p = 0.9, all one voxel from ET's surface: neither τ nor a band separates them.
+    ET alone: 16 fixed, 12 added (−4), so it would be kept; with TC's +12 it is off."""
+    unet, gt = np.zeros(SHAPE + (3,), np.uint8), np.zeros(SHAPE + (3,), np.uint8)
+    s1, s2 = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    s1[18, 14:18, 14:18] = True
+    s2[13, 14:18, 14:17] = True
+    unet[..., 0] = gt[..., 0] = cube(8, 24)
+    unet[..., 1] = gt[..., 1] = gt[..., 2] = cube(14, 18) | s1
+    unet[..., 2] = cube(14, 18)
+    sign = np.zeros(SHAPE + (3,), bool)
+    sign[..., 2] = s1 | s2
+    fields = gate.Fields(sign, np.where(sign, 0.9, 0.0).astype(np.float32), unet)
+    effects = gate.case_effects(fields, gt, SPACING, "brats2023")
+    every_flip = gate.name(gate.candidates()[0])
+    assert effects["ET"]["unet"][0] == 16 and effects["ET"][every_flip][0] == 12
+    assert effects["ET"][every_flip][2] == 12 and effects["ET"]["tau=0.95,band=inf"][2] == 0  # none kept
+    assert gate.choose([effects])["ET"]["gate"] == "off"
+    s1_only = gate.Fields(np.where(np.arange(3) == 2, s1[..., None], False), fields.p, unet)
+    kept = gate.choose([gate.case_effects(s1_only, gt, SPACING, "brats2023")])["ET"]
+    assert kept["gate"] == every_flip and kept["wrong_change"] == -16  # the right flips alone: kept
+
+
 def test_a_fold_made_worse_is_not_paid_for_by_the_others():
     """Two folds of selection cases: fold 0 twice the shell case (every flip −701 each, the band of 3: −728),
     fold 1 once the wrong-everywhere case (+755 for every flip; the band of 3 keeps the shell, +728). Summed,
@@ -125,8 +151,8 @@ def _hand_effects(every_flip: list[int], unet: int = 100) -> list[dict]:
     """Effects rows by hand: per case, U(I) with ``unet`` wrong WT voxels, every flip with the given count,
     every other candidate no change; HD95 10 mm for all (never raised); TC and ET unchanged."""
     names = [gate.name(c) for c in gate.candidates()]
-    flat = {n: [unet, 10.0] for n in ["unet", *names]}
-    return [{"WT": flat | {names[0]: [w, 10.0]}, "TC": dict(flat), "ET": dict(flat)} for w in every_flip]
+    flat = {n: [unet, 10.0, 0] for n in ["unet", *names]}
+    return [{"WT": flat | {names[0]: [w, 10.0, 0]}, "TC": dict(flat), "ET": dict(flat)} for w in every_flip]
 
 
 @pytest.mark.parametrize(
@@ -179,7 +205,7 @@ def test_hd95_measured_only_where_the_choice_reads_it():
     bad = gate.case_effects(*bad, SPACING, "brats2023", hd95={})
     assert gate.hd95_needed([bad]) == {"WT": [], "TC": [], "ET": []}
     every_flip = {f"tau={t},band=inf" for t in gate.RULES["tau"].grid}  # p = 0.99: the same flips, scored once
-    assert {n for n, (_, h) in bad["WT"].items() if h is not None} == {"unet"} | every_flip
+    assert {n for n, (_, h, _) in bad["WT"].items() if h is not None} == {"unet"} | every_flip
     assert gate.choose([bad])["WT"]["gate"] == "off"
     fields, gt = case(SHELL | FAR_BLOB, np.where(SHELL | FAR_BLOB, 0.9, 0.0))
     lazy = gate.case_effects(fields, gt, SPACING, "brats2023", hd95={})
@@ -253,7 +279,7 @@ def test_component_removal_chosen_like_a_gate():
     assert fields.component_size(0)[true_blob].tolist() == [125] * 125
     effects = gate.case_effects(fields, gt, SPACING, "brats2023", gate.COMPONENTS)
     wt = effects["WT"]
-    assert wt["unet"] == [8, 0.0]
+    assert wt["unet"] == [8, 0.0, 0]
     assert [wt[f"min_size={s}"][0] for s in ("inf", 3000, 1000, 300, 100, 30)] == [125, 125, 125, 125, 0, 0]
     assert wt["min_size=100"][1] == 0.0
     choice = gate.choose([effects, effects], gate.COMPONENTS)
