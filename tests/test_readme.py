@@ -125,6 +125,11 @@ def test_demo_block_with_the_gate():
     assert "gated refiner did no harm in each of 1 runs (the paper's ungated refinement: in 0)" in rr.render_status(
         [run], None
     )
+    s["gates"]["rediffinet"]["0"]["TC"] = "off"  # every gate off: one sentence instead of the table, and the
+    text = rr.render_demo([run])  # status says how the gated refiner did no harm
+    assert "The gate: off in every region of every fold (and predict.py's) of every run." in text
+    assert "| seed | WT |" not in text
+    assert "no harm in each of 1 runs, by turning itself off everywhere" in rr.render_status([run], None)
 
 
 def test_demo_block_states_ranges_and_the_target():
