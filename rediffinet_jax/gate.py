@@ -18,7 +18,8 @@ and do **not raise** its mean HD95, nor add wrong voxels to the regions around i
 outside U(I)'s TC is painted TC too); none → off. Each region's effect is measured with the other regions
 left as U(I) (:func:`case_effects`), on the nested masks a label map encodes. :data:`SELECTIONS` holds
 stricter rules on top of it (a margin, no case made worse, ...), one entry each; ``"summed"`` (nothing
-more) is the default everywhere, and ``benchmarks/gate_rules.py`` replays the others on a benchmark.
+more) is :func:`choose`'s default, ``gate_eval`` picks one per kind (a refiner's gate: ``"no_case_worse"``),
+and ``benchmarks/gate_rules.py`` replays them all on a benchmark.
 Arrays are channels-last ``[D, H, W, 3]``; ``sign`` is Y > 0 (the paper's flips), ``p`` the fused probability in [0, 1].
 """
 
