@@ -193,7 +193,7 @@ def case_effects(
     besides U(I)'s and every flip's (None: every candidate); the others hold None until :func:`choose`
     needs them (:func:`hd95_needed`). ``known``: the case's earlier effects, whose measured HD95s are kept."""
     out = {}
-    u = np.asarray(fields.unet) > 0
+    u, gt = np.asarray(fields.unet) > 0, np.asarray(gt) > 0  # bool once, not per candidate
     for r, region in enumerate(REGIONS):
         want = None if hd95 is None else {name(every(rules)), *hd95.get(region, ())}
         out[region] = _region_effects(fields, u, gt, r, spacing, convention, rules, want, (known or {}).get(region, {}))
@@ -203,7 +203,7 @@ def case_effects(
 def _region_effects(fields: Fields, u, gt, r: int, spacing, convention: str, rules: dict, want, known: dict) -> dict:
     """One region's row of :func:`case_effects` (``u``: U(I) as bool); what ``known`` measured is kept."""
     inner = nested_region(u, r + 1)  # the regions inside r, painted into it (none inside ET)
-    g = np.asarray(gt[..., r]) > 0
+    g = gt[..., r]
     scored: dict[bytes, list] = {}  # candidates that keep the same flips are scored once
     row = {"unet": known.get("unet") or _score(u[..., r] | inner, g, spacing, convention, scored, True) + [0]}
     for cand in candidates(rules):
@@ -226,13 +226,12 @@ def current(effects: dict) -> bool:
 def _outer(kept: np.ndarray, u: np.ndarray, gt: np.ndarray, r: int) -> int:
     """The most wrong voxels that region r's kept flips add to a region around it (WT around TC, both around
     ET; 0 for WT or when none is added): a voxel added to r outside U(I)'s outer region is painted into it too
-    (U(I) is nested, so a removal changes no outer region)."""
+    (U(I) is nested, so a removal changes no outer region). ``u``, ``gt``: bool ``[D, H, W, 3]``."""
     added = kept & ~u[..., r]
     worst = 0
-    for q in range(r):
+    for q in range(r if added.any() else 0):
         new = added & ~u[..., q]
-        right = int((new & (np.asarray(gt[..., q]) > 0)).sum())
-        worst = max(worst, int(new.sum()) - 2 * right)
+        worst = max(worst, int(new.sum()) - 2 * int((new & gt[..., q]).sum()))
     return worst
 
 
