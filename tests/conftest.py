@@ -74,16 +74,21 @@ def finished(tmp_path_factory, smoke_run):
 
 
 # --dist loadfile hands whole files to the two workers in collection order (pyproject.toml: no reordering by
-# test count, which queued the long end-to-end files last), so the longest go first; test_benchmarks.py
-# second: it needs no smoke run, so one worker works while the other trains it.
+# test count, which queued the long end-to-end files last), so the longest go first (every file of over 5 s,
+# by its seconds in a warm run), and the short ones fill the end; test_benchmarks.py second: it needs no
+# smoke run, so one worker works while the other trains it.
 LONGEST_FIRST = (
     "test_train_e2e.py",
     "test_benchmarks.py",
     "test_scoring_e2e.py",
     "test_resume_e2e.py",
-    "test_cli_e2e.py",
-    "test_multihost.py",
     "test_models.py",
+    "test_training.py",
+    "test_diffusion.py",
+    "test_multihost.py",
+    "test_conv.py",
+    "test_cli_e2e.py",
+    "test_pipeline.py",
 )
 
 

@@ -36,6 +36,7 @@ PRELOAD = [
     "ml_collections.config_flags",
     "absl.app",
     "tqdm",
+    "matplotlib.pyplot",  # the evaluation's figures (Agg: no display, no thread)
     "rediffinet_jax.cli",
     "rediffinet_jax.driver",
     "rediffinet_jax.evaluation",
