@@ -103,18 +103,27 @@ def test_diffusion_shapes_and_zero_features(small_diff):
     assert not np.allclose(y, small_diff.denoise(cond, x, t, zeros))  # the features do matter
 
 
+def _sq_mean(m, *inputs):
+    """The mean square of a network's output(s): a scalar whose gradient reaches every parameter."""
+    out = m(*inputs)
+    return sum(jnp.mean(o**2) for o in out) if isinstance(out, (list, tuple)) else jnp.mean(out**2)
+
+
+# Jitted, not eager: one program per network and shape (shared by the tests below) instead of one per
+# operation, which made these tests the slowest of the unit tests with an empty compilation cache.
+_forward = nnx.jit(lambda m, *inputs: m(*inputs))
+_loss = nnx.jit(_sq_mean)
+_grads = nnx.jit(nnx.grad(_sq_mean))
+
+
 def test_finite_gradients_for_every_parameter(small_diff, small_unet):
     x = jnp.ones((1, 16, 16, 16, 3)) * 0.5
     cond = jnp.linspace(0, 1, 16**3 * 7).reshape(1, 16, 16, 16, 7)
-
-    def loss_d(m):
-        return jnp.mean(m(cond, x, jnp.array([10])) ** 2)
-
-    def loss_u(m):
-        return sum(jnp.mean(o**2) for o in m(cond[..., :4], train=True))
-
-    for model, loss in ((small_diff, loss_d), (small_unet, loss_u)):
-        grads = nnx.grad(loss)(model)
+    unet_train = nnx.jit(nnx.grad(lambda m, c: _sq_mean(m, c, True)))  # train=True: both supervision heads
+    for model, grads in (
+        (small_diff, _grads(small_diff, cond, x, jnp.array([10]))),
+        (small_unet, unet_train(small_unet, cond[..., :4])),
+    ):
         leaves = jax.tree.leaves(grads)
         assert len(leaves) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
@@ -143,12 +152,12 @@ def test_bfloat16_close_to_float32():
     f32 = DiffusionNet(7, features=SMALL_FEATURES, rngs=nnx.Rngs(5))
     b16 = DiffusionNet(7, features=SMALL_FEATURES, dtype=jnp.bfloat16, rngs=nnx.Rngs(5))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(b16, nnx.Param)))
-    a, b = f32(cond, x, t), b16(cond, x, t)
+    a, b = _forward(f32, cond, x, t), _forward(b16, cond, x, t)
     assert b.dtype == jnp.float32
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 2e-2
     u32 = UNet(4, filters=(8, 16, 32), deep_supervision=1, rngs=nnx.Rngs(2))
     u16 = UNet(4, filters=(8, 16, 32), deep_supervision=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
-    a, b = u32(cond[..., :4]), u16(cond[..., :4])
+    a, b = _forward(u32, cond[..., :4]), _forward(u16, cond[..., :4])
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 2e-2
 
 
@@ -168,12 +177,10 @@ def test_remat_changes_nothing_but_memory():
     plain = DiffusionNet(7, features=SMALL_FEATURES, rngs=nnx.Rngs(7))
     remat = DiffusionNet(7, features=SMALL_FEATURES, remat=True, rngs=nnx.Rngs(7))
 
-    def loss(m):
-        return jnp.mean(m(cond, x, jnp.array([5])) ** 2)
-
-    np.testing.assert_allclose(nnx.jit(loss)(plain), nnx.jit(loss)(remat), rtol=1e-6)
-    g1 = jax.tree.leaves(nnx.jit(nnx.grad(loss))(plain))
-    g2 = jax.tree.leaves(nnx.jit(nnx.grad(loss))(remat))
+    t = jnp.array([5])
+    np.testing.assert_allclose(_loss(plain, cond, x, t), _loss(remat, cond, x, t), rtol=1e-6)
+    g1 = jax.tree.leaves(_grads(plain, cond, x, t))
+    g2 = jax.tree.leaves(_grads(remat, cond, x, t))
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
@@ -220,9 +227,10 @@ def test_shared_encoder_features_equal_tiled_ones(small_diff):
     cond = jax.random.normal(jax.random.key(0), (1, 16, 16, 16, net.cond_channels))
     x = jax.random.normal(jax.random.key(1), (3, 16, 16, 16, 3))
     t = jnp.array([5, 500, 900])
-    feats = net.encode(cond)
+    feats = nnx.jit(lambda m, c: m.encode(c))(net, cond)
     tiled = [jnp.broadcast_to(f, (3,) + f.shape[1:]) for f in feats]
     cond3 = jnp.broadcast_to(cond, (3,) + cond.shape[1:])
-    np.testing.assert_allclose(net.denoise(cond3, x, t, feats), net.denoise(cond3, x, t, tiled), atol=1e-6)
+    denoise = nnx.jit(lambda m, *a: m.denoise(*a))  # one program for each features' shapes
+    np.testing.assert_allclose(denoise(net, cond3, x, t, feats), denoise(net, cond3, x, t, tiled), atol=1e-6)
     with pytest.raises(ValueError, match="do not divide"):
         net.denoise(cond3[:2], x[:2], t[:2], [jnp.concatenate([f] * 3) for f in feats])

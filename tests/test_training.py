@@ -142,7 +142,8 @@ def test_sharded_step_equals_single_device(data):
 def test_diffusion_stage_step_runs_sharded(data, tmp_path):
     refs, val = data
     c = common.smoke(common.base()).diffusion
-    c.update(model="diff_unet", steps=2, val_every=2)
+    # the EMA test's settings, so that both run one compiled step (the smoke run's refiner: the step without EMA)
+    c.update(model="diff_unet", steps=2, val_every=2, ema=0.5)
     trainer = Trainer(DiffusionStage(c), progress=False)
     done = trainer.fit(tmp_path, refs, val, seed=1, log=lambda m: None)
     assert done["latest_step"] == 2 and (tmp_path / "metrics.jsonl").is_file()
