@@ -36,12 +36,13 @@ def test_conv3d_2d_equals_native_with_gradients(shape, stride, k, pad, cin, cout
     def loss(impl):
         return lambda x, w: jnp.sum(jnp.sin(conv3d(x, w, stride, pad, impl)))
 
-    a = conv3d(x, kernel, stride, pad, impl)
-    b = conv3d(x, kernel, stride, pad, "xla")
+    # jitted, as the models run them: one program each instead of one per operation (faster to compile)
+    a = jax.jit(lambda x, w: conv3d(x, w, stride, pad, impl))(x, kernel)
+    b = jax.jit(lambda x, w: conv3d(x, w, stride, pad, "xla"))(x, kernel)
     assert a.shape == b.shape
     assert _rel(a, b) < 1e-5
-    ga = jax.grad(loss(impl), argnums=(0, 1))(x, kernel)
-    gb = jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)
+    ga = jax.jit(jax.grad(loss(impl), argnums=(0, 1)))(x, kernel)
+    gb = jax.jit(jax.grad(loss("xla"), argnums=(0, 1)))(x, kernel)
     for u, v in zip(ga, gb):
         assert _rel(u, v) < 1e-5
 
@@ -50,14 +51,15 @@ def test_conv3d_2d_equals_native_with_gradients(shape, stride, k, pad, cin, cout
 def test_conv_transpose_2d_equals_native_with_gradients(shape, cin, cout):
     x = jax.random.normal(jax.random.key(0), shape + (cin,))
     kernel = jax.random.normal(jax.random.key(1), (2, 2, 2, cin, cout))
-    a, b = conv_transpose3d(x, kernel, 2, "2d"), conv_transpose3d(x, kernel, 2, "xla")
+    a, b = (jax.jit(lambda x, w, i=i: conv_transpose3d(x, w, 2, i))(x, kernel) for i in ("2d", "xla"))
     assert a.shape == b.shape == (shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], cout)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
     def loss(impl):
         return lambda x, w: jnp.sum(jnp.cos(conv_transpose3d(x, w, 2, impl)))
 
-    for u, v in zip(jax.grad(loss("2d"), argnums=(0, 1))(x, kernel), jax.grad(loss("xla"), argnums=(0, 1))(x, kernel)):
+    ga, gb = (jax.jit(jax.grad(loss(i), argnums=(0, 1)))(x, kernel) for i in ("2d", "xla"))
+    for u, v in zip(ga, gb):
         assert _rel(u, v) < 1e-5
 
 
