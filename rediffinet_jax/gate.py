@@ -228,8 +228,10 @@ def _outer(kept: np.ndarray, u: np.ndarray, gt: np.ndarray, r: int) -> int:
     ET; 0 for WT or when none is added): a voxel added to r outside U(I)'s outer region is painted into it too
     (U(I) is nested, so a removal changes no outer region). ``u``, ``gt``: bool ``[D, H, W, 3]``."""
     added = kept & ~u[..., r]
+    if not added.any():  # a removal, or nothing kept: no outer region changes
+        return 0
     worst = 0
-    for q in range(r if added.any() else 0):
+    for q in range(r):
         new = added & ~u[..., q]
         worst = max(worst, int(new.sum()) - 2 * int((new & gt[..., q]).sum()))
     return worst
