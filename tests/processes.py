@@ -10,6 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# LLVM at -O1 instead of -O2 in every test process: the tests' tiny programs take far longer to compile than
+# to run, and -O1 compiles them faster with steps as fast (docs/benchmarks.md, Tests); -O0 compiles faster
+# still but runs slower and moves a result past a test's tolerance.
+XLA_FLAGS = "--xla_backend_optimization_level=1"
+
+
+def xla_flags(devices: int) -> str:
+    """The tests' XLA flags with ``devices`` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {XLA_FLAGS}"
 
 
 def free_port() -> int:
@@ -25,7 +34,7 @@ def env(devices: int, **extra) -> dict:
     out = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
     path = [str(ROOT)] + ([str(ROOT / "tests" / "multiprocess_site")] if "JAX_NUM_PROCESSES" in extra else [])
     out.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join(path),
         **extra,
