@@ -4,6 +4,7 @@
     python benchmarks/readme_results.py bench --root runs/bench  # records benchmarks/refinement.py's table
     python benchmarks/readme_results.py bench --baseline grown_edema   # ... of its --baseline grown_edema run
     python benchmarks/readme_results.py bench --data real --root runs/real   # ... of the real-data benchmark
+    python benchmarks/readme_results.py bench --data real --root runs/real --add   # more refiners, same U-Nets
     python benchmarks/readme_results.py render                   # rewrites the README blocks from the records
 
 Records live in ``benchmarks/results/`` (``demo_runs.json``, ``phantom_bench.json``), each with the commit
@@ -29,6 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEMO, BENCH, SWEEP = RESULTS / "demo_runs.json", RESULTS / "phantom_bench.json", RESULTS / "sampler_sweep.json"
 GROWN = RESULTS / "phantom_bench_grown_edema.json"  # the refiner on a systematic-error baseline
 REAL = RESULTS / "real_bench.json"  # the 20 real BraTS exams (benchmarks/refinement.py --data real)
+REAL_ADDED = RESULTS / "real_bench_added.json"  # more refiners on the same seeds' U-Nets (``bench --add``)
 REGIONS, COLS = ("WT", "TC", "ET"), ("WT", "TC", "ET", "avg")
 DEMO_CMD = "python train.py --config configs/rediffinet.py:demo --workdir runs/demo"
 
@@ -89,6 +91,51 @@ def record_bench(root: Path) -> dict:
         "seconds": result.get("seconds", {}),
         "result": result,
     }
+
+
+def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
+    """``added``'s refiners joined to ``record``'s: two runs of benchmarks/refinement.py on the same seeds'
+    U-Nets (the second with other ``--config``s). On the seeds both finished, the baseline's rows must agree
+    to ``tol`` (the same U-Net, trained again or kept; else SystemExit naming the seed); the tables are combined
+    again (means, std, verdicts), the commands, commits and machines joined, each seed's seconds summed over
+    both runs. Seeds only one run finished are left out."""
+    from benchmarks import refinement
+
+    old, new = record["result"], added["result"]
+    seeds = [s for s in old["seeds"] if s in new["seeds"]]
+    if not seeds:
+        raise SystemExit("error: the two benchmark runs share no finished seed")
+    tables = {}
+    for s in seeds:
+        base = next(iter(old["seeds"][s]))
+        a, b = old["seeds"][s][base], new["seeds"][s].get(base, {})
+        if not b or any(abs(a[k][c] - b[k][c]) > tol for k in ("dice", "hd95") for c in COLS):
+            raise SystemExit(f"error: seed {s}'s {base} rows differ between the two runs: not the same {base}")
+        tables[s] = {**old["seeds"][s], **{n: r for n, r in new["seeds"][s].items() if n != base}}
+    result = refinement.combine(tables)
+    calls = {s: old.get("calls", {}).get(s, []) + new.get("calls", {}).get(s, []) for s in seeds}
+    result.update(
+        calls=calls,
+        seconds={s: sum(c["seconds"] for c in cs) for s, cs in calls.items()},
+        seeds_asked=max(old.get("seeds_asked", len(old["seeds"])), new.get("seeds_asked", len(new["seeds"]))),
+        data=old.get("data", "phantoms"),
+        command=f"{old['command']}, then {new['command']}",
+    )
+    return {
+        "command": result["command"],
+        "commits": sorted({*record["commits"], *added["commits"]}),
+        "machines": sorted({*record["machines"], *added["machines"]}),
+        "seconds": result["seconds"],
+        "result": result,
+    }
+
+
+def _real_record() -> dict | None:
+    """The real-data benchmark's record, with the refiners added to it (REAL_ADDED) where there are."""
+    if not REAL.is_file():
+        return None
+    record = json.loads(REAL.read_text())
+    return merge_records(record, json.loads(REAL_ADDED.read_text())) if REAL_ADDED.is_file() else record
 
 
 def record_sweep(workdir: Path, folds: str) -> dict:
@@ -313,9 +360,13 @@ def _verdict_lines(r: dict, explained: bool) -> list[str]:
             if explained
             else []
         )
-        for name, v in r["verdicts"].items():
-            verdict = f"never worse: {'met' if v['never_worse'] else '**not met**'}; better: "
-            lines.append(f"* {name}: {verdict}" + ("met." if v["better"] else "**not met**."))
+        for target, key in (("never worse", "never_worse"), ("better", "better")):
+            met = [n for n, v in r["verdicts"].items() if v[key]]
+            missed = [n for n, v in r["verdicts"].items() if not v[key]]
+            lines.append(
+                f"* {target}: met by {', '.join(met) or 'none'}"
+                + (f"; **not met** by {', '.join(missed)}." if missed else ".")
+            )
         return lines
     lines += [
         "",
@@ -350,10 +401,10 @@ def render_docs(text: str) -> str:
     text = replace_block(text, "demo-runs", "\n".join(lines) if runs else "Not measured yet.")
     sweep = json.loads(SWEEP.read_text()) if SWEEP.is_file() else None
     text = replace_block(text, "sampler-sweep", render_sweep(sweep) if sweep else "Not run yet.")
-    for record, block in ((GROWN, "bench-grown-edema"), (REAL, "real-bench-full")):
-        rec = json.loads(record.read_text()) if record.is_file() else None
-        text = replace_block(text, block, _full(rec) if rec else "Not run yet.")
-    return text
+    grown = json.loads(GROWN.read_text()) if GROWN.is_file() else None
+    text = replace_block(text, "bench-grown-edema", _full(grown) if grown else "Not run yet.")
+    real = _real_record()
+    return replace_block(text, "real-bench-full", _full(real) if real else "Not run yet.")
 
 
 def render_readme(text: str) -> str:
@@ -362,7 +413,7 @@ def render_readme(text: str) -> str:
     text = replace_block(text, "demo-status", render_status(runs, bench))
     text = replace_block(text, "demo", render_demo(runs) if runs else "Not measured yet.")
     text = replace_block(text, "bench", render_bench(bench) if bench else "Not run yet.")
-    real = json.loads(REAL.read_text()) if REAL.is_file() else None
+    real = _real_record()
     return replace_block(text, "real-bench", render_bench(real, explained=False) if real else "Not run yet.")
 
 
@@ -376,6 +427,12 @@ def main(argv=None) -> None:
     b.add_argument("--root", help="default: runs/bench, runs/real")
     b.add_argument("--baseline", choices=("unet", "grown_edema"), default="unet")
     b.add_argument("--data", choices=("phantoms", "real"), default="phantoms")
+    b.add_argument(
+        "--add",
+        action="store_true",
+        help="--data real: the root's refiners join the recorded ones (the same seeds' U-Nets; kept apart in "
+        f"{REAL_ADDED.name})",
+    )
     w = sub.add_parser("sweep")
     w.add_argument("--workdir", default="runs/bench/seed_0")
     w.add_argument("--folds", default="0")
@@ -389,7 +446,7 @@ def main(argv=None) -> None:
             DEMO.write_text(json.dumps(sorted(runs, key=lambda r: r["seed"]), indent=1))
     elif a.what == "bench":
         root = Path(a.root or ("runs/real" if a.data == "real" else "runs/bench"))
-        record = REAL if a.data == "real" else BENCH if a.baseline == "unet" else GROWN
+        record = (REAL_ADDED if a.add else REAL) if a.data == "real" else BENCH if a.baseline == "unet" else GROWN
         record.write_text(json.dumps(record_bench(root if a.baseline == "unet" else root / a.baseline), indent=1))
     elif a.what == "sweep":
         SWEEP.write_text(json.dumps(record_sweep(Path(a.workdir), a.folds), indent=1))

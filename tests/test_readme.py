@@ -83,6 +83,34 @@ def test_benchmark_table_recomputed_by_hand():
     assert "sample standard deviation over the 2 seeds (n − 1)" in md
 
 
+def _record(command, tables):
+    result = {**refinement.combine(tables), "command": command, "seeds_asked": 3, "data": "real"}
+    result["calls"] = {s: [{"commit": command, "machine": "m", "seconds": 60.0}] for s in tables}
+    return {"command": command, "commits": [command], "machines": ["m"], "result": result}
+
+
+def test_refiners_added_to_a_benchmark_on_the_same_unets():
+    """The paper's refiner recorded over seeds 0 and 1, the control later over seed 0 alone: the merged record
+    has seed 0 only, with both refiners; the control's HD95 change there is −50 % (U-Net 3 mm, control 1.5 mm),
+    its verdicts computed anew; a second run whose U-Net differs is refused."""
+    paper = {
+        s: refinement.seed_table(_seed(u, (u[0], u[1] + 1), 0.9, [(4, 2, 1)] * 2))
+        for s, u in (("0", (2, 4)), ("1", (3, 5)))
+    }
+    control = refinement.seed_table(_seed((2, 4), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
+    control["control"] = control.pop("rediffinet")
+    merged = rr.merge_records(_record("a", paper), _record("b", {"0": control}))
+    r = merged["result"]
+    assert list(r["seeds"]) == ["0"] and list(r["seeds"]["0"]) == ["unet", "rediffinet", "control"]
+    assert r["mean"]["control"]["hd95_change_percent"]["avg"] == pytest.approx(-50.0)
+    assert r["mean"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(100 / 6)  # 2 and 5: 3.5 mm
+    assert r["verdicts"]["control"]["never_worse"] and not r["verdicts"]["rediffinet"]["never_worse"]
+    assert r["seconds"] == {"0": 120.0} and merged["commits"] == ["a", "b"] and r["command"] == "a, then b"
+    other = refinement.seed_table(_seed((2, 5), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
+    with pytest.raises(SystemExit, match="seed 0's unet rows differ"):
+        rr.merge_records(_record("a", paper), _record("b", {"0": other}))
+
+
 def _demo_run(seed, unet_hd, ref_hd, nets):
     flips = {
         r: {"unet_errors": 10, "flipped": 4, "fixed": 2 + (n < 0), "net_error_change": n}
