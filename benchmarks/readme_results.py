@@ -96,8 +96,8 @@ def record_bench(root: Path) -> dict:
 def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
     """``added``'s refiners joined to ``record``'s: two runs of benchmarks/refinement.py on the same seeds'
     U-Nets (the second with other ``--config``s). On the seeds both finished, the baseline's rows must agree
-    to ``tol`` (the same U-Net, trained again or kept; else SystemExit naming the seed); the tables are combined
-    again (means, std, verdicts), the commands, commits and machines joined, each seed's seconds summed over
+    to ``tol`` (the same U-Net, trained again or kept; else SystemExit naming the seed); the models the record
+    lacks are added (a model in both keeps the record's rows), and the tables combined again (means, std, verdicts), the commands, commits and machines joined, each seed's seconds summed over
     both runs. Seeds only one run finished are left out."""
     from benchmarks import refinement
 
@@ -111,7 +111,7 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
         a, b = old["seeds"][s][base], new["seeds"][s].get(base, {})
         if not b or any(abs(a[k][c] - b[k][c]) > tol for k in ("dice", "hd95") for c in COLS):
             raise SystemExit(f"error: seed {s}'s {base} rows differ between the two runs: not the same {base}")
-        tables[s] = {**old["seeds"][s], **{n: r for n, r in new["seeds"][s].items() if n != base}}
+        tables[s] = {**old["seeds"][s], **{n: r for n, r in new["seeds"][s].items() if n not in old["seeds"][s]}}
     result = refinement.combine(tables)
     calls = {s: old.get("calls", {}).get(s, []) + new.get("calls", {}).get(s, []) for s in seeds}
     result.update(

@@ -92,13 +92,14 @@ def _record(command, tables):
 def test_refiners_added_to_a_benchmark_on_the_same_unets():
     """The paper's refiner recorded over seeds 0 and 1, the control later over seed 0 alone: the merged record
     has seed 0 only, with both refiners; the control's HD95 change there is −50 % (U-Net 3 mm, control 1.5 mm),
-    its verdicts computed anew; a second run whose U-Net differs is refused."""
+    its verdicts computed anew; a model both runs have keeps the record's rows; a second run whose U-Net differs
+    is refused."""
     paper = {
         s: refinement.seed_table(_seed(u, (u[0], u[1] + 1), 0.9, [(4, 2, 1)] * 2))
         for s, u in (("0", (2, 4)), ("1", (3, 5)))
     }
     control = refinement.seed_table(_seed((2, 4), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
-    control["control"] = control.pop("rediffinet")
+    control["control"] = control["rediffinet"]  # its rediffinet row (−50 %) is not the record's: not taken
     merged = rr.merge_records(_record("a", paper), _record("b", {"0": control}))
     r = merged["result"]
     assert list(r["seeds"]) == ["0"] and list(r["seeds"]["0"]) == ["unet", "rediffinet", "control"]
