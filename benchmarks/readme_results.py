@@ -130,12 +130,15 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
     }
 
 
-def _real_record() -> dict | None:
-    """The real-data benchmark's record, with the refiners added to it (REAL_ADDED) where there are."""
-    if not REAL.is_file():
-        return None
-    record = json.loads(REAL.read_text())
-    return merge_records(record, json.loads(REAL_ADDED.read_text())) if REAL_ADDED.is_file() else record
+def _real_records() -> tuple[dict | None, dict | None]:
+    """The real-data benchmark's record, with the added refiners (REAL_ADDED) merged in once they cover every
+    seed it has; until then (the second run still under way) the added record is returned apart: (record,
+    added or None)."""
+    record = json.loads(REAL.read_text()) if REAL.is_file() else None
+    added = json.loads(REAL_ADDED.read_text()) if REAL_ADDED.is_file() else None
+    if record and added and set(record["result"]["seeds"]) <= set(added["result"]["seeds"]):
+        return merge_records(record, added), None
+    return record, added
 
 
 def record_sweep(workdir: Path, folds: str) -> dict:
@@ -403,8 +406,10 @@ def render_docs(text: str) -> str:
     text = replace_block(text, "sampler-sweep", render_sweep(sweep) if sweep else "Not run yet.")
     grown = json.loads(GROWN.read_text()) if GROWN.is_file() else None
     text = replace_block(text, "bench-grown-edema", _full(grown) if grown else "Not run yet.")
-    real = _real_record()
-    return replace_block(text, "real-bench-full", _full(real) if real else "Not run yet.")
+    real, added = _real_records()
+    text = replace_block(text, "real-bench-full", _full(real) if real else "Not run yet.")
+    partial = _full(added) if added else "Merged into the table above." if REAL_ADDED.is_file() else "Not run yet."
+    return replace_block(text, "real-bench-added", partial)
 
 
 def render_readme(text: str) -> str:
@@ -413,7 +418,7 @@ def render_readme(text: str) -> str:
     text = replace_block(text, "demo-status", render_status(runs, bench))
     text = replace_block(text, "demo", render_demo(runs) if runs else "Not measured yet.")
     text = replace_block(text, "bench", render_bench(bench) if bench else "Not run yet.")
-    real = _real_record()
+    real = _real_records()[0]
     return replace_block(text, "real-bench", render_bench(real, explained=False) if real else "Not run yet.")
 
 

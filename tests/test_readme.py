@@ -112,6 +112,27 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
         rr.merge_records(_record("a", paper), _record("b", {"0": other}))
 
 
+def test_added_refiners_join_the_readme_once_every_seed_is_there(tmp_path, monkeypatch):
+    """Until the added run has every seed of the record, the README keeps the record and docs show the added
+    rows apart; then the merged record replaces both."""
+    import json
+
+    tables = {s: refinement.seed_table(_seed((2, 4), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)])) for s in ("0", "1")}
+    for t in tables.values():
+        t["control"] = t.pop("rediffinet")
+    monkeypatch.setattr(rr, "REAL", tmp_path / "real.json")
+    monkeypatch.setattr(rr, "REAL_ADDED", tmp_path / "added.json")
+    paper = refinement.seed_table(_seed((2, 4), (2, 5), 0.9, [(4, 2, 1)] * 2))
+    rr.REAL.write_text(json.dumps(_record("a", {s: paper for s in tables})))
+    rr.REAL_ADDED.write_text(json.dumps(_record("b", {"0": tables["0"]})))
+    real, added = rr._real_records()
+    assert "control" not in real["result"]["mean"] and list(added["result"]["seeds"]) == ["0"]
+    rr.REAL_ADDED.write_text(json.dumps(_record("b", tables)))
+    real, added = rr._real_records()
+    assert added is None and list(real["result"]["mean"]) == ["unet", "rediffinet", "control"]
+    assert list(real["result"]["seeds"]) == ["0", "1"]
+
+
 def _demo_run(seed, unet_hd, ref_hd, nets):
     flips = {
         r: {"unet_errors": 10, "flipped": 4, "fixed": 2 + (n < 0), "net_error_change": n}
