@@ -97,8 +97,9 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
     """``added``'s refiners joined to ``record``'s: two runs of benchmarks/refinement.py on the same seeds'
     U-Nets (the second with other ``--config``s). On the seeds both finished, the baseline's rows must agree
     to ``tol`` (the same U-Net, trained again or kept; else SystemExit naming the seed); the models the record
-    lacks are added (a model in both keeps the record's rows), and the tables combined again (means, std, verdicts), the commands, commits and machines joined, each seed's seconds summed over
-    both runs. Seeds only one run finished are left out."""
+    lacks are added (a model in both keeps the record's rows) and the tables combined again (means, std,
+    verdicts); the commands, commits and machines are joined, each seed's seconds summed over both runs and
+    kept per run (``seconds_parts``). Seeds only one run finished are left out."""
     from benchmarks import refinement
 
     old, new = record["result"], added["result"]
@@ -114,6 +115,7 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
         tables[s] = {**old["seeds"][s], **{n: r for n, r in new["seeds"][s].items() if n not in old["seeds"][s]}}
     result = refinement.combine(tables)
     calls = {s: old.get("calls", {}).get(s, []) + new.get("calls", {}).get(s, []) for s in seeds}
+    parts = [{s: rec["seconds"][s] for s in seeds if s in rec.get("seconds", {})} for rec in (record, added)]
     result.update(
         calls=calls,
         seconds={s: sum(c["seconds"] for c in cs) for s, cs in calls.items()},
@@ -126,6 +128,7 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
         "commits": sorted({*record["commits"], *added["commits"]}),
         "machines": sorted({*record["machines"], *added["machines"]}),
         "seconds": result["seconds"],
+        "seconds_parts": parts,  # each run's own minutes per seed, shown apart
         "result": result,
     }
 
@@ -300,19 +303,25 @@ def _full(record: dict) -> str:
     return refinement.markdown(record["result"], head).strip()
 
 
+def _minutes(b: dict) -> str:
+    """Minutes per seed: one span, or one per run where two runs were merged (``69 to 86 + 83``)."""
+    parts = b.get("seconds_parts") or [b["seconds"]]
+    spans = [_span([sec / 60 for sec in p.values()], "{:.0f}") for p in parts if p]
+    return (" + ".join(spans) if spans else "?") + " min per seed" + (" (its two runs)" if len(spans) > 1 else "")
+
+
 def render_bench(b: dict, explained: bool = True) -> str:
     """A benchmark's README block; ``explained=False``: its notes and targets only named (a block above
-    explains them)."""
+    explains them) and Dice only averaged over the regions (every region in docs/benchmarks.md)."""
     r = b["result"]
     data = r.get("data", "phantoms")
     seeds, asked = sorted(r["seeds"]), r.get("seeds_asked", len(r["seeds"]))
-    mins = [s / 60 for s in b["seconds"].values()]
     docs = f"[docs/benchmarks.md](docs/benchmarks.md#{DOCS_ANCHOR[data]})"
     one = len(seeds) == 1
+    cols = COLS if explained else ("avg",)
     lines = [
         f"`{b['command']}`: {len(seeds)} of its {asked} seeds finished so far (a seed changes "
-        f"{SEED_KEYS[data]}), on {'; '.join(b['machines'])}, commit "
-        f"{', '.join(b['commits'])}: {_span(mins, '{:.0f}') if mins else '?'} min per seed"
+        f"{SEED_KEYS[data]}), on {'; '.join(b['machines'])}, commit {', '.join(b['commits'])}: {_minutes(b)}"
         + (f" (how each was timed: {docs})" if _notes(r) else "")
         + ". "
         + (
@@ -323,18 +332,11 @@ def render_bench(b: dict, explained: bool = True) -> str:
         + " (HD95 in mm, brats2023):",
         "",
         "| model | "
-        + " | ".join(f"Dice {c}" for c in COLS)
+        + " | ".join(f"Dice {c}" for c in cols)
         + " | HD95 avg | HD95 avg change | net wrong voxels WT / TC / ET |",
-        "|" + "---|" * (4 + len(COLS)),
+        "|" + "---|" * (4 + len(cols)),
     ]
-    for name in r["mean"]:
-        m, sd = r["mean"][name], r["std"][name]
-        cells = [f"{m['dice'][c]:.2f}" + ("" if one else f" ± {sd['dice'][c]:.2f}") for c in COLS]
-        cells.append(f"{m['hd95']['avg']:.2f}" + ("" if one else f" ± {sd['hd95']['avg']:.2f}"))
-        change = "" if name in ("unet", "baseline") else f"{m['hd95_change_percent']['avg']:+.1f} %"
-        flips = m.get("flips", {})
-        net = " / ".join(f"{flips[reg]['net_error_change']:+d}" for reg in flips) if flips else ""
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {change} | {net} |")
+    lines += [_bench_row(name, r["mean"][name], r["std"][name], cols, one) for name in r["mean"]]
     if not explained:
         lines += ["", f"Net wrong voxels and targets as above; every seed's rows in {docs}:", ""]
     else:
@@ -344,6 +346,16 @@ def render_bench(b: dict, explained: bool = True) -> str:
             f"precision, recall, per-region HD95 and what each seed missed in {docs}.",
         ]
     return "\n".join(lines + _verdict_lines(r, explained))
+
+
+def _bench_row(name: str, m: dict, sd: dict, cols, one: bool) -> str:
+    """One model's README row: Dice per column, HD95 avg (± std unless ``one`` seed), its change, net flips."""
+    cells = [f"{m['dice'][c]:.2f}" + ("" if one else f" ± {sd['dice'][c]:.2f}") for c in cols]
+    cells.append(f"{m['hd95']['avg']:.2f}" + ("" if one else f" ± {sd['hd95']['avg']:.2f}"))
+    change = "" if name in ("unet", "baseline") else f"{m['hd95_change_percent']['avg']:+.1f} %"
+    flips = m.get("flips", {})
+    net = " / ".join(f"{flips[reg]['net_error_change']:+d}" for reg in flips) if flips else ""
+    return f"| {name} | " + " | ".join(cells) + f" | {change} | {net} |"
 
 
 def _verdict_lines(r: dict, explained: bool) -> list[str]:
@@ -365,11 +377,10 @@ def _verdict_lines(r: dict, explained: bool) -> list[str]:
         )
         for target, key in (("never worse", "never_worse"), ("better", "better")):
             met = [n for n, v in r["verdicts"].items() if v[key]]
-            missed = [n for n, v in r["verdicts"].items() if not v[key]]
-            lines.append(
-                f"* {target}: met by {', '.join(met) or 'none'}"
-                + (f"; **not met** by {', '.join(missed)}." if missed else ".")
-            )
+            if not met or len(met) == len(r["verdicts"]):
+                lines.append(f"* {target}: {'met by every model' if met else '**not met** by any model'}.")
+            else:
+                lines.append(f"* {target}: met by {', '.join(met)}; **not met** by the others.")
         return lines
     lines += [
         "",

@@ -86,7 +86,8 @@ def test_benchmark_table_recomputed_by_hand():
 def _record(command, tables):
     result = {**refinement.combine(tables), "command": command, "seeds_asked": 3, "data": "real"}
     result["calls"] = {s: [{"commit": command, "machine": "m", "seconds": 60.0}] for s in tables}
-    return {"command": command, "commits": [command], "machines": ["m"], "result": result}
+    seconds = {s: 60.0 * (1 + (command == "b")) for s in tables}
+    return {"command": command, "commits": [command], "machines": ["m"], "seconds": seconds, "result": result}
 
 
 def test_refiners_added_to_a_benchmark_on_the_same_unets():
@@ -107,6 +108,10 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
     assert r["mean"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(100 / 6)  # 2 and 5: 3.5 mm
     assert r["verdicts"]["control"]["never_worse"] and not r["verdicts"]["rediffinet"]["never_worse"]
     assert r["seconds"] == {"0": 120.0} and merged["commits"] == ["a", "b"] and r["command"] == "a, then b"
+    assert rr._minutes(merged) == "1 + 2 min per seed (its two runs)"  # each run's own minutes (b: 2 min)
+    block = rr.render_bench(merged, explained=False)
+    assert "| control | 90.00 | 1.50 | -50.0 % | -3 / -3 / -3 |" in block  # 3 flips, all fixing
+    assert "* never worse: met by control; **not met** by the others." in block
     other = refinement.seed_table(_seed((2, 5), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
     with pytest.raises(SystemExit, match="seed 0's unet rows differ"):
         rr.merge_records(_record("a", paper), _record("b", {"0": other}))
