@@ -104,15 +104,17 @@ def machine() -> str:
 
 
 def commit(root) -> str:
-    """The git commit of the checkout at ``root`` (with ``+changes`` when its tracked files differ), or
-    ``unknown`` outside git."""
+    """The git commit of the checkout at ``root`` (with ``+changes`` when its tracked files differ, leaving out
+    the result records and markdown that the benchmarks themselves rewrite between runs), or ``unknown``
+    outside git."""
     import subprocess
 
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "."], cwd=root).returncode != 0
+        own = [":(exclude)benchmarks/results", ":(exclude)*.md"]  # e.g. the demo's record after its first seed
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", *own], cwd=root).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")

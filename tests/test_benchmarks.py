@@ -451,3 +451,23 @@ def test_refiners_start_from_a_copied_unet(tmp_path):
     assert _reuse_unet(Namespace(unet_from=None, baseline="unet"), 0, dest) == ""
     with pytest.raises(SystemExit, match="--unet_from takes the U-Net's maps"):
         _parse(["--unet_from", str(tmp_path / "old"), "--baseline", "grown_edema"])
+
+
+def test_commit_ignores_the_records_the_benchmarks_write(tmp_path):
+    """A record or README rewritten by a benchmark between its runs leaves the commit clean; code does not."""
+    from benchmarks import common
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("code.py", "README.md", "benchmarks/results/demo_runs.json"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = common.commit(tmp_path)
+    assert len(head) == 10 and "+" not in head
+    (tmp_path / "README.md").write_text("b\n")
+    (tmp_path / "benchmarks" / "results" / "demo_runs.json").write_text("b\n")
+    assert common.commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("b\n")
+    assert common.commit(tmp_path) == head + "+changes"
