@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import records  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 DEMO, BENCH, SWEEP = RESULTS / "demo_runs.json", RESULTS / "phantom_bench.json", RESULTS / "sampler_sweep.json"
 GROWN = RESULTS / "phantom_bench_grown_edema.json"  # the refiner on a systematic-error baseline
@@ -80,59 +82,6 @@ def _essentials(summary: dict) -> dict:
     return {"models": models, "flips": summary.get("flips", {}), "convention": summary["convention"], "gates": gates}
 
 
-def record_bench(root: Path) -> dict:
-    """``<root>/refinement.json`` (benchmarks/refinement.py's table) with its command, commits and machines."""
-    result = json.loads((root / "refinement.json").read_text())
-    calls = [c for cs in result.get("calls", {}).values() for c in cs]
-    return {
-        "command": result["command"],
-        "commits": sorted({c["commit"] for c in calls}),
-        "machines": sorted({c["machine"] for c in calls}),
-        "seconds": result.get("seconds", {}),
-        "result": result,
-    }
-
-
-def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
-    """``added``'s refiners joined to ``record``'s: two runs of benchmarks/refinement.py on the same seeds'
-    U-Nets (the second with other ``--config``s). On the seeds both finished, the baseline's rows must agree
-    to ``tol`` (the same U-Net, trained again or kept; else SystemExit naming the seed); the models the record
-    lacks are added (a model in both keeps the record's rows) and the tables combined again (means, std,
-    verdicts); the commands, commits and machines are joined, each seed's seconds summed over both runs and
-    kept per run (``seconds_parts``). Seeds only one run finished are left out."""
-    from benchmarks import refinement
-
-    old, new = record["result"], added["result"]
-    seeds = [s for s in old["seeds"] if s in new["seeds"]]
-    if not seeds:
-        raise SystemExit("error: the two benchmark runs share no finished seed")
-    tables = {}
-    for s in seeds:
-        base = next(iter(old["seeds"][s]))
-        a, b = old["seeds"][s][base], new["seeds"][s].get(base, {})
-        if not b or any(abs(a[k][c] - b[k][c]) > tol for k in ("dice", "hd95") for c in COLS):
-            raise SystemExit(f"error: seed {s}'s {base} rows differ between the two runs: not the same {base}")
-        tables[s] = {**old["seeds"][s], **{n: r for n, r in new["seeds"][s].items() if n not in old["seeds"][s]}}
-    result = refinement.combine(tables)
-    calls = {s: old.get("calls", {}).get(s, []) + new.get("calls", {}).get(s, []) for s in seeds}
-    parts = [{s: rec["seconds"][s] for s in seeds if s in rec.get("seconds", {})} for rec in (record, added)]
-    result.update(
-        calls=calls,
-        seconds={s: sum(c["seconds"] for c in cs) for s, cs in calls.items()},
-        seeds_asked=max(old.get("seeds_asked", len(old["seeds"])), new.get("seeds_asked", len(new["seeds"]))),
-        data=old.get("data", "phantoms"),
-        command=f"{old['command']}, then {new['command']}",
-    )
-    return {
-        "command": result["command"],
-        "commits": sorted({*record["commits"], *added["commits"]}),
-        "machines": sorted({*record["machines"], *added["machines"]}),
-        "seconds": result["seconds"],
-        "seconds_parts": parts,  # each run's own minutes per seed, shown apart
-        "result": result,
-    }
-
-
 def _real_records() -> tuple[dict | None, dict | None]:
     """The real-data benchmark's record, with the added refiners (REAL_ADDED) merged in once they cover every
     seed it has; until then (the second run still under way) the added record is returned apart: (record,
@@ -140,7 +89,7 @@ def _real_records() -> tuple[dict | None, dict | None]:
     record = json.loads(REAL.read_text()) if REAL.is_file() else None
     added = json.loads(REAL_ADDED.read_text()) if REAL_ADDED.is_file() else None
     if record and added and set(record["result"]["seeds"]) <= set(added["result"]["seeds"]):
-        return merge_records(record, added), None
+        return records.merge_records(record, added), None
     return record, added
 
 
@@ -446,8 +395,8 @@ def main(argv=None) -> None:
     b.add_argument(
         "--add",
         action="store_true",
-        help="--data real: the root's refiners join the recorded ones (the same seeds' U-Nets; kept apart in "
-        f"{REAL_ADDED.name})",
+        help="--data real: the root's refiners join the recorded ones (the same seeds' U-Nets), kept apart in "
+        f"{REAL_ADDED.name} until every seed is there; its seeds from other machines stay",
     )
     w = sub.add_parser("sweep")
     w.add_argument("--workdir", default="runs/bench/seed_0")
@@ -463,7 +412,10 @@ def main(argv=None) -> None:
     elif a.what == "bench":
         root = Path(a.root or ("runs/real" if a.data == "real" else "runs/bench"))
         record = (REAL_ADDED if a.add else REAL) if a.data == "real" else BENCH if a.baseline == "unet" else GROWN
-        record.write_text(json.dumps(record_bench(root if a.baseline == "unet" else root / a.baseline), indent=1))
+        made = records.record_bench(root if a.baseline == "unet" else root / a.baseline)
+        if a.add and record.is_file():  # seeds finished on another machine stay: this root's replace theirs
+            made = records.join_seeds(json.loads(record.read_text()), made)
+        record.write_text(json.dumps(made, indent=1))
     elif a.what == "sweep":
         SWEEP.write_text(json.dumps(record_sweep(Path(a.workdir), a.folds), indent=1))
     readme, docs = ROOT / "README.md", ROOT / "docs" / "benchmarks.md"

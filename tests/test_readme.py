@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import readme_results as rr
-from benchmarks import refinement
+from benchmarks import records, refinement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
     }
     control = refinement.seed_table(_seed((2, 4), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
     control["control"] = control["rediffinet"]  # its rediffinet row (−50 %) is not the record's: not taken
-    merged = rr.merge_records(_record("a", paper), _record("b", {"0": control}))
+    merged = records.merge_records(_record("a", paper), _record("b", {"0": control}))
     r = merged["result"]
     assert list(r["seeds"]) == ["0"] and list(r["seeds"]["0"]) == ["unet", "rediffinet", "control"]
     assert r["mean"]["control"]["hd95_change_percent"]["avg"] == pytest.approx(-50.0)
@@ -114,7 +114,22 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
     assert "* never worse: met by control; **not met** by the others." in block
     other = refinement.seed_table(_seed((2, 5), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
     with pytest.raises(SystemExit, match="seed 0's unet rows differ"):
-        rr.merge_records(_record("a", paper), _record("b", {"0": other}))
+        records.merge_records(_record("a", paper), _record("b", {"0": other}))
+
+
+def test_seeds_tabulated_on_two_machines_make_one_record():
+    """Seeds 0 and 1 recorded on one machine, 1 (again) and 2 on another: seeds 0, 1, 2, the second's seed 1;
+    the mean HD95 change over −50 % (seed 0), 0 % (seed 1 again) and −50 % (seed 2) is −33.3 %."""
+    better = refinement.seed_table(_seed((2, 4), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
+    same = refinement.seed_table(_seed((2, 4), (2, 4), 0.9, [(0, 0, 0), (0, 0, 0)]))
+    worse = refinement.seed_table(_seed((2, 4), (4, 8), 0.9, [(0, 0, 0), (0, 0, 0)]))
+    joined = records.join_seeds(_record("a", {"0": better, "1": worse}), _record("b", {"1": same, "2": better}))
+    r = joined["result"]
+    assert list(r["seeds"]) == ["0", "1", "2"] and r["seeds"]["1"] == same
+    assert r["mean"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(-100 / 3)
+    assert joined["commits"] == ["a", "b"] and r["seconds"] == {"0": 60.0, "1": 120.0, "2": 120.0}
+    with pytest.raises(SystemExit, match="not the same models"):
+        records.join_seeds(_record("a", {"0": better}), _record("b", {"1": {"unet": same["unet"]}}))
 
 
 def test_added_refiners_join_the_readme_once_every_seed_is_there(tmp_path, monkeypatch):

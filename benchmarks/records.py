@@ -1,0 +1,84 @@
+"""The records of benchmarks/refinement.py's runs (``benchmarks/results/*.json``): one made from a root's table,
+two runs on the same U-Nets joined (more refiners), one run's seeds tabulated on two machines joined.
+``benchmarks/readme_results.py`` writes and renders them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def record_bench(root: Path) -> dict:
+    """``<root>/refinement.json`` (benchmarks/refinement.py's table) with its command, commits and machines."""
+    result = json.loads((root / "refinement.json").read_text())
+    calls = [c for cs in result.get("calls", {}).values() for c in cs]
+    return {
+        "command": result["command"],
+        "commits": sorted({c["commit"] for c in calls}),
+        "machines": sorted({c["machine"] for c in calls}),
+        "seconds": result.get("seconds", {}),
+        "result": result,
+    }
+
+
+def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
+    """``added``'s refiners joined to ``record``'s: two runs of benchmarks/refinement.py on the same seeds'
+    U-Nets (the second with other ``--config``s). On the seeds both finished, the baseline's rows must agree
+    to ``tol`` (the same U-Net, trained again or kept; else SystemExit naming the seed); the models the record
+    lacks are added (a model in both keeps the record's rows) and the tables combined again (means, std,
+    verdicts); the commands, commits and machines are joined, each seed's seconds summed over both runs and
+    kept per run (``seconds_parts``). Seeds only one run finished are left out."""
+    from benchmarks import refinement
+
+    old, new = record["result"], added["result"]
+    seeds = [s for s in old["seeds"] if s in new["seeds"]]
+    if not seeds:
+        raise SystemExit("error: the two benchmark runs share no finished seed")
+    tables = {}
+    for s in seeds:
+        base = next(iter(old["seeds"][s]))
+        a, b = old["seeds"][s][base], new["seeds"][s].get(base, {})
+        if not b or any(abs(a[k][c] - b[k][c]) > tol for k in ("dice", "hd95") for c in refinement.COLS):
+            raise SystemExit(f"error: seed {s}'s {base} rows differ between the two runs: not the same {base}")
+        tables[s] = {**old["seeds"][s], **{n: r for n, r in new["seeds"][s].items() if n not in old["seeds"][s]}}
+    result = refinement.combine(tables)
+    calls = {s: old.get("calls", {}).get(s, []) + new.get("calls", {}).get(s, []) for s in seeds}
+    parts = [{s: rec["seconds"][s] for s in seeds if s in rec.get("seconds", {})} for rec in (record, added)]
+    result.update(
+        calls=calls,
+        seconds={s: sum(c["seconds"] for c in cs) for s, cs in calls.items()},
+        seeds_asked=max(old.get("seeds_asked", len(old["seeds"])), new.get("seeds_asked", len(new["seeds"]))),
+        data=old.get("data", "phantoms"),
+        command=f"{old['command']}, then {new['command']}",
+    )
+    return {
+        "command": result["command"],
+        "commits": sorted({*record["commits"], *added["commits"]}),
+        "machines": sorted({*record["machines"], *added["machines"]}),
+        "seconds": result["seconds"],
+        "seconds_parts": parts,  # each run's own minutes per seed, shown apart
+        "result": result,
+    }
+
+
+def join_seeds(earlier: dict, later: dict) -> dict:
+    """One run's record from two tabulations of it (the same ``--config``s, seeds finished on different
+    machines, whose work directories do not outlive them): every seed of both, ``later``'s where both have one,
+    the means, std and verdicts combined again."""
+    from benchmarks import refinement
+
+    old, new = earlier["result"], later["result"]
+    if set(old["mean"]) != set(new["mean"]):
+        raise SystemExit(f"error: not the same models: {sorted(old['mean'])} and {sorted(new['mean'])}")
+    tables = dict(sorted({**old["seeds"], **new["seeds"]}.items(), key=lambda kv: int(kv[0])))
+    result = {**new, **refinement.combine(tables)}
+    result["calls"] = {s: {**old.get("calls", {}), **new.get("calls", {})}[s] for s in tables}
+    seconds = {**earlier.get("seconds", {}), **later.get("seconds", {})}
+    result["seconds"] = {s: seconds[s] for s in tables if s in seconds}
+    return {
+        **later,
+        "commits": sorted({*earlier["commits"], *later["commits"]}),
+        "machines": sorted({*earlier["machines"], *later["machines"]}),
+        "seconds": result["seconds"],
+        "result": result,
+    }
