@@ -7,6 +7,7 @@
     python benchmarks/refinement.py --seeds 5 --root runs/bench --set diffusion.steps=3000
     python benchmarks/refinement.py --baseline grown_edema --seeds 1   # the refiner on another model's maps
     python benchmarks/refinement.py --root runs/bench3000 --unet_from runs/bench --set diffusion.steps=3000
+    python benchmarks/refinement.py --seeds 3 --first 1   # seeds 1 and 2 only (seed 0 ran on another machine)
 
 Seed ``s`` changes ``seed``, ``data.phantoms.seed`` and ``data.split_seed`` (new phantoms, new folds, new
 initialisation) and runs ``train.py`` (both stages on every fold, then the evaluation) in
@@ -334,7 +335,7 @@ def main(argv=None) -> None:
     tables, calls = {}, {}
     for seed in range(a.seeds):
         workdir, given = baseline_args(root, seed, a.baseline)
-        if not a.table_only:
+        if not a.table_only and seed >= a.first:
             note = _reuse_unet(a, seed, workdir)
             run_seed(workdir, configs, seed, extra + given, cases=cases, note=note)
         if (workdir / "eval").is_dir():
@@ -386,6 +387,9 @@ def _parse(argv):
     default = "; ".join(f"{d}: {', '.join(r)}" for d, r in REFINERS.items())
     p.add_argument("--config", action="append", help=f"a refiner's config (path:variant), repeatable; {default}")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument(
+        "--first", type=int, default=0, help="run seeds FIRST..N-1 only (the earlier ones are tabulated if finished)"
+    )
     p.add_argument("--data", choices=("phantoms", "real"), default="phantoms", help="generated phantoms or real exams")
     p.add_argument("--cases", help="--data real: the folder holding the 20 cases (benchmarks/real_cases.txt)")
     p.add_argument("--root", help="one work directory per seed under it (default: runs/bench, runs/real)")

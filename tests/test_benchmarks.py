@@ -471,3 +471,14 @@ def test_commit_ignores_the_records_the_benchmarks_write(tmp_path):
     assert common.commit(tmp_path) == head
     (tmp_path / "code.py").write_text("b\n")
     assert common.commit(tmp_path) == head + "+changes"
+
+
+def test_first_runs_only_the_later_seeds(tmp_path, monkeypatch):
+    """refinement.py --seeds 3 --first 2 trains seed 2 alone; with nothing finished there is no table."""
+    from benchmarks import refinement
+
+    ran = []
+    monkeypatch.setattr(refinement, "run_seed", lambda workdir, configs, seed, *a, **k: ran.append(seed))
+    with pytest.raises(SystemExit, match="no finished seed"):
+        refinement.main(["--root", str(tmp_path), "--seeds", "3", "--first", "2"])
+    assert ran == [2]
