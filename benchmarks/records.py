@@ -72,13 +72,15 @@ def join_seeds(earlier: dict, later: dict) -> dict:
         raise SystemExit(f"error: not the same models: {sorted(old['mean'])} and {sorted(new['mean'])}")
     tables = dict(sorted({**old["seeds"], **new["seeds"]}.items(), key=lambda kv: int(kv[0])))
     result = {**new, **refinement.combine(tables)}
-    result["calls"] = {s: {**old.get("calls", {}), **new.get("calls", {})}[s] for s in tables}
+    calls = {**old.get("calls", {}), **new.get("calls", {})}
+    result["calls"] = {s: calls.get(s, []) for s in tables}
     seconds = {**earlier.get("seconds", {}), **later.get("seconds", {})}
     result["seconds"] = {s: seconds[s] for s in tables if s in seconds}
+    kept = [c for cs in result["calls"].values() for c in cs]  # the commits and machines of the seeds kept
     return {
         **later,
-        "commits": sorted({*earlier["commits"], *later["commits"]}),
-        "machines": sorted({*earlier["machines"], *later["machines"]}),
+        "commits": sorted({c["commit"] for c in kept}),
+        "machines": sorted({c["machine"] for c in kept}),
         "seconds": result["seconds"],
         "result": result,
     }

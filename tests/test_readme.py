@@ -124,6 +124,7 @@ def test_seeds_tabulated_on_two_machines_make_one_record():
     same = refinement.seed_table(_seed((2, 4), (2, 4), 0.9, [(0, 0, 0), (0, 0, 0)]))
     worse = refinement.seed_table(_seed((2, 4), (4, 8), 0.9, [(0, 0, 0), (0, 0, 0)]))
     joined = records.join_seeds(_record("a", {"0": better, "1": worse}), _record("b", {"1": same, "2": better}))
+    assert records.join_seeds(_record("a", {"1": worse}), _record("b", {"1": same}))["commits"] == ["b"]
     r = joined["result"]
     assert list(r["seeds"]) == ["0", "1", "2"] and r["seeds"]["1"] == same
     assert r["mean"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(-100 / 3)
