@@ -10,13 +10,19 @@ from pathlib import Path
 
 def record_bench(root: Path) -> dict:
     """``<root>/refinement.json`` (benchmarks/refinement.py's table) with its command, commits and machines."""
-    result = json.loads((root / "refinement.json").read_text())
-    calls = [c for cs in result.get("calls", {}).values() for c in cs]
+    return _record(json.loads((root / "refinement.json").read_text()))
+
+
+def _record(result: dict) -> dict:
+    """A record of a table: its command, and the commits, machines and seconds per seed of its timed calls."""
+    calls = result.get("calls", {})
+    result["seconds"] = {s: sum(c["seconds"] for c in cs) for s, cs in calls.items()}
+    kept = [c for cs in calls.values() for c in cs]
     return {
         "command": result["command"],
-        "commits": sorted({c["commit"] for c in calls}),
-        "machines": sorted({c["machine"] for c in calls}),
-        "seconds": result.get("seconds", {}),
+        "commits": sorted({c["commit"] for c in kept}),
+        "machines": sorted({c["machine"] for c in kept}),
+        "seconds": result["seconds"],
         "result": result,
     }
 
@@ -26,8 +32,8 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
     U-Nets (the second with other ``--config``s). On the seeds both finished, the baseline's rows must agree
     to ``tol`` (the same U-Net, trained again or kept; else SystemExit naming the seed); the models the record
     lacks are added (a model in both keeps the record's rows) and the tables combined again (means, std,
-    verdicts); the commands, commits and machines are joined, each seed's seconds summed over both runs and
-    kept per run (``seconds_parts``). Seeds only one run finished are left out."""
+    verdicts); the commands are joined, the commits, machines and seconds of both runs' calls counted, and each
+    run's seconds kept apart (``seconds_parts``). Seeds only one run finished are left out."""
     from benchmarks import refinement
 
     old, new = record["result"], added["result"]
@@ -46,19 +52,11 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
     parts = [{s: rec["seconds"][s] for s in seeds if s in rec.get("seconds", {})} for rec in (record, added)]
     result.update(
         calls=calls,
-        seconds={s: sum(c["seconds"] for c in cs) for s, cs in calls.items()},
         seeds_asked=max(old.get("seeds_asked", len(old["seeds"])), new.get("seeds_asked", len(new["seeds"]))),
         data=old.get("data", "phantoms"),
         command=f"{old['command']}, then {new['command']}",
     )
-    return {
-        "command": result["command"],
-        "commits": sorted({*record["commits"], *added["commits"]}),
-        "machines": sorted({*record["machines"], *added["machines"]}),
-        "seconds": result["seconds"],
-        "seconds_parts": parts,  # each run's own minutes per seed, shown apart
-        "result": result,
-    }
+    return {**_record(result), "seconds_parts": parts}  # each run's own minutes per seed, shown apart
 
 
 def join_seeds(earlier: dict, later: dict) -> dict:
@@ -74,13 +72,4 @@ def join_seeds(earlier: dict, later: dict) -> dict:
     result = {**new, **refinement.combine(tables)}
     calls = {**old.get("calls", {}), **new.get("calls", {})}
     result["calls"] = {s: calls.get(s, []) for s in tables}
-    seconds = {**earlier.get("seconds", {}), **later.get("seconds", {})}
-    result["seconds"] = {s: seconds[s] for s in tables if s in seconds}
-    kept = [c for cs in result["calls"].values() for c in cs]  # the commits and machines of the seeds kept
-    return {
-        **later,
-        "commits": sorted({c["commit"] for c in kept}),
-        "machines": sorted({c["machine"] for c in kept}),
-        "seconds": result["seconds"],
-        "result": result,
-    }
+    return _record(result)  # the commits, machines and seconds of the seeds kept

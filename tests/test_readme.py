@@ -85,8 +85,10 @@ def test_benchmark_table_recomputed_by_hand():
 
 def _record(command, tables):
     result = {**refinement.combine(tables), "command": command, "seeds_asked": 3, "data": "real"}
-    result["calls"] = {s: [{"commit": command, "machine": "m", "seconds": 60.0}] for s in tables}
-    seconds = {s: 60.0 * (1 + (command == "b")) for s in tables}
+    result["calls"] = {
+        s: [{"commit": command, "machine": "m", "seconds": 60.0 * (1 + (command == "b"))}] for s in tables
+    }
+    seconds = {s: c[0]["seconds"] for s, c in result["calls"].items()}
     return {"command": command, "commits": [command], "machines": ["m"], "seconds": seconds, "result": result}
 
 
@@ -107,7 +109,7 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
     assert r["mean"]["control"]["hd95_change_percent"]["avg"] == pytest.approx(-50.0)
     assert r["mean"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(100 / 6)  # 2 and 5: 3.5 mm
     assert r["verdicts"]["control"]["never_worse"] and not r["verdicts"]["rediffinet"]["never_worse"]
-    assert r["seconds"] == {"0": 120.0} and merged["commits"] == ["a", "b"] and r["command"] == "a, then b"
+    assert r["seconds"] == {"0": 180.0} and merged["commits"] == ["a", "b"] and r["command"] == "a, then b"
     assert rr._minutes(merged) == "1 + 2 min per seed (its two runs)"  # each run's own minutes (b: 2 min)
     block = rr.render_bench(merged, explained=False)
     assert "| control | 90.00 | 1.50 | -50.0 % | -3 / -3 / -3 |" in block  # 3 flips, all fixing
