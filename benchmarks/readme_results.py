@@ -248,15 +248,28 @@ def _full(record: dict) -> str:
     from benchmarks import refinement
 
     notes = _notes(record["result"])
-    head = f"`{record['command']}`" + (f". Times per seed: {notes}" if notes else "")
+    head = _command(record) + (f". Times per seed: {notes}" if notes else "")
     return refinement.markdown(record["result"], head).strip()
+
+
+def _command(b: dict) -> str:
+    """The record's command in backticks; a merged record's second run as what it adds to the first."""
+    first, *more = b["result"].get("commands") or [b["command"]]
+    then = [f"again with `{c[len(first) :].strip()}`" if c.startswith(first) else f"`{c}`" for c in more]
+    return ", then ".join([f"`{first}`", *then])
 
 
 def _minutes(b: dict) -> str:
     """Minutes per seed: one span, or one per run where two runs were merged (``69 to 86 + 83``)."""
     parts = b.get("seconds_parts") or [b["seconds"]]
     spans = [_span([sec / 60 for sec in p.values()], "{:.0f}") for p in parts if p]
-    return (" + ".join(spans) if spans else "?") + " min per seed" + (" (its two runs)" if len(spans) > 1 else "")
+    return (" + ".join(spans) if spans else "?") + " min per seed"
+
+
+def _brackets(parts: list[str]) -> str:
+    """`` (a; b)`` of the non-empty parts, or nothing."""
+    parts = [p for p in parts if p]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def render_bench(b: dict, explained: bool = True) -> str:
@@ -269,9 +282,11 @@ def render_bench(b: dict, explained: bool = True) -> str:
     one = len(seeds) == 1
     cols = COLS if explained else ("avg",)
     lines = [
-        f"`{b['command']}`: {len(seeds)} of its {asked} seeds finished so far (a seed changes "
+        f"{_command(b)}: {len(seeds)} of its {asked} seeds finished so far (a seed changes "
         f"{SEED_KEYS[data]}), on {'; '.join(b['machines'])}, commit {', '.join(b['commits'])}: {_minutes(b)}"
-        + (f" (how each was timed: {docs})" if _notes(r) else "")
+        + _brackets(
+            ["its two runs" if b.get("seconds_parts") else "", f"how each was timed: {docs}" if _notes(r) else ""]
+        )
         + ". "
         + (
             "One seed's mean over 5 folds: not yet a mean over seeds"

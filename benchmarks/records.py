@@ -46,7 +46,8 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
         a, b = old["seeds"][s][base], new["seeds"][s].get(base, {})
         if not b or any(abs(a[k][c] - b[k][c]) > tol for k in ("dice", "hd95") for c in refinement.COLS):
             raise SystemExit(f"error: seed {s}'s {base} rows differ between the two runs: not the same {base}")
-        tables[s] = {**old["seeds"][s], **{n: r for n, r in new["seeds"][s].items() if n not in old["seeds"][s]}}
+        both = {**new["seeds"][s], **old["seeds"][s]}  # a model in both: the record's rows
+        tables[s] = {n: both[n] for n in _order(list(old["seeds"][s]), list(new["seeds"][s]))}
     result = refinement.combine(tables)
     calls = {s: old.get("calls", {}).get(s, []) + new.get("calls", {}).get(s, []) for s in seeds}
     parts = [{s: rec["seconds"][s] for s in seeds if s in rec.get("seconds", {})} for rec in (record, added)]
@@ -55,8 +56,17 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
         seeds_asked=max(old.get("seeds_asked", len(old["seeds"])), new.get("seeds_asked", len(new["seeds"]))),
         data=old.get("data", "phantoms"),
         command=f"{old['command']}, then {new['command']}",
+        commands=[old["command"], new["command"]],
     )
     return {**_record(result), "seconds_parts": parts}  # each run's own minutes per seed, shown apart
+
+
+def _order(old: list[str], new: list[str]) -> list[str]:
+    """The merged table's rows: the record's own, then the added run's new ones, then the rows both runs score
+    beside their baseline after the added ones (``unet+pp``), as one run with every refiner would order them."""
+    fresh = [i for i, m in enumerate(new) if m not in old]
+    tail = [m for m in new[fresh[-1] + 1 :] if m in old] if fresh else []
+    return [m for m in old if m not in tail] + [new[i] for i in fresh] + tail
 
 
 def join_seeds(earlier: dict, later: dict) -> dict:

@@ -110,8 +110,20 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
     assert r["mean"]["rediffinet"]["hd95_change_percent"]["avg"] == pytest.approx(100 / 6)  # 2 and 5: 3.5 mm
     assert r["verdicts"]["control"]["never_worse"] and not r["verdicts"]["rediffinet"]["never_worse"]
     assert r["seconds"] == {"0": 180.0} and merged["commits"] == ["a", "b"] and r["command"] == "a, then b"
-    assert rr._minutes(merged) == "1 + 2 min per seed (its two runs)"  # each run's own minutes (b: 2 min)
+    assert rr._minutes(merged) == "1 + 2 min per seed"  # each run's own minutes (b: 2 min)
     block = rr.render_bench(merged, explained=False)
+    assert block.startswith("`a`, then `b`: 1 of its 3 seeds") and "min per seed (its two runs). " in block
+    assert rr._command({"result": {"commands": ["x --seeds 3", "x --seeds 3 --config c"]}}) == (
+        "`x --seeds 3`, then again with `--config c`"
+    )
+    # the added refiners go before the rows both runs score beside the U-Net, as one run would order them
+    assert records._order(["unet", "rediffinet", "rediffinet+gate", "unet+pp"], ["unet", "control", "unet+pp"]) == [
+        "unet",
+        "rediffinet",
+        "rediffinet+gate",
+        "control",
+        "unet+pp",
+    ]
     assert "| control | 90.00 | 1.50 | -50.0 % | -3 / -3 / -3 |" in block  # 3 flips, all fixing
     assert "* never worse: met by control; **not met** by the others." in block
     other = refinement.seed_table(_seed((2, 5), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
