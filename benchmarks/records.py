@@ -49,7 +49,7 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
         both = {**new["seeds"][s], **old["seeds"][s]}  # a model in both: the record's rows
         tables[s] = {n: both[n] for n in _order(list(old["seeds"][s]), list(new["seeds"][s]))}
     result = refinement.combine(tables)
-    calls = {s: old.get("calls", {}).get(s, []) + new.get("calls", {}).get(s, []) for s in seeds}
+    calls = {s: _tagged(old, s, "first run") + _tagged(new, s, "second run") for s in seeds}
     parts = [{s: rec["seconds"][s] for s in seeds if s in rec.get("seconds", {})} for rec in (record, added)]
     result.update(
         calls=calls,
@@ -59,6 +59,12 @@ def merge_records(record: dict, added: dict, tol: float = 1e-9) -> dict:
         commands=[old["command"], new["command"]],
     )
     return {**_record(result), "seconds_parts": parts}  # each run's own minutes per seed, shown apart
+
+
+def _tagged(result: dict, seed: str, run: str) -> list[dict]:
+    """``result``'s timed calls of ``seed``, each note saying which of the two runs it is of."""
+    calls = result.get("calls", {}).get(seed, [])
+    return [{**c, "note": f"{run}, {c['note']}"} if c.get("note") else c for c in calls]
 
 
 def _order(old: list[str], new: list[str]) -> list[str]:

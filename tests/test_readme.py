@@ -103,7 +103,10 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
     }
     control = refinement.seed_table(_seed((2, 4), (1, 2), 0.9, [(4, 3, 3), (0, 0, 0)]))
     control["control"] = control["rediffinet"]  # its rediffinet row (−50 %) is not the record's: not taken
-    merged = records.merge_records(_record("a", paper), _record("b", {"0": control}))
+    added = _record("b", {"0": control})
+    added["result"]["calls"]["0"][0]["note"] = "paused"
+    merged = records.merge_records(_record("a", paper), added)
+    assert [c.get("note") for c in merged["result"]["calls"]["0"]] == [None, "second run, paused"]
     r = merged["result"]
     assert list(r["seeds"]) == ["0"] and list(r["seeds"]["0"]) == ["unet", "rediffinet", "control"]
     assert r["mean"]["control"]["hd95_change_percent"]["avg"] == pytest.approx(-50.0)
@@ -112,7 +115,10 @@ def test_refiners_added_to_a_benchmark_on_the_same_unets():
     assert r["seconds"] == {"0": 180.0} and merged["commits"] == ["a", "b"] and r["command"] == "a, then b"
     assert rr._minutes(merged) == "1 + 2 min per seed"  # each run's own minutes (b: 2 min)
     block = rr.render_bench(merged, explained=False)
-    assert block.startswith("`a`, then `b`: 1 of its 3 seeds") and "min per seed (its two runs). " in block
+    assert (
+        block.startswith("`a`, then `b`: 1 of its 3 seeds")
+        and "min per seed (its two runs; how each was timed: " in block
+    )
     assert rr._command({"result": {"commands": ["x --seeds 3", "x --seeds 3 --config c"]}}) == (
         "`x --seeds 3`, then again with `--config c`"
     )
