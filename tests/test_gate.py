@@ -166,6 +166,7 @@ def _hand_effects(every_flip: list[int], unet: int = 100) -> list[dict]:
         ("most_cases", None, False),  # one case better (50), one worse (105)
         ("no_case_worse", None, False),  # 105 > 100
         ("case_5pct", None, True),  # +5 ≤ 5 % of 100
+        ("no_case_worse_margin_1pct", None, False),  # the margin holds (255 ≤ 297), a case is worse (105)
     ],
 )
 def test_stricter_selections_by_hand(selection, groups, kept):
@@ -176,6 +177,16 @@ def test_stricter_selections_by_hand(selection, groups, kept):
     assert choice["WT"]["gate"] == (every_flip if kept else "off")
     assert choice["WT"]["wrong_change"] == (-45 if kept else 0)
     assert gate.hd95_needed(effects, groups=groups, selection=selection)["WT"] == ([every_flip] if kept else [])
+
+
+def test_both_rules_keep_only_what_each_keeps():
+    """Every flip 50, 100, 100 (no case worse, 250 ≤ 0.99 × 300: kept) and 100, 99, 100 (no case worse but
+    299 > 297: off)."""
+    every_flip = gate.name(gate.candidates()[0])
+    both = "no_case_worse_margin_1pct"
+    assert gate.choose(_hand_effects([50, 100, 100]), selection=both)["WT"]["gate"] == every_flip
+    assert gate.choose(_hand_effects([100, 99, 100]), selection=both)["WT"]["gate"] == "off"
+    assert gate.choose(_hand_effects([100, 99, 100]), selection="no_case_worse")["WT"]["gate"] == every_flip
 
 
 def test_stricter_selections_replayed_on_stored_effects(tmp_path):
