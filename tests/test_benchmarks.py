@@ -183,10 +183,11 @@ def _middle(x):
 
 
 def test_profile_names_the_costly_line(tmp_path):
-    """Five traced runs on the CPU: the product's instructions come first, attributed to _inner's line with
-    its callers, forward and backward told apart; the stack frames read from XLA's text are the calls.
-    Compiled afresh: a program from the shared compilation cache keeps the line numbers of when it was
-    cached (the cache's key leaves source locations out), and they move when this file is edited."""
+    """Five traced runs on the CPU: the product's instructions come first among those with a source line,
+    attributed to _inner's line with its callers, forward and backward told apart; the stack frames read
+    from XLA's text are the calls. Compiled afresh: a program from the shared compilation cache keeps the
+    line numbers of when it was cached (the cache's key leaves source locations out), and they move when
+    this file is edited."""
     previous = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     try:
@@ -208,11 +209,15 @@ def _profile_and_check(tmp_path):
         hlo = hlo_profile.read_hlo(fh.read())
     s = hlo_profile.summarize(times, hlo)
     line = _inner.__code__.co_firstlineno + 1
-    top = s["by_source"][:2]
+    # the lines' instructions: the cotangent's broadcast has no source line, and on a busy machine it took up
+    # to 39 % of the time (a 1 MB write), more than the forward product, in 5 of 25 trials beside the suite
+    named = [r for r in s["by_source"] if r["direction"] != "?"]
+    top = named[:2]
     assert {r["direction"] for r in top} == {"fwd", "bwd"} and all(
         f"test_benchmarks.py:{line} _inner" in r["source"] for r in top
     ), s["by_source"][:4]
-    assert "_middle" in top[0]["source"] and sum(r["share"] for r in top) > 0.5 and span > 0
+    assert "_middle" in top[0]["source"] and span > 0
+    assert sum(r["share"] for r in top) > 0.5 * sum(r["share"] for r in named), s["by_source"][:4]
     report = hlo_profile.report(str(tmp_path / "p"), top=3)
     assert report.startswith("profile p: ") and report.count(f":{line} _inner") >= 2
 
