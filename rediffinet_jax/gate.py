@@ -280,6 +280,11 @@ def _every_group_better(rows: list[dict], c: str, groups) -> bool:
     return all(mine < base for base, mine in _group_sums(rows, c, groups) if base)
 
 
+def _all(*rules: Selection) -> Selection:
+    """Every one of ``rules``: a candidate kept by each of them."""
+    return lambda rows, c, groups: all(rule(rows, c, groups) for rule in rules)
+
+
 # What a candidate must also do on the selection cases (one region's effect rows, the candidate's name, the
 # cases' groups) beyond nnU-Net's rule. Each was replayed alone on the stored effects of both benchmarks
 # (the last, on the real one's only).
@@ -295,9 +300,7 @@ SELECTIONS: dict[str, Selection] = {
     "case_10pct": _case_slack(0.10),
     # both: what each keeps, no more (real benchmark: the margin kept the new training off; phantoms: no case
     # worse kept the control off), to be judged on a benchmark's next run
-    "no_case_worse_margin_1pct": lambda rows, c, groups: (
-        _case_slack(0.0)(rows, c, groups) and _margin(0.01)(rows, c, groups)
-    ),
+    "no_case_worse_margin_1pct": _all(_case_slack(0.0), _margin(0.01)),
 }
 
 
