@@ -171,6 +171,28 @@ def test_pytorch_default_init_bounds(small_diff):
     assert np.abs(np.asarray(up.kernel[...])).max() <= bound_t
 
 
+def test_initialisation_compiles_no_program_per_parameter_shape():
+    """A model of parameter shapes never seen before is built without lowering a single new program: the
+    parameters are copied in, not made by a compiled program per shape (jnp.asarray and jnp.ones each
+    lowered one for every new shape)."""
+    from jax import monitoring
+    from jax._src import dispatch
+
+    UNet(3, filters=(5, 7, 9), deep_supervision=1, rngs=nnx.Rngs(0))  # the key's own programs, once
+    lowered = []
+
+    def count(event, _secs, **_):
+        if event == dispatch.JAXPR_TO_MLIR_MODULE_EVENT:
+            lowered.append(event)
+
+    monitoring.register_event_duration_secs_listener(count)
+    try:
+        model = UNet(3, filters=(11, 13, 15), deep_supervision=1, rngs=nnx.Rngs(1))
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    assert model.head.kernel.shape[-2:] == (11, 3) and lowered == []
+
+
 def test_remat_changes_nothing_but_memory():
     cond = jnp.asarray(np.random.default_rng(3).normal(size=(1, 16, 16, 16, 7)), jnp.float32)
     x = jnp.zeros((1, 16, 16, 16, 3))

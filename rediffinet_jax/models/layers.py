@@ -193,8 +193,13 @@ def _uniform(rngs: nnx.Rngs, shape, fan_in: int) -> nnx.Param:
     if isinstance(key, jax.core.Tracer):
         return nnx.Param(jax.random.uniform(key, shape, jnp.float32, -bound, bound))
     seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-    values = np.random.default_rng(seed).uniform(-bound, bound, shape).astype(np.float32)
-    return nnx.Param(jnp.asarray(values))
+    return _param(np.random.default_rng(seed).uniform(-bound, bound, shape).astype(np.float32))
+
+
+def _param(values: np.ndarray) -> nnx.Param:
+    """A parameter holding ``values``, copied to the default device as they are: a transfer, where
+    ``jnp.asarray`` or ``jnp.ones`` would compile a small program for every new shape."""
+    return nnx.Param(jax.device_put(values))
 
 
 class Conv3d(nnx.Module):
@@ -262,8 +267,8 @@ class InstanceNorm(nnx.Module):
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
-        self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+        self.scale = _param(np.ones((channels,), np.float32))
+        self.bias = _param(np.zeros((channels,), np.float32))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
