@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from processes import env
+from processes import env, start
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "configs/rediffinet.py:smoke"
@@ -54,9 +54,7 @@ def _forkserver():
 def _train(workdir, *args, wait=True, timeout=300):
     cmd = ["train.py", f"--config={SMOKE}", f"--workdir={workdir}", *args]
     if not wait:
-        return subprocess.Popen(
-            [sys.executable, *cmd], cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        return start([sys.executable, *cmd], cwd=ROOT, env=env(2))
     return _command(cmd, timeout)
 
 

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,14 +43,29 @@ def env(devices: int, **extra) -> dict:
     return out
 
 
+def start(cmd, **kwargs) -> subprocess.Popen:
+    """``cmd`` started with its stdout and stderr in a temporary file, read back by :func:`output`: a pipe
+    that nobody reads while the test waits fills at 64 KiB and stops the process where it writes."""
+    log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, **kwargs)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """Everything a process from :func:`start` has written so far."""
+    proc.log.seek(0)
+    return proc.log.read()
+
+
 def wait_all(procs, deadline: float, timeout: float) -> list[str]:
-    """Waits for every process; if one fails or time runs out, kills the rest (never hangs). Returns
-    their outputs."""
+    """Waits for every process of :func:`start`; if one fails or time runs out, kills the rest (never
+    hangs). Returns their outputs."""
     outs = [None] * len(procs)
     while any(o is None for o in outs):
         for i, p in enumerate(procs):
             if outs[i] is None and p.poll() is not None:
-                outs[i] = p.stdout.read()
+                outs[i] = output(p)
                 if p.returncode != 0:
                     for q in procs:
                         q.kill()
@@ -66,12 +82,9 @@ def run_distributed(args, n: int = 2, timeout: float = 300) -> list[str]:
     ``parallel.maybe_initialize_distributed`` reads), one CPU device each; fails the test unless all exit 0."""
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [
-        subprocess.Popen(
-            [sys.executable, *map(str, args)],
+        start(
+            [sys.executable, *args],
             cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i)),
         )
         for i in range(n)

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from processes import ROOT, env, free_port, run_distributed, wait_all
+from processes import ROOT, env, free_port, output, run_distributed, start, wait_all
 
 from rediffinet_jax.data import brats, pipeline
 
@@ -47,17 +47,8 @@ def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
 
 def test_a_dead_process_does_not_hang_the_other(cache, tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
-    alive = subprocess.Popen(
-        [sys.executable, WORKER, str(cache), str(tmp_path), coordinator, "2", "0"],
-        env=env(1),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    dead = subprocess.Popen(
-        [sys.executable, "-c", "raise SystemExit(3)"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    alive = start([sys.executable, WORKER, cache, tmp_path, coordinator, "2", "0"], env=env(1), cwd=ROOT)
+    dead = start([sys.executable, "-c", "raise SystemExit(3)"])
     wait_all([alive, dead], time.time() + TIMEOUT, TIMEOUT)  # only a hang reaches the timeout
     assert dead.returncode == 3
     assert alive.returncode != 0  # killed once its partner died, instead of waiting for it forever
@@ -69,12 +60,9 @@ def test_one_failing_process_stops_every_process():
     message names the case."""
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "failing_worker.py")],
+        start(
+            [sys.executable, ROOT / "tests" / "failing_worker.py"],
             cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
         )
         for i in range(2)
@@ -82,10 +70,19 @@ def test_one_failing_process_stops_every_process():
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=TIMEOUT)[0])  # only a hang reaches it (heartbeat: ~1 minute)
+            p.wait(timeout=TIMEOUT)  # only a hang reaches it (heartbeat: ~1 minute)
+            outs.append(output(p))
     finally:
         for p in procs:
             p.kill()
     assert all(p.returncode not in (0, None) for p in procs), outs
     assert "error (process 1 of 2): cannot read NIfTI (test) (case BraTS-GLI-00042-000" in outs[1]
     assert "passed a barrier" not in outs[0]
+
+
+def test_a_process_writing_more_than_a_pipe_holds_is_not_stopped():
+    """The tests' processes write to a file, not a pipe: one that writes 1 MB (a pipe holds 64 KiB and
+    nobody reads it while the test waits) finishes, and all of it comes back."""
+    proc = start([sys.executable, "-c", "import sys; sys.stdout.write('x' * 1_000_000); print('end')"])
+    (out,) = wait_all([proc], time.time() + TIMEOUT, TIMEOUT)  # only a blocked write reaches the timeout
+    assert proc.returncode == 0 and out == "x" * 1_000_000 + "end\n"

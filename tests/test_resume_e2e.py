@@ -9,6 +9,7 @@ import time
 import nibabel as nib
 import numpy as np
 from e2e import _run, _train, check_scores_against_files
+from processes import output
 
 
 def test_changed_oof_checkpoint_remakes_the_maps(finished, tmp_path):
@@ -103,7 +104,7 @@ def test_killed_in_stage_two_resumes(finished, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed = proc.stdout.read()
+    killed = output(proc)
     assert ckpt.exists() and not (workdir / "rediffinet" / "fold_1" / "done.json").exists()
     again = _train(workdir, "--config.diffusion.steps=8", "--noevaluate")
     assert again.returncode == 0, again.stdout[-2000:]
