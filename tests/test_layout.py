@@ -73,10 +73,10 @@ def test_tree_is_clean_under_ruff():
 
 
 def test_the_commands_forked_for_tests_start_from_a_fork_safe_server():
-    """tests/e2e.py forks the end-to-end tests' commands from a server that imported ``e2e.PRELOAD``: a fork
+    """tests/processes.py forks the tests' commands from a server that imported ``PRELOAD``: a fork
     is only as fresh as a new interpreter while those imports start neither JAX's backend nor a thread (a
     module-level jnp array would do both, and every forked command would inherit a half-copied runtime)."""
-    from e2e import PRELOAD
+    from processes import PRELOAD
 
     code = (
         f"import importlib, threading\nfor m in {PRELOAD!r}: importlib.import_module(m)\n"

@@ -1,12 +1,11 @@
 """Two processes on 127.0.0.1 (one CPU device each, gloo collectives) train like one with two devices."""
 
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from processes import ROOT, env, free_port, output, run_distributed, start, wait_all
+from processes import ROOT, Forked, command, distributed_env, env, free_port, output, run_distributed, start, wait_all
 
 from rediffinet_jax.data import brats, pipeline
 
@@ -23,14 +22,7 @@ def cache(phantom_root, tmp_path_factory):
 
 
 def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
-    one = subprocess.run(
-        [sys.executable, WORKER, str(cache), str(tmp_path / "one")],
-        env=env(2),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+    one = command([WORKER, cache, tmp_path / "one"], TIMEOUT)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     outs = run_distributed([WORKER, cache, tmp_path / "two"], 2, TIMEOUT)  # coordinator from the environment
     assert "process 1 of 2: 2 devices" in outs[1]
@@ -47,7 +39,7 @@ def test_two_processes_match_one_process_with_two_devices(cache, tmp_path):
 
 def test_a_dead_process_does_not_hang_the_other(cache, tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
-    alive = start([sys.executable, WORKER, cache, tmp_path, coordinator, "2", "0"], env=env(1), cwd=ROOT)
+    alive = Forked([WORKER, cache, tmp_path, coordinator, "2", "0"], env(1))
     dead = start([sys.executable, "-c", "raise SystemExit(3)"])
     wait_all([alive, dead], time.time() + TIMEOUT, TIMEOUT)  # only a hang reaches the timeout
     assert dead.returncode == 3
@@ -59,14 +51,7 @@ def test_one_failing_process_stops_every_process():
     parallel.HEARTBEAT_S, about a minute; only a hang reaches the wait's timeout), non-zero, and process 1's
     message names the case."""
     coordinator = f"127.0.0.1:{free_port()}"
-    procs = [
-        start(
-            [sys.executable, ROOT / "tests" / "failing_worker.py"],
-            cwd=ROOT,
-            env=env(1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-        )
-        for i in range(2)
-    ]
+    procs = [Forked([ROOT / "tests" / "failing_worker.py"], distributed_env(coordinator, 2, i)) for i in range(2)]
     outs = []
     try:
         for p in procs:

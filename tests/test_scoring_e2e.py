@@ -141,7 +141,7 @@ def test_gpu_pipeline_script_runs_its_whole_sequence(finished, tmp_path):
     import os
     import subprocess
 
-    from e2e import ROOT
+    from processes import ROOT
 
     work, out = tmp_path / "work", tmp_path / "out"
     shutil.copytree(finished[0], work / "smoke")
