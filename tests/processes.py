@@ -117,9 +117,10 @@ class Forked:
     def stderr(self) -> str:
         return Path(self._paths[-1]).read_text(errors="replace") if len(self._paths) > 1 else ""
 
-    def __del__(self):
-        self.log.close()
-        for path in self._paths:
+    def __del__(self):  # the files go with the object (paths made first: a failed start leaves none)
+        if hasattr(self, "log"):
+            self.log.close()
+        for path in getattr(self, "_paths", []):
             os.unlink(path)
 
 
@@ -200,8 +201,8 @@ def distributed_env(coordinator: str, n: int, i: int) -> dict:
 
 
 def wait_all(procs, deadline: float, timeout: float) -> list[str]:
-    """Waits for every process (:func:`start`, :class:`Forked`); if one fails or time runs out, kills the rest (never
-    hangs). Returns their outputs."""
+    """Waits for every process (:func:`start`, :class:`Forked`); if one fails or time runs out, kills the
+    rest (never hangs). Returns their outputs."""
     outs = [None] * len(procs)
     while any(o is None for o in outs):
         for i, p in enumerate(procs):
