@@ -130,10 +130,11 @@ def _temporary() -> str:
     return path
 
 
-def command(cmd, timeout: float = 300, devices: int = 2) -> subprocess.CompletedProcess:
-    """``python *cmd`` in ROOT, forked (:class:`Forked`): its exit status and its whole stdout and stderr
-    (fds 1 and 2, so native output too), as subprocess.run(capture_output=True, text=True) gives."""
-    proc = Forked(cmd, env(devices), apart=True)
+def command(cmd, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python *cmd`` in ROOT, forked (:class:`Forked`) with the tests' two devices: its exit status and its
+    whole stdout and stderr (fds 1 and 2, so native output too), as subprocess.run(capture_output=True,
+    text=True) gives."""
+    proc = Forked(cmd, env(2), apart=True)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
