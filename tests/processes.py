@@ -190,7 +190,7 @@ def start(cmd, **kwargs) -> subprocess.Popen:
     return proc
 
 
-def output(proc: subprocess.Popen) -> str:
+def output(proc) -> str:
     """Everything a process of :func:`start` or :class:`Forked` has written to its stdout so far."""
     proc.log.seek(0)
     return proc.log.read()

@@ -65,9 +65,12 @@ def test_one_failing_process_stops_every_process():
     assert "passed a barrier" not in outs[0]
 
 
-def test_a_process_writing_more_than_a_pipe_holds_is_not_stopped():
-    """The tests' processes write to a file, not a pipe: one that writes 1 MB (a pipe holds 64 KiB and
-    nobody reads it while the test waits) finishes, and all of it comes back."""
-    proc = start([sys.executable, "-c", "import sys; sys.stdout.write('x' * 1_000_000); print('end')"])
+@pytest.mark.parametrize("forked", [False, True])
+def test_a_process_writing_more_than_a_pipe_holds_is_not_stopped(tmp_path, forked):
+    """The tests' processes, plain (:func:`start`) or forked, write to a file, not a pipe: one that writes
+    1 MB (a pipe holds 64 KiB and nobody reads it while the test waits) finishes, and all of it comes back."""
+    script = tmp_path / "write.py"
+    script.write_text("import sys\nsys.stdout.write('x' * 1_000_000)\nprint('end')\n")
+    proc = Forked([script], env(1)) if forked else start([sys.executable, script])
     (out,) = wait_all([proc], time.time() + TIMEOUT, TIMEOUT)  # only a blocked write reaches the timeout
     assert proc.returncode == 0 and out == "x" * 1_000_000 + "end\n"
